@@ -1,0 +1,369 @@
+"""Fused top-k SAE encode in Triton: top-k of `x @ weight.T + bias` without the N x L matrix.
+
+How it works (two kernels):
+
+1. `_encode_tiles_kernel`, grid (row blocks, latent splits). L is cut into S contiguous
+   *splits*; one program owns BLOCK_N tokens x one split and walks it in BLOCK_L-wide latent
+   tiles. Each tile is a [BLOCK_N, BLOCK_L] matmul over d in BLOCK_D steps on tensor cores
+   (bf16/fp16 in, fp32 accumulate; fp32 inputs use exact IEEE fp32 dot) with the bias added in
+   the epilogue. The program keeps, per token, the best K_PAD = next_pow2(k) candidates of its
+   split in its own slot of the candidate buffer [N, S, K_PAD] (hot in L1/L2), and only their
+   minimum (the admission threshold) in registers. For each tile:
+     - count per token the entries above the threshold (one fp32 compare per entry);
+     - no hits anywhere in the block (the common case once the threshold has warmed up on a
+       few tiles) -> go straight to the next tile: the tile never leaves registers;
+     - a few hits (<= SCAN_MAX) -> insert them one at a time (row max, replace the set's min);
+     - many hits (first tiles of a split) -> bitonic top-k of the tile (`_topk_keys`) merged with
+       the set by a second bitonic top-k of the 2*K_PAD union.
+   Keeping the set in global memory rather than registers keeps the matmul loop's register
+   budget independent of k (k=256 would otherwise cost 256 int64 registers per row).
+2. `_merge_kernel`, grid (row blocks): merges the S candidate lists of each token with the
+   same bitonic top-k and writes values fp32 / ids int32 for the first k.
+
+Exact order with ties to the lower latent id: every candidate is one int64 key,
+`(order-preserving int32 of the fp32 value) << 32 | (2^32 - 1 - latent id)`, so a larger key
+means a larger value, or an equal value with a lower id. Keys are unique (ids are), so any
+top-k selection on keys -- bitonic, max-extract, in any order of tiles or splits -- gives
+exactly the reference result, and the fp32 value and id are unpacked from the key at the end.
+-0.0 is mapped to +0.0 first so the key order agrees with float equality. Empty slots hold
+distinct sentinel keys below every real key. NaN pre-activations are not supported.
+Ids must be < 2^32 (L up to 4G latents); offsets are int64 (row*L, latent*d never overflow).
+
+Memory: besides the outputs only the candidate buffer, N * S * K_PAD * 8 bytes, where S is
+chosen so that (row blocks x S) fills the GPU about twice and the buffer stays under
+`_CANDIDATE_BUDGET` bytes (S >= 1 always). Example: N=4096, k=256, 132 SMs -> S=5 -> 42 MB;
+the N x L bf16 matrix at L=2^24 would be 128 GB.
+
+Under TRITON_INTERPRET=1 (CPU tests) the autotuner gets a single small feasible config, and
+tiles are upcast to fp32 before `tl.dot` because the interpreter's bf16 dot is wrong in
+triton 3.9; the GPU path keeps bf16/fp16 operands on tensor cores.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from triton.runtime.jit import constexpr_function
+
+# A split is a multiple of this many latents so every BLOCK_L tiles it evenly.
+_SPLIT_ALIGN = 256
+# Upper bound for the [N, S, K_PAD] int64 candidate buffer when choosing S.
+_CANDIDATE_BUDGET = 256 * 2**20
+# Past this k the bitonic tiles get too large for registers: use the streaming torch path.
+MAX_K = 256
+
+_EMPTY: tl.constexpr = tl.constexpr(-(2**63))  # masked tile entries: below everything
+_SENTINEL: tl.constexpr = tl.constexpr(-(2**63) + 1)  # empty slot j holds _SENTINEL + j
+_ID_MASK: tl.constexpr = tl.constexpr(2**32 - 1)
+
+
+def _interpreting() -> bool:
+    return bool(triton.knobs.runtime.interpret)
+
+
+# ------------------------------------------------------------------ key packing helpers
+
+
+@triton.jit
+def _pack_keys(values, latents):
+    """fp32 values + int64 latent ids -> int64 keys ordered by (value desc, id asc)."""
+    bits = values.to(tl.int32, bitcast=True)
+    # Negative floats: flip the magnitude bits so signed int order equals float order.
+    ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+    return (ordered.to(tl.int64) << 32) | (latents ^ _ID_MASK)  # = 2^32-1-id
+
+
+@triton.jit
+def _key_values(keys):
+    ordered = (keys >> 32).to(tl.int32)
+    bits = ordered ^ ((ordered >> 31) & 0x7FFFFFFF)
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _key_ids(keys):
+    return (keys & _ID_MASK) ^ _ID_MASK
+
+
+# Bitonic top-k on int64 keys, after triton.language.standard.sort_impl. The only change:
+# the compare-and-swap partner is `pair_sum - x` (exact in wrapping int64 arithmetic) instead
+# of an xor-sum, because the interpreter runs xor-sum reductions element by element in Python
+# (minutes per call) while sums go to numpy; on GPU both are the same in-thread reduction.
+@constexpr_function
+def _log2(n):
+    return int(n).bit_length() - 1
+
+
+@triton.jit
+def _indicator(n_dims: tl.constexpr, j: tl.constexpr):
+    ar = tl.arange(0, 2)
+    return tl.reshape(ar, [1] * (n_dims - j - 1) + [2] + [1] * j)
+
+
+@triton.jit
+def _compare_and_swap(h, flip, i: tl.constexpr):
+    n_dims: tl.constexpr = _log2(h.numel)
+    partner = tl.sum(h, axis=n_dims - 1 - i, keep_dims=True) - h
+    is_right = _indicator(n_dims, i)
+    return tl.where((h > partner) != (flip ^ is_right).to(tl.int1), partner, h)
+
+
+@triton.jit
+def _bitonic_merge(h, stage: tl.constexpr, order: tl.constexpr):
+    # order: 0 ascending, 1 descending, 2 alternating runs of 2**stage
+    if order == 2:
+        flip = _indicator(_log2(h.numel), stage)
+    else:
+        flip = order
+    for i in tl.static_range(stage):
+        h = _compare_and_swap(h, flip, stage - 1 - i)
+    return h
+
+
+@triton.jit
+def _topk_keys(x, K: tl.constexpr):
+    """Top K keys of each row of x [R, M] (R, M, K powers of two), sorted descending."""
+    log_n: tl.constexpr = _log2(x.shape[1])
+    log_k: tl.constexpr = _log2(K)
+    if log_k == 0:
+        out = tl.max(x, axis=1, keep_dims=True)
+    else:
+        h = tl.reshape(x, [2] * _log2(x.numel))
+        for i in tl.static_range(1, log_k + 1):  # sorted runs of K
+            h = _bitonic_merge(h, i, 2 if i < log_n else 1)
+        for i in tl.static_range(log_k + 1, log_n + 1):  # halve: pairwise max of runs, re-merge
+            h = tl.max(h, axis=_log2(h.numel) - 1 - log_k)
+            h = _bitonic_merge(h, log_k, 2 if i < log_n else 1)
+        out = tl.reshape(h, [x.shape[0], K])
+    return out
+
+
+@triton.jit
+def _union_topk(a, b, BLOCK_N: tl.constexpr, K_PAD: tl.constexpr):
+    """Top K_PAD keys per row of two [BLOCK_N, K_PAD] sets (sorted descending)."""
+    both = tl.reshape(tl.join(a, b), (BLOCK_N, 2 * K_PAD))
+    return _topk_keys(both, K_PAD)
+
+
+# ------------------------------------------------------------------ stage 1: tiles -> candidates
+
+
+def _gpu_configs() -> list[triton.Config]:
+    # (BLOCK_N, BLOCK_L, BLOCK_D, num_warps, num_stages), H100-oriented: 128x128 / 64x256
+    # wgmma tiles, 3-4 smem stages of K=64 or 128. BLOCK_L >= K_PAD is enforced by pruning.
+    shapes = [
+        (128, 128, 64, 8, 4),
+        (128, 128, 128, 8, 3),
+        (128, 64, 64, 4, 4),
+        (64, 128, 64, 4, 4),
+        (64, 128, 128, 4, 3),
+        (128, 256, 64, 8, 3),
+        (64, 256, 64, 8, 4),
+        (64, 256, 128, 8, 3),
+        (32, 256, 64, 4, 4),
+    ]
+    return [
+        triton.Config({"BLOCK_N": n, "BLOCK_L": l, "BLOCK_D": dd}, num_warps=w, num_stages=s)
+        for n, l, dd, w, s in shapes
+    ]
+
+
+def _interpreter_configs() -> list[triton.Config]:
+    # Small tiles so the CPU interpreter stays fast; pruning keeps only the first feasible one.
+    return [triton.Config({"BLOCK_N": 16, "BLOCK_L": bl, "BLOCK_D": 32}, num_warps=4) for bl in (32, 64, 128, 256)]
+
+
+def _prune_configs(configs, named_args, **kwargs):
+    # The bitonic merge joins a BLOCK_L-wide tile top-k with the K_PAD-wide set.
+    feasible = [c for c in configs if c.kwargs["BLOCK_L"] >= kwargs["K_PAD"]]
+    return feasible[:1] if _interpreting() else feasible
+
+
+@triton.autotune(
+    configs=_interpreter_configs() if _interpreting() else _gpu_configs(),
+    key=["d", "L", "k"],
+    prune_configs_by={"early_config_prune": _prune_configs},
+)
+@triton.jit
+def _encode_tiles_kernel(
+    x_ptr, w_ptr, b_ptr, cand_ptr,
+    N, L, d, k, split_len, n_splits,
+    stride_xn, stride_wl,
+    HAS_BIAS: tl.constexpr,
+    K_PAD: tl.constexpr,
+    SCAN_MAX: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    split = tl.program_id(1)
+    rows = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    row_ok = rows < N
+    slots = tl.arange(0, K_PAD).to(tl.int64)
+    cand_offs = (rows[:, None] * n_splits + split) * K_PAD + slots[None, :]
+
+    # This program's candidate set starts as distinct sentinels; thr is its minimum key.
+    empty_set = tl.zeros((BLOCK_N, K_PAD), dtype=tl.int64) + (slots[None, :] + _SENTINEL)
+    tl.store(cand_ptr + cand_offs, empty_set, mask=row_ok[:, None])
+    thr = tl.min(empty_set, axis=1)
+    thr_val = tl.full((BLOCK_N,), float("-inf"), tl.float32)
+    tl.debug_barrier()
+
+    lat_start = split.to(tl.int64) * split_len
+    lat_stop = tl.minimum(lat_start + split_len, L)
+    for tile_start in range(lat_start, lat_stop, BLOCK_L):
+        lats = tile_start + tl.arange(0, BLOCK_L).to(tl.int64)
+        lat_ok = lats < lat_stop
+
+        acc = tl.zeros((BLOCK_N, BLOCK_L), dtype=tl.float32)
+        for d_start in range(0, d, BLOCK_D):
+            cols = d_start + tl.arange(0, BLOCK_D)
+            col_ok = cols < d
+            xt = tl.load(x_ptr + rows[:, None] * stride_xn + cols[None, :],
+                         mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+            wt = tl.load(w_ptr + lats[:, None] * stride_wl + cols[None, :],
+                         mask=lat_ok[:, None] & col_ok[None, :], other=0.0)
+            if DOT_FP32:  # interpreter only: its bf16 dot is broken
+                xt = xt.to(tl.float32)
+                wt = wt.to(tl.float32)
+            acc = tl.dot(xt, tl.trans(wt), acc, input_precision=INPUT_PRECISION)
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + lats, mask=lat_ok, other=0.0).to(tl.float32)[None, :]
+        acc = tl.where(acc == 0.0, 0.0, acc)  # -0.0 -> +0.0: key order must match float ==
+
+        # Tile ids are all above the set's ids (tiles go in id order), so "key > thr" is
+        # exactly "value > thr_val"; a set still holding sentinels admits everything.
+        valid = row_ok[:, None] & lat_ok[None, :]
+        not_full = thr < _SENTINEL + K_PAD
+        hit = valid & ((acc > thr_val[:, None]) | not_full[:, None])
+        n_hits = tl.max(tl.sum(hit.to(tl.int32), axis=1), axis=0)
+        if n_hits > 0:
+            keys = tl.where(valid, _pack_keys(acc, lats), _EMPTY)
+            best = tl.load(cand_ptr + cand_offs, mask=row_ok[:, None], other=_SENTINEL)
+            if n_hits > SCAN_MAX:
+                if BLOCK_L > K_PAD:
+                    top = _topk_keys(keys, K_PAD)
+                else:
+                    top = keys
+                best = _union_topk(best, top, BLOCK_N, K_PAD)
+            else:
+                # Few newcomers: move the row's best remaining key into the set's min slot.
+                for _ in range(n_hits):
+                    m = tl.max(keys, axis=1)
+                    take = (m > thr)[:, None] & (best == thr[:, None])
+                    best = tl.where(take, m[:, None], best)
+                    keys = tl.where(keys == m[:, None], _EMPTY, keys)
+                    thr = tl.min(best, axis=1)
+            thr = tl.min(best, axis=1)
+            thr_val = _key_values(thr)
+            tl.store(cand_ptr + cand_offs, best, mask=row_ok[:, None])
+            tl.debug_barrier()  # the next merge may reload these slots from other threads
+
+
+# ------------------------------------------------------------------ stage 2: merge splits
+
+
+@triton.jit
+def _merge_kernel(
+    cand_ptr, val_ptr, idx_ptr,
+    N, k, n_splits,
+    K_PAD: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    rows = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    row_ok = rows < N
+    slots = tl.arange(0, K_PAD).to(tl.int64)
+    best = tl.zeros((BLOCK_N, K_PAD), dtype=tl.int64) + (slots[None, :] + _SENTINEL)
+    for s in range(n_splits):
+        cand = tl.load(cand_ptr + (rows[:, None] * n_splits + s) * K_PAD + slots[None, :],
+                       mask=row_ok[:, None], other=_EMPTY)
+        best = _union_topk(best, cand, BLOCK_N, K_PAD)  # sorted descending
+    out_offs = rows[:, None] * k + slots[None, :]
+    out_mask = row_ok[:, None] & (slots[None, :] < k)
+    tl.store(val_ptr + out_offs, _key_values(best), mask=out_mask)
+    tl.store(idx_ptr + out_offs, _key_ids(best).to(tl.int32), mask=out_mask)
+
+
+# ------------------------------------------------------------------ host wrapper
+
+
+def _choose_split_len(n_rows: int, n_latents: int, k_pad: int, device: torch.device) -> int:
+    n_sm = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
+    row_blocks = triton.cdiv(n_rows, 64)
+    n_splits = max(1, triton.cdiv(2 * n_sm, row_blocks))
+    n_splits = min(n_splits, max(1, _CANDIDATE_BUDGET // (n_rows * k_pad * 8)))
+    return triton.cdiv(triton.cdiv(n_latents, n_splits), _SPLIT_ALIGN) * _SPLIT_ALIGN
+
+
+def topk_encode_triton(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    k: int,
+    *,
+    split_len: int | None = None,
+    scan_max: int = 8,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k of `x @ weight.T + bias` per row: (values fp32 [N, k] descending, ids int32 [N, k]).
+
+    Ties go to the lower latent id. `split_len` (latents per split) and `scan_max` (largest
+    hit count merged by insertion instead of bitonic top-k) are exposed for tests and tuning.
+    """
+    if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
+        raise ValueError(f"x must be [N, d] and weight [L, d]; got {tuple(x.shape)} and {tuple(weight.shape)}")
+    n_rows, d = x.shape
+    n_latents = weight.shape[0]
+    if not 1 <= k <= n_latents:
+        raise ValueError(f"k={k} must be between 1 and the number of latents ({n_latents})")
+    if bias is not None and bias.shape != (n_latents,):
+        raise ValueError(f"bias must have shape [{n_latents}], got {tuple(bias.shape)}")
+    if n_latents >= 2**32:
+        raise ValueError("latent ids must fit in 32 bits")
+    if k > MAX_K:
+        from kernels.streaming import topk_encode_streaming
+
+        return topk_encode_streaming(x, weight, bias, k)
+
+    device = x.device
+    values = torch.empty(n_rows, k, dtype=torch.float32, device=device)
+    indices = torch.empty(n_rows, k, dtype=torch.int32, device=device)
+    if n_rows == 0:
+        return values, indices
+
+    # Both operands in one dtype; fp32 stays fp32 (exact IEEE dot), halves stay on tensor cores.
+    dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16, torch.float32) else torch.float32
+    if weight.dtype != dtype:
+        dtype = torch.float32 if torch.float32 in (x.dtype, weight.dtype) else weight.dtype
+    x = x.to(dtype).contiguous()
+    weight = weight.to(dtype).contiguous()
+    bias = bias.contiguous() if bias is not None else None
+
+    k_pad = triton.next_power_of_2(k)
+    if split_len is None:
+        split_len = _choose_split_len(n_rows, n_latents, k_pad, device)
+    n_splits = triton.cdiv(n_latents, split_len)
+    candidates = torch.empty(n_rows, n_splits, k_pad, dtype=torch.int64, device=device)
+
+    interpret = _interpreting()
+    grid = lambda meta: (triton.cdiv(n_rows, meta["BLOCK_N"]), n_splits)  # noqa: E731
+    _encode_tiles_kernel[grid](
+        x, weight, bias if bias is not None else x, candidates,
+        n_rows, n_latents, d, k, split_len, n_splits,
+        x.stride(0), weight.stride(0),
+        HAS_BIAS=bias is not None,
+        K_PAD=k_pad,
+        SCAN_MAX=scan_max,
+        DOT_FP32=interpret and dtype != torch.float32,
+        INPUT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
+    )
+
+    # Keep the merge's [BLOCK_N, 2*K_PAD] int64 union around 4K elements.
+    block_n = max(1, min(64, 2048 // k_pad))
+    _merge_kernel[(triton.cdiv(n_rows, block_n),)](
+        candidates, values, indices, n_rows, k, n_splits,
+        K_PAD=k_pad, BLOCK_N=block_n, num_warps=4 if k_pad <= 64 else 8,
+    )
+    return values, indices

@@ -1,0 +1,115 @@
+"""Hookpoint names -> modules of a Hugging Face causal LM.
+
+Names (DESIGN.md):
+    embed          the residual stream entering block 0       == hidden_states[0]
+    layers.N       block N's output                           == hidden_states[N+1]
+    layers.N.attn  block N's attention output (before the residual add)
+    layers.N.mlp   block N's MLP output (before the residual add)
+
+`embed` is taken as the *input* of block 0 rather than the embedding module's output, so
+families that scale or add positions after the lookup (Gemma, GPT-2) still match
+hidden_states[0]. For the last block, Hugging Face's hidden_states[-1] has the final norm
+applied; `layers.{last}` is the raw block output.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch.nn as nn
+
+# Where each family keeps its decoder blocks, and what it calls their attention and MLP.
+BLOCK_LIST_PATHS = (
+    "model.layers",  # Llama, Mistral, Qwen2/3, Gemma 1/2
+    "model.language_model.layers",  # Gemma 3 (multimodal wrapper)
+    "transformer.h",  # GPT-2, GPT-J
+    "gpt_neox.layers",  # GPT-NeoX / Pythia
+    "model.decoder.layers",  # OPT
+)
+ATTN_NAMES = ("self_attn", "attn", "attention")
+MLP_NAMES = ("mlp", "feed_forward")
+
+_NAME = re.compile(r"^(embed|layers\.(\d+)(?:\.(attn|mlp))?)$")
+
+
+class HookpointError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Hookpoint:
+    name: str
+    module: nn.Module
+    layer: int  # -1 for embed
+    kind: str  # "embed" | "block" | "attn" | "mlp"
+
+    @property
+    def depth(self) -> tuple[int, int]:
+        """Execution order inside the forward: embed < attn < mlp < block output."""
+        return (self.layer, {"embed": 0, "attn": 1, "mlp": 2, "block": 3}[self.kind])
+
+
+def _get(root: nn.Module, dotted: str) -> nn.Module | None:
+    obj = root
+    for part in dotted.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None
+    return obj
+
+
+def find_blocks(model: nn.Module) -> nn.ModuleList:
+    for path in BLOCK_LIST_PATHS:
+        blocks = _get(model, path)
+        if isinstance(blocks, nn.ModuleList) and len(blocks) > 0:
+            return blocks
+    raise HookpointError(
+        f"cannot find the decoder blocks of {type(model).__name__}: looked for {', '.join(BLOCK_LIST_PATHS)}"
+    )
+
+
+def _sub(block: nn.Module, names: tuple[str, ...]) -> nn.Module | None:
+    for n in names:
+        m = getattr(block, n, None)
+        if isinstance(m, nn.Module):
+            return m
+    return None
+
+
+def valid_hookpoints(model: nn.Module) -> list[str]:
+    blocks = find_blocks(model)
+    names = ["embed"]
+    for i, block in enumerate(blocks):
+        names.append(f"layers.{i}")
+        if _sub(block, ATTN_NAMES) is not None:
+            names.append(f"layers.{i}.attn")
+        if _sub(block, MLP_NAMES) is not None:
+            names.append(f"layers.{i}.mlp")
+    return names
+
+
+def _valid_summary(model: nn.Module) -> str:
+    n = len(find_blocks(model))
+    return f"embed, layers.0 .. layers.{n - 1}, layers.N.attn, layers.N.mlp ({n} blocks)"
+
+
+def resolve_hookpoint(model: nn.Module, name: str) -> Hookpoint:
+    match = _NAME.match(name)
+    blocks = find_blocks(model)
+    if match is None:
+        raise HookpointError(f"unknown hookpoint {name!r}; valid: {_valid_summary(model)}")
+    if name == "embed":
+        return Hookpoint(name, blocks[0], -1, "embed")
+    layer = int(match.group(2))
+    if layer >= len(blocks):
+        raise HookpointError(
+            f"hookpoint {name!r}: the model has {len(blocks)} blocks; valid: {_valid_summary(model)}"
+        )
+    block = blocks[layer]
+    kind = match.group(3)
+    if kind is None:
+        return Hookpoint(name, block, layer, "block")
+    module = _sub(block, ATTN_NAMES if kind == "attn" else MLP_NAMES)
+    if module is None:
+        raise HookpointError(f"hookpoint {name!r}: block {layer} has no {kind} submodule; valid: {_valid_summary(model)}")
+    return Hookpoint(name, module, layer, kind)

@@ -1,0 +1,180 @@
+"""Top-k sparse autoencoders: one in-memory type, several on-disk formats.
+
+Every format is loaded into the same `SAE`, whose `encode` reproduces that format's own
+semantics (DESIGN.md, "Encode semantics"):
+
+    x_n   = normalize(x)                      # per `input_norm`
+    pre   = (x_n - b_pre) @ W_enc.T + b_enc   # never materialized for large L
+    top-k of pre, then ReLU on the kept values     (activation == "topk_relu")
+    ReLU of pre, then top-k                        (activation == "relu_topk")
+    values *= latent_scale[ids]  (optional, SAELens `rescale_acts_by_decoder_norm`)
+
+The project's own format is a directory with `cfg.json` and `sae.safetensors`
+(`W_enc[L,d]`, `b_enc[L]`, `W_dec[L,d]`, `b_dec[d]`, optional `b_pre[d]`).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+import kernels
+
+OWN_FORMAT = "sae-harvest"
+INPUT_NORMS = ("none", "openai_layernorm")
+ACTIVATIONS = ("topk_relu", "relu_topk")
+
+
+@dataclass
+class SAE:
+    W_enc: torch.Tensor  # [L, d]
+    b_enc: torch.Tensor | None  # [L]
+    W_dec: torch.Tensor  # [L, d]
+    b_dec: torch.Tensor | None  # [d], added on decode
+    k: int
+    b_pre: torch.Tensor | None = None  # [d], subtracted from the (normalized) input
+    input_norm: str = "none"
+    activation: str = "topk_relu"
+    latent_scale: torch.Tensor | None = None  # [L], multiplies encoded values
+    hookpoint: str | None = None
+    format: str = OWN_FORMAT
+    source: str = ""
+    sha256: str = ""
+    meta: dict = field(default_factory=dict)  # e.g. the model it was trained on, training report
+    backend: str = "auto"  # kernels backend for encode/decode
+
+    def __post_init__(self) -> None:
+        if self.input_norm not in INPUT_NORMS:
+            raise ValueError(f"input_norm {self.input_norm!r} is not one of {INPUT_NORMS}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation {self.activation!r} is not one of {ACTIVATIONS}")
+        if self.W_enc.shape != self.W_dec.shape:
+            raise ValueError(f"W_enc {tuple(self.W_enc.shape)} and W_dec {tuple(self.W_dec.shape)} must both be [L, d]")
+        if not 1 <= self.k <= self.n_latents:
+            raise ValueError(f"SAE k={self.k} must be between 1 and its latent count {self.n_latents}")
+
+    @property
+    def d_in(self) -> int:
+        return self.W_enc.shape[1]
+
+    @property
+    def n_latents(self) -> int:
+        return self.W_enc.shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        return self.W_enc.device
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "SAE":
+        for name in ("W_enc", "b_enc", "W_dec", "b_dec", "b_pre", "latent_scale"):
+            t = getattr(self, name)
+            if t is not None:
+                setattr(self, name, t.to(device=device, dtype=dtype if t.is_floating_point() else None))
+        return self
+
+    def normalize(self, x: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        x = x.float()
+        if self.input_norm == "openai_layernorm":
+            # openai/sparse_autoencoder `LN`: mean-centre, divide by (unbiased std + eps).
+            mu = x.mean(dim=-1, keepdim=True)
+            x = x - mu
+            std = x.std(dim=-1, keepdim=True)
+            x = x / (std + 1e-5)
+            return x, {"mu": mu, "std": std}
+        return x, {}
+
+    def encode(self, x: torch.Tensor, k: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [N, d] -> (values fp32 [N, k] descending, latent ids int32 [N, k])."""
+        k = self.k if k is None else k
+        if x.shape[-1] != self.d_in:
+            raise ValueError(f"input has width {x.shape[-1]} but the SAE expects d_in={self.d_in}")
+        x_n, _ = self.normalize(x)
+        if self.b_pre is not None:
+            x_n = x_n - self.b_pre.float()
+        values, ids = kernels.topk_encode(x_n, self.W_enc, self.b_enc, k, backend=self.backend)
+        # ReLU is monotone, so "ReLU then top-k" selects the same ids as "top-k then ReLU";
+        # the two orders differ only in which ids are reported among entries that are <= 0.
+        values = values.clamp_min_(0.0)
+        if self.latent_scale is not None:
+            values = values * self.latent_scale.float()[ids.long()]
+        return values, ids
+
+    def decode(self, values: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Reconstruction in the normalized input space (plus b_dec): [N, d] fp32."""
+        out = kernels.sparse_decode(values, ids, self.W_dec, backend=self.backend)
+        if self.b_dec is not None:
+            out = out + self.b_dec.float()
+        return out
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the project's own format; returns the directory."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        tensors = {"W_enc": self.W_enc, "W_dec": self.W_dec}
+        for name in ("b_enc", "b_dec", "b_pre", "latent_scale"):
+            if getattr(self, name) is not None:
+                tensors[name] = getattr(self, name)
+        save_file({n: t.detach().cpu().contiguous() for n, t in tensors.items()}, str(path / "sae.safetensors"))
+        cfg = {
+            "format": OWN_FORMAT,
+            "d_in": self.d_in,
+            "n_latents": self.n_latents,
+            "k": self.k,
+            "input_norm": self.input_norm,
+            "activation": self.activation,
+            "hookpoint": self.hookpoint,
+            "meta": self.meta,
+        }
+        (path / "cfg.json").write_text(json.dumps(cfg, indent=2) + "\n")
+        return path
+
+
+def sha256_of_files(paths: list[Path]) -> str:
+    """One digest over the given files in order (content only), streamed."""
+    digest = hashlib.sha256()
+    for p in paths:
+        with open(p, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def _load_own(path: Path) -> SAE:
+    from safetensors.torch import load_file
+
+    cfg = json.loads((path / "cfg.json").read_text())
+    tensors = load_file(str(path / "sae.safetensors"))
+    return SAE(
+        W_enc=tensors["W_enc"],
+        b_enc=tensors.get("b_enc"),
+        W_dec=tensors["W_dec"],
+        b_dec=tensors.get("b_dec"),
+        b_pre=tensors.get("b_pre"),
+        latent_scale=tensors.get("latent_scale"),
+        k=int(cfg["k"]),
+        input_norm=cfg.get("input_norm", "none"),
+        activation=cfg.get("activation", "topk_relu"),
+        hookpoint=cfg.get("hookpoint"),
+        format=OWN_FORMAT,
+        source=str(path),
+        sha256=sha256_of_files([path / "cfg.json", path / "sae.safetensors"]),
+        meta=cfg.get("meta", {}),
+    )
+
+
+def load_sae(path: str | os.PathLike, hookpoint: str | None = None) -> SAE:
+    """Load an SAE from the project's own format (other formats: see `pipeline.sae_formats`)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"SAE path {path} does not exist")
+    if path.is_dir() and (path / "cfg.json").exists():
+        cfg = json.loads((path / "cfg.json").read_text())
+        if cfg.get("format") == OWN_FORMAT:
+            return _load_own(path)
+    raise ValueError(f"{path}: not a recognised SAE checkpoint (expected a directory with cfg.json + sae.safetensors)")

@@ -1,0 +1,189 @@
+"""Where a run's files go: local folders or s3:// through fsspec, with the commit protocol.
+
+Every shard writes its parts to deterministic keys and then, last, its commit marker
+`_commits/shard=NNNNNN.json` listing each part's path, row count, bytes and sha256. Readers
+trust only committed shards, so a crash between parts and marker leaves nothing visible, and
+a redone shard overwrites the same keys with the same bytes.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import random
+import time
+from dataclasses import dataclass
+from typing import Callable, TypeVar
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.config import SinkConfig
+
+T = TypeVar("T")
+
+CONTEXTS_SCHEMA = pa.schema(
+    [
+        ("seq_id", pa.int64()),
+        ("doc_id", pa.string()),
+        ("doc_offset", pa.int32()),
+        ("token_ids", pa.list_(pa.int32())),
+    ]
+)
+
+
+def latents_schema(k: int) -> pa.Schema:
+    return pa.schema(
+        [
+            ("seq_id", pa.int64()),
+            ("pos", pa.int32()),
+            ("latent_ids", pa.list_(pa.int32(), k)),
+            ("acts", pa.list_(pa.float16(), k)),
+        ]
+    )
+
+
+def shard_name(shard_id: int) -> str:
+    return f"shard={shard_id:06d}"
+
+
+def contexts_key(shard_id: int) -> str:
+    return f"contexts/{shard_name(shard_id)}/part-0.parquet"
+
+
+def latents_key(hookpoint: str, shard_id: int) -> str:
+    return f"latents/hookpoint={hookpoint}/{shard_name(shard_id)}/part-0.parquet"
+
+
+def commit_key(shard_id: int) -> str:
+    return f"_commits/{shard_name(shard_id)}.json"
+
+
+def storage_options(cfg: SinkConfig) -> dict:
+    """fsspec options for the sink. Credentials stay in the environment (boto's own lookup)."""
+    if cfg.root.startswith("s3://") and cfg.endpoint_url:
+        return {"client_kwargs": {"endpoint_url": cfg.endpoint_url}}
+    return {}
+
+
+def with_retries(what: str, fn: Callable[[], T], retries: int, base_delay: float = 0.2) -> T:
+    """Retry transient I/O errors with exponential backoff and jitter; the last error propagates."""
+    for attempt in range(retries + 1):
+        try:
+            return fn()
+        except (OSError, TimeoutError) as err:  # botocore/aiohttp errors surface as OSError via s3fs
+            if attempt == retries or isinstance(err, (FileNotFoundError, PermissionError)):
+                raise
+            delay = base_delay * (2**attempt) * (0.5 + random.random())
+            print(f"[sink] {what}: {type(err).__name__}: {err}; retry {attempt + 1}/{retries} in {delay:.2f}s", flush=True)
+            time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+@dataclass
+class WrittenFile:
+    path: str  # relative to the run root
+    rows: int
+    bytes: int
+    sha256: str
+
+
+class RunStore:
+    """One run's folder: `{root}/{run_id}/` on any fsspec filesystem."""
+
+    def __init__(self, cfg: SinkConfig, run_id: str):
+        if not run_id or "/" in run_id or run_id.startswith("."):
+            raise ValueError(f"run_id={run_id!r} must be a non-empty name without '/'")
+        self.cfg = cfg
+        self.run_id = run_id
+        self.fs, root = fsspec.core.url_to_fs(cfg.root, **storage_options(cfg))
+        self.root = f"{root.rstrip('/')}/{run_id}"
+        self.url = f"{cfg.root.rstrip('/')}/{run_id}"
+        self.is_local = self.fs.protocol in ("file", ("file", "local")) or "file" in self.fs.protocol
+
+    def path(self, key: str) -> str:
+        return f"{self.root}/{key}"
+
+    # -- writing -----------------------------------------------------------------------
+    def write_bytes(self, key: str, data: bytes) -> None:
+        """Atomic per key: temp file + rename locally; a single PUT on object stores."""
+        full = self.path(key)
+
+        def put() -> None:
+            if self.is_local:
+                os.makedirs(os.path.dirname(full), exist_ok=True)
+                tmp = f"{full}.tmp-{os.getpid()}"
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, full)
+            else:
+                self.fs.pipe_file(full, data)
+
+        with_retries(f"write {key}", put, self.cfg.retries)
+
+    def write_table(self, key: str, table: pa.Table, **parquet_options) -> WrittenFile:
+        buf = io.BytesIO()
+        pq.write_table(
+            table,
+            buf,
+            compression=self.cfg.compression,
+            compression_level=self.cfg.compression_level,
+            **parquet_options,
+        )
+        data = buf.getvalue()
+        self.write_bytes(key, data)
+        return WrittenFile(key, table.num_rows, len(data), hashlib.sha256(data).hexdigest())
+
+    def write_json(self, key: str, obj: dict) -> None:
+        self.write_bytes(key, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+    # -- reading -----------------------------------------------------------------------
+    def exists(self, key: str) -> bool:
+        return with_retries(f"exists {key}", lambda: self.fs.exists(self.path(key)), self.cfg.retries)
+
+    def read_json(self, key: str) -> dict:
+        def get() -> dict:
+            with self.fs.open(self.path(key), "rb") as f:
+                return json.loads(f.read())
+
+        return with_retries(f"read {key}", get, self.cfg.retries)
+
+    def committed_shards(self) -> list[int]:
+        """Sorted shard ids that have a commit marker (one listing, no per-shard requests)."""
+        prefix = self.path("_commits")
+        try:
+            names = with_retries("list _commits", lambda: self.fs.ls(prefix, detail=False), self.cfg.retries)
+        except FileNotFoundError:
+            return []
+        self.fs.invalidate_cache(prefix)
+        shards = []
+        for name in names:
+            base = name.rstrip("/").rsplit("/", 1)[-1]
+            if base.startswith("shard=") and base.endswith(".json"):
+                shards.append(int(base[len("shard="):-len(".json")]))
+        return sorted(shards)
+
+    def read_committed(self, kind: str, hookpoint: str | None = None, columns: list[str] | None = None) -> pa.Table:
+        """Concatenate the committed parts of `contexts` or `latents` (one hookpoint); checks sizes."""
+        tables = []
+        for shard_id in self.committed_shards():
+            commit = self.read_json(commit_key(shard_id))
+            key = contexts_key(shard_id) if kind == "contexts" else latents_key(hookpoint, shard_id)
+            entry = next((f for f in commit["files"] if f["path"] == key), None)
+            if entry is None:
+                raise FileNotFoundError(f"{self.path(commit_key(shard_id))} lists no file {key}")
+            try:
+                with self.fs.open(self.path(key), "rb") as f:
+                    table = pq.read_table(f, columns=columns)
+            except Exception as err:
+                raise OSError(f"cannot read committed part {self.path(key)}: {err}") from err
+            if table.num_rows != entry["rows"]:
+                raise OSError(f"{self.path(key)} has {table.num_rows} rows but its commit says {entry['rows']}")
+            tables.append(table)
+        if not tables:
+            raise FileNotFoundError(f"run {self.url} has no committed shards")
+        return pa.concat_tables(tables)

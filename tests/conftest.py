@@ -1,0 +1,99 @@
+"""Shared fixtures: a tiny random-weight Llama with a tokenizer trained on the spot, a small
+corpus of real files, a random SAE in the project's own format, and one local Ray instance.
+Nothing is downloaded."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+
+TEXTS = [
+    "The quick brown fox jumps over the lazy dog. " * 3,
+    "Sparse autoencoders find interpretable features in the residual stream of language models.",
+    "A shard is committed only once its marker exists; readers ignore uncommitted files.",
+    "def add(a, b):\n    return a + b\n\nprint(add(2, 3))\n",
+    "Ray actors own the model; the driver plans shards, tracks them and commits.",
+    "Parquet files are read by pyarrow, pandas, polars and DuckDB without conversion.",
+] * 4
+
+
+def build_tokenizer(folder: Path, texts: list[str]):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers, decoders
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<eos>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", unk_token="<unk>")
+    fast.save_pretrained(str(folder))
+    return fast
+
+
+def build_tiny_llama(folder: Path, vocab_size: int, hidden: int = 32, layers: int = 4, seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
+                      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=512)
+    model = LlamaForCausalLM(cfg).eval()
+    model.save_pretrained(str(folder))
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    tok = build_tokenizer(folder, TEXTS)
+    build_tiny_llama(folder, len(tok))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_corpus(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("corpus")
+    with open(folder / "a.jsonl", "w") as f:
+        for i, t in enumerate(TEXTS):
+            f.write(json.dumps({"text": f"{i}: {t}"}) + "\n")
+    (folder / "b.txt").write_text(" ".join(TEXTS[:8]))
+    return folder
+
+
+def random_sae(d_in: int, n_latents: int, k: int, seed: int = 0, hookpoint: str | None = None):
+    from pipeline.sae import SAE
+
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n_latents, d_in, generator=g)
+    w = w / w.norm(dim=1, keepdim=True)
+    return SAE(W_enc=w.clone(), b_enc=0.01 * torch.randn(n_latents, generator=g), W_dec=w.clone(),
+               b_dec=0.01 * torch.randn(d_in, generator=g), k=k, hookpoint=hookpoint)
+
+
+@pytest.fixture(scope="session")
+def tiny_sae_dir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("saes")
+    for hook in ("layers.1", "layers.2"):
+        random_sae(32, 96, 8, seed=hash(hook) % 1000, hookpoint=hook).save(folder / hook)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}})
+    yield ray
+    ray.shutdown()

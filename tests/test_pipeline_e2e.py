@@ -1,0 +1,163 @@
+"""The whole product path on one machine: corpus files -> local Ray actors -> Parquet -> read back.
+
+Real components: a tiny random-weight Llama saved to disk, a tokenizer trained in conftest,
+corpus files, a local Ray instance, the project's own SAE format.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from pipeline.config import ClusterConfig, CorpusConfig, ModelConfig, RunConfig, SAEConfig, SinkConfig
+from pipeline.sink import latents_schema, CONTEXTS_SCHEMA
+
+pytestmark = pytest.mark.slow
+
+HOOKS = ["layers.1", "layers.2"]
+
+
+def make_cfg(model_dir, corpus_dir, sae_dir, out_dir, run_id="r1", **corpus_overrides) -> RunConfig:
+    return RunConfig(
+        run_id=run_id,
+        model=ModelConfig(name="tiny-llama", path=str(model_dir), gguf_file=None, dtype="float32", batch_size=4),
+        sae=SAEConfig(name="random", path=str(sae_dir) + "/{hookpoint}", hookpoints=list(HOOKS)),
+        corpus=CorpusConfig(name="tiny", paths=[str(corpus_dir)], ctx_len=16, shard_size=3, **corpus_overrides),
+        sink=SinkConfig(root=str(out_dir)),
+        cluster=ClusterConfig(num_workers=2, cpus_per_worker=1, torch_threads=1, max_in_flight=1),
+    )
+
+
+def snapshot(folder: Path) -> dict[str, tuple[str, int]]:
+    out = {}
+    for p in sorted(folder.rglob("*")):
+        if p.is_file():
+            out[str(p.relative_to(folder))] = (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
+    return out
+
+
+@pytest.fixture(scope="module")
+def first_run(tiny_model_dir, tiny_corpus, tiny_sae_dir, tmp_path_factory, ray_local):
+    from pipeline.run import run
+
+    out = tmp_path_factory.mktemp("out")
+    cfg = make_cfg(tiny_model_dir, tiny_corpus, tiny_sae_dir, out)
+    summary = run(cfg)
+    return cfg, summary, out / cfg.run_id
+
+
+def test_output_matches_design_schema(first_run):
+    cfg, summary, root = first_run
+    assert summary.shards_done > 1 and summary.tokens > 0
+    manifest = json.loads((root / "manifest.json").read_text())
+    assert manifest["status"] == "complete" and manifest["hookpoints"] == HOOKS
+    assert manifest["ctx_len"] == 16 and manifest["model"]["sha256"] and all(s["sha256"] for s in manifest["saes"].values())
+    commits = sorted((root / "_commits").glob("shard=*.json"))
+    assert len(commits) == summary.shards_done
+    for commit in commits:
+        entry = json.loads(commit.read_text())
+        for f in entry["files"]:
+            data = (root / f["path"]).read_bytes()
+            assert hashlib.sha256(data).hexdigest() == f["sha256"] and len(data) == f["bytes"]
+    ctx = pq.read_table(root / "contexts")
+    assert ctx.schema.remove_metadata().equals(CONTEXTS_SCHEMA.append(pa.field("shard", ctx.schema.field("shard").type)))
+    for hook in HOOKS:
+        lat = pq.read_table(root / "latents" / f"hookpoint={hook}")
+        base = lat.drop_columns(["shard"]).schema.remove_metadata()
+        assert base.equals(latents_schema(8)), base
+
+
+def test_every_token_appears_exactly_once_per_hookpoint(first_run):
+    cfg, summary, root = first_run
+    ctx = pq.read_table(root / "contexts").to_pandas()
+    expected = {(int(s), p) for s, toks in zip(ctx.seq_id, ctx.token_ids) for p in range(len(toks))}
+    assert sum(len(t) for t in ctx.token_ids) == summary.tokens
+    for hook in HOOKS:
+        lat = pq.read_table(root / "latents" / f"hookpoint={hook}", columns=["seq_id", "pos"]).to_pandas()
+        pairs = list(zip(lat.seq_id.astype(int), lat.pos.astype(int)))
+        assert len(pairs) == len(set(pairs)) == len(expected)
+        assert set(pairs) == expected
+    assert (ctx.seq_id // cfg.corpus.shard_size).tolist() == ctx["shard"].astype(str).str[-6:].astype(int).tolist()
+
+
+def test_reads_back_with_pandas_and_duckdb(first_run):
+    import duckdb
+
+    _, summary, root = first_run
+    lat = pq.read_table(root / "latents" / "hookpoint=layers.1").to_pandas()
+    assert len(lat) == summary.tokens and len(lat.latent_ids.iloc[0]) == 8
+    con = duckdb.connect()
+    n, max_id = con.execute(
+        f"SELECT count(*), max(list_max(latent_ids)) FROM read_parquet('{root}/latents/hookpoint=layers.1/*/*.parquet')"
+    ).fetchone()
+    assert n == summary.tokens and 0 <= max_id < 96
+    (n_ctx,) = con.execute(f"SELECT count(*) FROM read_parquet('{root}/contexts/*/*.parquet')").fetchone()
+    assert n_ctx == len(pq.read_table(root / "contexts"))
+
+
+def test_latents_equal_direct_encode_of_the_models_hidden_states(first_run, tiny_model_dir, tiny_sae_dir):
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.sae import load_sae
+
+    _, _, root = first_run
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)).eval()
+    ctx = pq.read_table(root / "contexts").to_pandas().sort_values("seq_id")
+    row = ctx.iloc[1]
+    ids = torch.tensor([list(row.token_ids)])
+    with torch.inference_mode():
+        hidden = model(ids, output_hidden_states=True).hidden_states
+    for hook, layer in (("layers.1", 2), ("layers.2", 3)):
+        sae = load_sae(Path(tiny_sae_dir) / hook)
+        values, latent_ids = sae.encode(hidden[layer][0])
+        lat = pq.read_table(root / "latents" / f"hookpoint={hook}").to_pandas()
+        lat = lat[lat.seq_id == row.seq_id].sort_values("pos")
+        assert np.array_equal(np.stack(lat.latent_ids.to_numpy()), latent_ids.numpy())
+        np.testing.assert_allclose(np.stack(lat.acts.to_numpy()).astype(np.float32),
+                                   values.half().float().numpy(), rtol=1e-3, atol=1e-3)
+
+
+def test_rerun_does_no_work_and_changes_no_file(first_run):
+    from pipeline.run import run
+
+    cfg, _, root = first_run
+    before = snapshot(root)
+    again = run(cfg)
+    assert again.shards_done == 0 and again.shards_skipped > 0 and again.tokens == 0
+    assert snapshot(root) == before
+
+
+def test_same_config_twice_gives_identical_latents(first_run):
+    from pipeline.run import run
+
+    cfg, _, root = first_run
+    other = RunConfig(**{**cfg.__dict__, "run_id": "r2"})
+    run(other)
+    for sub in ["contexts"] + [f"latents/hookpoint={h}" for h in HOOKS]:
+        a = sorted((root / sub).rglob("*.parquet"))
+        b = sorted((root.parent / "r2" / sub).rglob("*.parquet"))
+        assert [p.relative_to(root) for p in a] == [p.relative_to(root.parent / "r2") for p in b]
+        for pa_, pb in zip(a, b):
+            assert pq.read_table(pa_).equals(pq.read_table(pb)), pa_
+
+
+def test_uncommitted_parts_are_ignored_by_readers(first_run):
+    from pipeline.sink import RunStore
+
+    cfg, summary, root = first_run
+    stray = root / "latents" / "hookpoint=layers.1" / "shard=999999"
+    stray.mkdir(parents=True)
+    (stray / "part-0.parquet").write_bytes(b"partial garbage from a crashed worker")
+    try:
+        table = RunStore(cfg.sink, cfg.run_id).read_committed("latents", "layers.1")
+        assert table.num_rows == summary.tokens
+    finally:
+        (stray / "part-0.parquet").unlink()
+        stray.rmdir()
