@@ -49,6 +49,10 @@ from triton.runtime.jit import constexpr_function
 _SPLIT_ALIGN = 256
 # Upper bound for the [N, S, K_PAD] int64 candidate buffer when choosing S.
 _CANDIDATE_BUDGET = 256 * 2**20
+# Widest latent tile of any config: row stride of the per-program tile scratch.
+_MAX_BLOCK_L = 256
+# Rows merged at once when a tile has newcomers; divides every BLOCK_N.
+_MERGE_ROWS = 16
 # Past this k the bitonic tiles get too large for registers: use the streaming torch path.
 MAX_K = 256
 
@@ -57,8 +61,9 @@ _SENTINEL: tl.constexpr = tl.constexpr(-(2**63) + 1)  # empty slot j holds _SENT
 _ID_MASK: tl.constexpr = tl.constexpr(2**32 - 1)
 
 
-def _interpreting() -> bool:
-    return bool(triton.knobs.runtime.interpret)
+# Fixed at import, like the @triton.jit decorators below, which build interpreter kernels
+# only if TRITON_INTERPRET=1 was set when this module was imported.
+_INTERPRET = bool(triton.knobs.runtime.interpret)
 
 
 # ------------------------------------------------------------------ key packing helpers
@@ -170,23 +175,61 @@ def _gpu_configs() -> list[triton.Config]:
 
 def _interpreter_configs() -> list[triton.Config]:
     # Small tiles so the CPU interpreter stays fast; pruning keeps only the first feasible one.
-    return [triton.Config({"BLOCK_N": 16, "BLOCK_L": bl, "BLOCK_D": 32}, num_warps=4) for bl in (32, 64, 128, 256)]
+    return [triton.Config({"BLOCK_N": 32, "BLOCK_L": bl, "BLOCK_D": 32}, num_warps=4) for bl in (32, 64, 128, 256)]
 
 
 def _prune_configs(configs, named_args, **kwargs):
     # The bitonic merge joins a BLOCK_L-wide tile top-k with the K_PAD-wide set.
     feasible = [c for c in configs if c.kwargs["BLOCK_L"] >= kwargs["K_PAD"]]
-    return feasible[:1] if _interpreting() else feasible
+    return feasible[:1] if _INTERPRET else feasible
+
+
+@triton.jit
+def _merge_tile_rows(
+    tile_ptr, cand_ptr, thr_ptr, row0, split, lats, lat_ok,
+    N, n_splits,
+    K_PAD: tl.constexpr, SCAN_MAX: tl.constexpr, MERGE_ROWS: tl.constexpr,
+    BLOCK_L: tl.constexpr, TILE_STRIDE: tl.constexpr,
+):
+    """Merge MERGE_ROWS rows of the parked tile into their candidate sets; store the new minima."""
+    rows = (row0 + tl.arange(0, MERGE_ROWS)).to(tl.int64)
+    row_ok = rows < N
+    slots = tl.arange(0, K_PAD).to(tl.int64)
+    set_offs = (rows[:, None] * n_splits + split) * K_PAD + slots[None, :]
+    best = tl.load(cand_ptr + set_offs, mask=row_ok[:, None], other=_SENTINEL)
+    thr = tl.min(best, axis=1)
+    acc = tl.load(tile_ptr + (rows[:, None] * n_splits + split) * TILE_STRIDE + tl.arange(0, BLOCK_L)[None, :],
+                  mask=row_ok[:, None], other=float("-inf"))
+    valid = row_ok[:, None] & lat_ok[None, :]
+    keys = tl.where(valid, _pack_keys(acc, lats), _EMPTY)
+    n_hits = tl.max(tl.sum((keys > thr[:, None]).to(tl.int32), axis=1), axis=0)
+    if n_hits > SCAN_MAX:
+        if BLOCK_L > K_PAD:
+            top = _topk_keys(keys, K_PAD)
+        else:
+            top = keys
+        best = _union_topk(best, top, MERGE_ROWS, K_PAD)
+    else:
+        # Few newcomers: move each row's best remaining key into its set's min slot.
+        for _ in range(n_hits):
+            m = tl.max(keys, axis=1)
+            take = (m > thr)[:, None] & (best == thr[:, None])
+            best = tl.where(take, m[:, None], best)
+            keys = tl.where(keys == m[:, None], _EMPTY, keys)
+            thr = tl.min(best, axis=1)
+    if n_hits > 0:
+        tl.store(cand_ptr + set_offs, best, mask=row_ok[:, None])
+    tl.store(thr_ptr + rows * n_splits + split, tl.min(best, axis=1), mask=row_ok)
 
 
 @triton.autotune(
-    configs=_interpreter_configs() if _interpreting() else _gpu_configs(),
+    configs=_interpreter_configs() if _INTERPRET else _gpu_configs(),
     key=["d", "L", "k"],
     prune_configs_by={"early_config_prune": _prune_configs},
 )
 @triton.jit
 def _encode_tiles_kernel(
-    x_ptr, w_ptr, b_ptr, cand_ptr,
+    x_ptr, w_ptr, b_ptr, cand_ptr, tile_ptr, thr_ptr,
     N, L, d, k, split_len, n_splits,
     stride_xn, stride_wl,
     HAS_BIAS: tl.constexpr,
@@ -194,6 +237,8 @@ def _encode_tiles_kernel(
     SCAN_MAX: tl.constexpr,
     DOT_FP32: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
+    MERGE_ROWS: tl.constexpr,
+    TILE_STRIDE: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_L: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -202,13 +247,16 @@ def _encode_tiles_kernel(
     split = tl.program_id(1)
     rows = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     row_ok = rows < N
-    slots = tl.arange(0, K_PAD).to(tl.int64)
-    cand_offs = (rows[:, None] * n_splits + split) * K_PAD + slots[None, :]
 
-    # This program's candidate set starts as distinct sentinels; thr is its minimum key.
-    empty_set = tl.zeros((BLOCK_N, K_PAD), dtype=tl.int64) + (slots[None, :] + _SENTINEL)
-    tl.store(cand_ptr + cand_offs, empty_set, mask=row_ok[:, None])
-    thr = tl.min(empty_set, axis=1)
+    # This program's candidate sets start as distinct sentinels (written MERGE_ROWS rows at a
+    # time to keep registers low); thr, the set minimum, is the admission threshold.
+    slots = tl.arange(0, K_PAD).to(tl.int64)
+    empty_set = tl.zeros((MERGE_ROWS, K_PAD), dtype=tl.int64) + (slots[None, :] + _SENTINEL)
+    for r0 in range(0, BLOCK_N, MERGE_ROWS):
+        sub_rows = (pid_n * BLOCK_N + r0 + tl.arange(0, MERGE_ROWS)).to(tl.int64)
+        tl.store(cand_ptr + (sub_rows[:, None] * n_splits + split) * K_PAD + slots[None, :], empty_set,
+                 mask=(sub_rows < N)[:, None])
+    thr = tl.full((BLOCK_N,), _SENTINEL, tl.int64)
     thr_val = tl.full((BLOCK_N,), float("-inf"), tl.float32)
     tl.debug_barrier()
 
@@ -218,49 +266,41 @@ def _encode_tiles_kernel(
         lats = tile_start + tl.arange(0, BLOCK_L).to(tl.int64)
         lat_ok = lats < lat_stop
 
+        # Tensor-core matmul over d; row offsets are int64 (latent * d passes 2^31 at 16M x 128).
         acc = tl.zeros((BLOCK_N, BLOCK_L), dtype=tl.float32)
+        cols = tl.arange(0, BLOCK_D)
+        x_ptrs = x_ptr + (rows * stride_xn)[:, None] + cols[None, :]
+        w_ptrs = w_ptr + (lats * stride_wl)[:, None] + cols[None, :]
         for d_start in range(0, d, BLOCK_D):
-            cols = d_start + tl.arange(0, BLOCK_D)
-            col_ok = cols < d
-            xt = tl.load(x_ptr + rows[:, None] * stride_xn + cols[None, :],
-                         mask=row_ok[:, None] & col_ok[None, :], other=0.0)
-            wt = tl.load(w_ptr + lats[:, None] * stride_wl + cols[None, :],
-                         mask=lat_ok[:, None] & col_ok[None, :], other=0.0)
+            col_ok = cols < d - d_start
+            xt = tl.load(x_ptrs, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+            wt = tl.load(w_ptrs, mask=lat_ok[:, None] & col_ok[None, :], other=0.0)
             if DOT_FP32:  # interpreter only: its bf16 dot is broken
                 xt = xt.to(tl.float32)
                 wt = wt.to(tl.float32)
             acc = tl.dot(xt, tl.trans(wt), acc, input_precision=INPUT_PRECISION)
+            x_ptrs += BLOCK_D
+            w_ptrs += BLOCK_D
         if HAS_BIAS:
             acc += tl.load(b_ptr + lats, mask=lat_ok, other=0.0).to(tl.float32)[None, :]
         acc = tl.where(acc == 0.0, 0.0, acc)  # -0.0 -> +0.0: key order must match float ==
 
-        # Tile ids are all above the set's ids (tiles go in id order), so "key > thr" is
+        # Tile ids are all above the sets' ids (tiles go in id order), so "key > thr" is
         # exactly "value > thr_val"; a set still holding sentinels admits everything.
-        valid = row_ok[:, None] & lat_ok[None, :]
         not_full = thr < _SENTINEL + K_PAD
-        hit = valid & ((acc > thr_val[:, None]) | not_full[:, None])
-        n_hits = tl.max(tl.sum(hit.to(tl.int32), axis=1), axis=0)
-        if n_hits > 0:
-            keys = tl.where(valid, _pack_keys(acc, lats), _EMPTY)
-            best = tl.load(cand_ptr + cand_offs, mask=row_ok[:, None], other=_SENTINEL)
-            if n_hits > SCAN_MAX:
-                if BLOCK_L > K_PAD:
-                    top = _topk_keys(keys, K_PAD)
-                else:
-                    top = keys
-                best = _union_topk(best, top, BLOCK_N, K_PAD)
-            else:
-                # Few newcomers: move the row's best remaining key into the set's min slot.
-                for _ in range(n_hits):
-                    m = tl.max(keys, axis=1)
-                    take = (m > thr)[:, None] & (best == thr[:, None])
-                    best = tl.where(take, m[:, None], best)
-                    keys = tl.where(keys == m[:, None], _EMPTY, keys)
-                    thr = tl.min(best, axis=1)
-            thr = tl.min(best, axis=1)
+        hit = (row_ok[:, None] & lat_ok[None, :]) & ((acc > thr_val[:, None]) | not_full[:, None])
+        if tl.max(tl.sum(hit.to(tl.int32), axis=1), axis=0) > 0:
+            # Rare once warmed up. Park the tile in this program's scratch and merge it
+            # MERGE_ROWS rows at a time: int64 keys for a whole 128x128 tile would spill.
+            tile_offs = (rows[:, None] * n_splits + split) * TILE_STRIDE + tl.arange(0, BLOCK_L)[None, :]
+            tl.store(tile_ptr + tile_offs, acc, mask=row_ok[:, None])
+            tl.debug_barrier()
+            for r0 in range(0, BLOCK_N, MERGE_ROWS):
+                _merge_tile_rows(tile_ptr, cand_ptr, thr_ptr, pid_n * BLOCK_N + r0, split, lats, lat_ok,
+                                 N, n_splits, K_PAD, SCAN_MAX, MERGE_ROWS, BLOCK_L, TILE_STRIDE)
+            tl.debug_barrier()  # sets and minima were written by other threads
+            thr = tl.load(thr_ptr + rows * n_splits + split, mask=row_ok, other=_SENTINEL)
             thr_val = _key_values(thr)
-            tl.store(cand_ptr + cand_offs, best, mask=row_ok[:, None])
-            tl.debug_barrier()  # the next merge may reload these slots from other threads
 
 
 # ------------------------------------------------------------------ stage 2: merge splits
@@ -294,7 +334,8 @@ def _choose_split_len(n_rows: int, n_latents: int, k_pad: int, device: torch.dev
     n_sm = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
     row_blocks = triton.cdiv(n_rows, 64)
     n_splits = max(1, triton.cdiv(2 * n_sm, row_blocks))
-    n_splits = min(n_splits, max(1, _CANDIDATE_BUDGET // (n_rows * k_pad * 8)))
+    bytes_per_split = n_rows * (k_pad * 8 + _MAX_BLOCK_L * 4 + 8)
+    n_splits = min(n_splits, max(1, _CANDIDATE_BUDGET // bytes_per_split))
     return triton.cdiv(triton.cdiv(n_latents, n_splits), _SPLIT_ALIGN) * _SPLIT_ALIGN
 
 
@@ -346,18 +387,21 @@ def topk_encode_triton(
         split_len = _choose_split_len(n_rows, n_latents, k_pad, device)
     n_splits = triton.cdiv(n_latents, split_len)
     candidates = torch.empty(n_rows, n_splits, k_pad, dtype=torch.int64, device=device)
+    tiles = torch.empty(n_rows, n_splits, _MAX_BLOCK_L, dtype=torch.float32, device=device)
+    minima = torch.empty(n_rows, n_splits, dtype=torch.int64, device=device)
 
-    interpret = _interpreting()
     grid = lambda meta: (triton.cdiv(n_rows, meta["BLOCK_N"]), n_splits)  # noqa: E731
     _encode_tiles_kernel[grid](
-        x, weight, bias if bias is not None else x, candidates,
+        x, weight, bias if bias is not None else x, candidates, tiles, minima,
         n_rows, n_latents, d, k, split_len, n_splits,
         x.stride(0), weight.stride(0),
         HAS_BIAS=bias is not None,
         K_PAD=k_pad,
         SCAN_MAX=scan_max,
-        DOT_FP32=interpret and dtype != torch.float32,
+        DOT_FP32=_INTERPRET and dtype != torch.float32,
         INPUT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
+        MERGE_ROWS=_MERGE_ROWS,
+        TILE_STRIDE=_MAX_BLOCK_L,
     )
 
     # Keep the merge's [BLOCK_N, 2*K_PAD] int64 union around 4K elements.

@@ -3,8 +3,25 @@
     python -m pipeline                                # experiment=demo on the embedded default
     python -m pipeline run_id=nightly corpus=files 'corpus.paths=[s3://bucket/web/*.jsonl]' sink=s3
     python -m pipeline --cfg job                      # print the resolved config
+    python -m pipeline -m 'sae.hookpoints=[layers.4],[layers.8]'   # a sweep: one run per member
+
+Sweeps (`-m`): Hydra's basic launcher runs the members one after another in this process, each
+calling `run()`. Every member gets its own run id, `<run_id>--<swept key=value,...>` (e.g.
+`demo--sae.hookpoints=layers.4`), so members never share an output folder and rerunning the same
+sweep resumes each member. Members that share corpus, tokenizer and ctx_len tokenize once
+(`corpus.token_cache`). Sweeping `run_id` itself leaves ids as given.
+
+Exit status: non-zero when the run raised, or when `fail_on_quarantine` is set (the nightly
+preset) and a document was quarantined. Runs that did something leave `summary.json` and
+`_runs/<timestamp>.json` beside the manifest (pipeline/run_summary.py).
 """
 from __future__ import annotations
+
+import dataclasses
+import re
+import sys
+import typing
+from datetime import datetime, timezone
 
 import hydra
 from hydra.core.config_store import ConfigStore
@@ -14,18 +31,103 @@ from pipeline.config import RunConfig
 
 ConfigStore.instance().store(name="run_schema", node=RunConfig)
 
+# Keys that never name a sweep member: Hydra's own, and the run id the member id is built from.
+_NOT_IN_RUN_ID = re.compile(r"^(hydra\.|hydra/|run_id$)")
+
+
+def _unknown_keys(node, schema, prefix: str = "") -> list[str]:
+    """Keys in `node` that `schema` (a dataclass) does not declare. Hydra rejects `a.typo=1`, but
+    `+a.typo=1` is allowed to add keys and OmegaConf.to_object would quietly keep them."""
+    if not dataclasses.is_dataclass(schema) or not isinstance(node, DictConfig):
+        return []
+    fields = {f.name: f for f in dataclasses.fields(schema)}
+    hints = typing.get_type_hints(schema)
+    unknown = []
+    for key in node.keys():
+        if key not in fields:
+            unknown.append(f"{prefix}{key}")
+            continue
+        sub = node._get_node(key)
+        if isinstance(sub, DictConfig) and not sub._is_none():
+            typ = hints[key]
+            typ = next((a for a in typing.get_args(typ) if dataclasses.is_dataclass(a)), typ)  # Optional[X]
+            unknown += _unknown_keys(sub, typ, f"{prefix}{key}.")
+    return unknown
+
+
+def to_run_config(dcfg: DictConfig) -> RunConfig:
+    """The typed config the code receives; any key RunConfig does not declare is an error."""
+    unknown = _unknown_keys(dcfg, RunConfig)
+    if unknown:
+        raise ValueError(f"unknown config key(s) {unknown}: not declared in pipeline/config.py (typo?)")
+    return OmegaConf.to_object(dcfg)
+
+
+def _swept_keys(argv: list[str], sweeper_params: dict | None) -> set[str]:
+    """Keys given more than one value on the command line (a,b / range / choice) or in hydra.sweeper.params."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    keys = set(sweeper_params or {})
+    args = [a for a in argv if not a.startswith("-")]
+    try:
+        parsed = OverridesParser.create().parse_overrides(args)
+    except Exception:  # not our job to report bad overrides: Hydra already accepted these
+        return keys
+    return keys | {o.get_key_element().lstrip("+~") for o in parsed if o.is_sweep_override()}
+
+
+def member_run_id(base: str, task_overrides: list[str], swept: set[str]) -> str:
+    """`base--k1=v1,k2=v2` over this member's values of the swept keys; a safe folder name."""
+    parts = []
+    for item in sorted(task_overrides):
+        key, _, value = item.partition("=")
+        key = key.lstrip("+~")
+        if _NOT_IN_RUN_ID.match(key) or (swept and key not in swept):
+            continue
+        value = re.sub(r"[\[\]'\" ]", "", value)  # [layers.4] -> layers.4
+        parts.append(f"{key}={value}")
+    if not parts:
+        return base
+    return base + "--" + re.sub(r"[^A-Za-z0-9._,=+-]", "_", ",".join(parts))
+
+
+def _sweep_member_run_id(dcfg: DictConfig) -> str | None:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    hc = HydraConfig.get()
+    if hc.mode != RunMode.MULTIRUN:
+        return None
+    params = OmegaConf.to_container(hc.sweeper.params) if "params" in hc.sweeper else None
+    swept = _swept_keys(sys.argv[1:], params)
+    if "run_id" in swept:
+        return None
+    return member_run_id(dcfg.run_id, list(hc.overrides.task), swept)
+
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def app(dcfg: DictConfig) -> None:
     from pipeline.run import run
+    from pipeline.run_summary import summary_record, write_run_summary
+    from pipeline.sink import RunStore
 
-    cfg: RunConfig = OmegaConf.to_object(dcfg)
+    member_id = _sweep_member_run_id(dcfg)
+    if member_id is not None:
+        dcfg.run_id = member_id
+        print(f"[sweep] member {dcfg.run_id}", flush=True)
+    cfg = to_run_config(dcfg)
+    started = datetime.now(timezone.utc)
     summary = run(cfg)
     print(summary.describe(), flush=True)
+    record = summary_record(summary, started_at=started)
+    write_run_summary(RunStore(cfg.sink, cfg.run_id), record)
     if cfg.demo is not None and summary.hookpoints:
         from pipeline.demo import show_top_contexts
 
         show_top_contexts(cfg)
+    if cfg.fail_on_quarantine and summary.quarantined:
+        sys.exit(f"[{cfg.run_id}] {summary.quarantined} document(s) quarantined and fail_on_quarantine=true; "
+                 f"see manifest.json 'quarantined' under {summary.output}")
 
 
 def main() -> None:

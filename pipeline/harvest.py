@@ -7,7 +7,7 @@ a harvest proportional to the depth of the deepest hookpoint, not to the model's
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from pipeline.hookpoints import Hookpoint, resolve_hookpoint
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-import torch.nn as nn
+from torch import nn
 
 # Where each family keeps its decoder blocks, and what it calls their attention and MLP.
 BLOCK_LIST_PATHS = (

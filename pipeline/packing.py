@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import logging
 from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, Optional, Union
 
 import numpy as np
 
@@ -92,8 +92,8 @@ def _tokenize(tokenizer, texts: list[str]) -> list[list[int]]:
     return enc["input_ids"]
 
 
-def pack_documents(items: Iterable[Union[TextPiece, Quarantined]], tokenizer, ctx_len: int,
-                   eos_id: Optional[int]) -> Iterator[Union[Context, Quarantined]]:
+def pack_documents(items: Iterable[TextPiece | Quarantined], tokenizer, ctx_len: int,
+                   eos_id: int | None) -> Iterator[Context | Quarantined]:
     """Pack one file's document pieces into contexts; Quarantined items pass through in order."""
     if ctx_len <= 0:
         raise ValueError(f"ctx_len={ctx_len} must be positive (corpus.ctx_len)")
@@ -134,8 +134,8 @@ def _log_quarantine(q: Quarantined) -> None:
     log.warning("quarantined %s (%s): %s", q.file, q.location, q.reason)
 
 
-def plan_shards(files: list[CorpusFile], cfg: CorpusConfig, tokenizer, eos_id: Optional[int],
-                storage_options: Optional[dict] = None,
+def plan_shards(files: list[CorpusFile], cfg: CorpusConfig, tokenizer, eos_id: int | None,
+                storage_options: dict | None = None,
                 on_quarantine: Callable[[Quarantined], None] = _log_quarantine,
                 first_shard: int = 0) -> Iterator[Shard]:
     """Stream the shard plan: files in order, each starting a new shard (see module docstring).

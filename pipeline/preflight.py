@@ -40,8 +40,8 @@ def meta_model(cfg: ModelConfig) -> torch.nn.Module:
 def model_shape(model: torch.nn.Module) -> ModelShape:
     c = model.config
     c = getattr(c, "text_config", None) or c
-    hidden = getattr(c, "hidden_size", None) or getattr(c, "n_embd")
-    layers = getattr(c, "num_hidden_layers", None) or getattr(c, "n_layer")
+    hidden = getattr(c, "hidden_size", None) or c.n_embd
+    layers = getattr(c, "num_hidden_layers", None) or c.n_layer
     return ModelShape(int(hidden), int(layers), str(getattr(c, "model_type", "?")))
 
 

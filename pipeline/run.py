@@ -8,25 +8,27 @@ Re-running a run id skips committed shards; a run with nothing left to do change
 from __future__ import annotations
 
 import dataclasses
-import json
+import math
 import os
 import re
 import subprocess
-import sys
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from pipeline.config import RunConfig
-from pipeline.corpus import Quarantined, resolve_corpus
+from pipeline.corpus import CorpusError, Quarantined, resolve_corpus
+from pipeline.dispatch import RayDispatcher
+from pipeline.ledger import FileRecord, Ledger
 from pipeline.model import load_tokenizer, model_identity
-from pipeline.packing import plan_shards
+from pipeline.packing import Shard, plan_shards
 from pipeline.sink import RunStore, storage_options
 from pipeline.worker import ShardPayload, ShardResult
 
-SECRET_KEY = re.compile(r"(secret|password|passwd|credential|access_key|session_token|api_key|private_key)", re.I)
+SECRET_KEY = re.compile(r"(secret|password|passwd|credential|access_key|session_token|api_key|private_key)", re.IGNORECASE)
 
 
 def redact(obj):
@@ -49,7 +51,7 @@ def code_version() -> dict:
     try:
         here = Path(__file__).resolve().parent
         commit = subprocess.run(
-            ["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5
+            ["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=False
         ).stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         pass
@@ -67,6 +69,8 @@ class RunSummary:
     bytes: int = 0
     seconds: float = 0.0
     quarantined: int = 0
+    retries: int = 0
+    planned_bytes: int = 0  # corpus bytes fully planned so far (for the ETA)
     hookpoints: list[str] = field(default_factory=list)
 
     @property
@@ -91,7 +95,6 @@ class Progress:
         self.run_id, self.total_tokens, self.total_bytes, self.every = run_id, total_tokens, total_bytes, every
         self.started = time.perf_counter()
         self.last = 0.0
-        self.planned_bytes = 0
 
     def update(self, summary: RunSummary, force: bool = False) -> None:
         now = time.perf_counter()
@@ -103,9 +106,9 @@ class Progress:
         if self.total_tokens:
             fraction = summary.tokens / self.total_tokens
         else:
-            fraction = self.planned_bytes / self.total_bytes if self.total_bytes else 0.0
+            fraction = summary.planned_bytes / self.total_bytes if self.total_bytes else 0.0
         eta = elapsed * (1 - fraction) / fraction if fraction > 0 else float("nan")
-        eta_text = f"{eta:,.0f}s" if eta == eta else "?"
+        eta_text = "?" if math.isnan(eta) else f"{eta:,.0f}s"
         print(
             f"[{self.run_id}] shards {summary.shards_done} done, {summary.shards_skipped} skipped | "
             f"{summary.tokens:,} tokens | {rate:,.0f} tokens/s | ETA {eta_text}",
@@ -163,7 +166,10 @@ def preflight(cfg: RunConfig, sae_by_hook: dict[str, str]) -> dict:
 def make_actor_class():
     import ray
 
-    @ray.remote(max_restarts=3, max_task_retries=3)
+    # Ray restarts a dead actor and retries its task itself (max_restarts/max_task_retries);
+    # the dispatcher redoes a shard elsewhere when that is exhausted. max_concurrency=2 lets
+    # the next shard compute while the previous one's Parquet parts upload.
+    @ray.remote(max_restarts=2, max_task_retries=2, max_concurrency=2)
     class HarvestActor:
         """Owns the model and SAEs for its whole life; one per GPU (or CPU slot)."""
 
@@ -183,7 +189,8 @@ def make_actor_class():
                 sae.k = cfg.sae.k or sae.k
                 sae.backend = cfg.sae.backend
                 saes[hook] = sae
-            self.worker = ShardWorker(model, saes, RunStore(cfg.sink, cfg.run_id), cfg.model.batch_size, device)
+            store = RunStore(cfg.sink, cfg.run_id)
+            self.worker = ShardWorker(model, saes, store, cfg.model.batch_size, device, cfg.faults)
 
         def process(self, payload: ShardPayload) -> ShardResult:
             return self.worker.process(payload)
@@ -218,108 +225,155 @@ def manifest_for(cfg: RunConfig, identity: dict, sae_ids: dict, tokenizer, files
         "tokenizer": {"name": getattr(tokenizer, "name_or_path", ""), "vocab_size": len(tokenizer),
                       "eos_token_id": tokenizer.eos_token_id, "class": type(tokenizer).__name__},
         "code": code_version(),
-        "corpus": {"files": [dataclasses.asdict(f) for f in files]},
     }
 
 
-def run(cfg: RunConfig, log=print) -> RunSummary:
+def plan_run(cfg: RunConfig, files, ledger: Ledger, committed: np.ndarray, tokenizer, storage_opts,
+             summary: RunSummary, log=print) -> Iterator[Shard]:
+    """Shards still to do, in ledger order: known files first (same shards as before), then new
+    files after every known shard. Skipped shards are counted in `summary`, not yielded."""
+    current = {f.url: f for f in files}
+    known = []
+    for rec in ledger.in_order():
+        f = current.get(rec.url)
+        if f is None:
+            log(f"[{cfg.run_id}] {rec.url} is no longer in the corpus; its {rec.n_shards} committed shard(s) stay")
+            continue
+        if f.fingerprint != rec.fingerprint:
+            if cfg.corpus.on_changed_file == "error":
+                raise CorpusError(
+                    f"{rec.url} changed since run {cfg.run_id!r} planned it (fingerprint {rec.fingerprint} -> "
+                    f"{f.fingerprint}); use a new run_id, or corpus.on_changed_file=skip to keep the earlier output"
+                )
+            log(f"[{cfg.run_id}] {rec.url} changed; keeping its earlier output (corpus.on_changed_file=skip)")
+            continue
+        known.append((f, rec))
+    new = [f for f in files if f.url not in ledger.records]
+    budget = cfg.corpus.max_tokens
+
+    def is_committed(shard_id: int) -> bool:
+        pos = np.searchsorted(committed, shard_id)
+        return bool(pos < len(committed) and committed[pos] == shard_id)
+
+    for f, rec in known + [(f, None) for f in new]:
+        if budget is not None and budget <= 0:
+            return
+        if rec is None:
+            rec = FileRecord(ordinal=ledger.next_ordinal(), url=f.url, fingerprint=f.fingerprint,
+                             first_shard=ledger.next_shard())
+            ledger.save(rec)  # first shard fixed before any of the file's shards is submitted
+        elif rec.complete and all(is_committed(s) for s in range(rec.first_shard, rec.last_shard + 1)):
+            summary.shards_skipped += rec.n_shards
+            if budget is not None:
+                budget -= rec.tokens
+            continue
+        file_cfg = dataclasses.replace(cfg.corpus, max_tokens=budget)
+        quarantined: list[dict] = []
+
+        def on_quarantine(q: Quarantined, quarantined: list[dict] = quarantined) -> None:
+            quarantined.append(dataclasses.asdict(q))
+            log(f"[{cfg.run_id}] quarantined {q.file} {q.location}: {q.reason}")
+
+        contexts = tokens = 0
+        last = None
+        for shard in plan_shards([f], file_cfg, tokenizer, tokenizer.eos_token_id, storage_options=storage_opts,
+                                 on_quarantine=on_quarantine, first_shard=rec.first_shard):
+            last = shard.shard_id
+            contexts += len(shard.contexts)
+            n_tokens = sum(len(c.token_ids) for c in shard.contexts)
+            tokens += n_tokens
+            if is_committed(shard.shard_id):
+                summary.shards_skipped += 1
+            else:
+                yield shard
+        summary.quarantined += len(quarantined)
+        summary.planned_bytes += f.size
+        truncated = budget is not None and tokens >= budget
+        rec = dataclasses.replace(rec, last_shard=last if last is not None else rec.first_shard - 1,
+                                  contexts=contexts, tokens=tokens, complete=not truncated,
+                                  quarantined=quarantined)
+        ledger.save(rec)
+        if budget is not None:
+            budget -= tokens
+
+
+def run(cfg: RunConfig, log=print, dispatcher=None) -> RunSummary:
+    """Extract latents for `cfg`; resumable: a second call with the same run id does only what is left."""
     started = time.perf_counter()
     store = RunStore(cfg.sink, cfg.run_id)
-    files = resolve_corpus(cfg.corpus, storage_options(cfg.sink) if cfg.corpus.paths[0].startswith("s3://") else None)
+    corpus_opts = storage_options(cfg.sink) if any(p.startswith("s3://") for p in cfg.corpus.paths) else None
+    files = resolve_corpus(cfg.corpus, corpus_opts)
     tokenizer = load_tokenizer(cfg.model)
     identity = model_identity(cfg.model)
     sae_by_hook = prepare_saes(cfg, files, tokenizer, identity, log)
     sae_ids = preflight(cfg, sae_by_hook)
     manifest = manifest_for(cfg, identity, sae_ids, tokenizer, files)
 
-    committed = np.asarray(store.committed_shards(), dtype=np.int64)
-    summary = RunSummary(cfg.run_id, store.url, hookpoints=list(cfg.sae.hookpoints))
-    quarantined: list[dict] = []
-    file_plan: list[dict] = []
-    progress = Progress(cfg.run_id, cfg.corpus.max_tokens, sum(f.size for f in files))
-
-    actors = []
-    pending: dict = {}  # ObjectRef -> (actor index, payload)
-    in_flight = []
-
-    def ensure_actors():
-        if actors:
-            return
-        start_ray(cfg)
-        actor_cls = make_actor_class()
-        for i in range(cfg.cluster.num_workers):
-            actors.append(
-                actor_cls.options(
-                    name=f"harvest-{cfg.run_id}-{i}", num_cpus=cfg.cluster.cpus_per_worker,
-                    num_gpus=cfg.cluster.gpus_per_worker,
-                ).remote(cfg, sae_by_hook)
-            )
-            in_flight.append(0)
-        log(f"[{cfg.run_id}] {len(actors)} harvest worker(s) starting; writing to {store.url}")
-
-    def collect(block: bool) -> None:
-        import ray
-
-        if not pending:
-            return
-        done, _ = ray.wait(list(pending), num_returns=1, timeout=None if block else 0)
-        for ref in done:
-            actor_index, payload = pending.pop(ref)
-            in_flight[actor_index] -= 1
-            result: ShardResult = ray.get(ref)
-            if result.skipped:
-                summary.shards_skipped += 1
-            else:
-                summary.shards_done += 1
-                summary.tokens += result.tokens
-                summary.pairs += result.pairs
-                summary.bytes += result.bytes
-        progress.update(summary)
-
-    def on_quarantine(q: Quarantined) -> None:
-        quarantined.append(dataclasses.asdict(q))
-        log(f"[{cfg.run_id}] quarantined {q.file} {q.location}: {q.reason}")
-
-    if not store.exists("manifest.json"):
+    if store.exists("manifest.json"):
+        previous = store.read_json("manifest.json")
+        for key in ("hookpoints", "ctx_len", "shard_size", "saes", "model"):
+            if previous.get(key) != manifest[key]:
+                raise ValueError(
+                    f"run {cfg.run_id!r} at {store.url} was made with a different {key} "
+                    f"({previous.get(key)!r} vs now {manifest[key]!r}); use a new run_id"
+                )
+    else:
         store.write_json("manifest.json", {**manifest, "status": "running"})
 
-    depth = 1 + max(0, cfg.cluster.max_in_flight)
-    current_file = None
-    for shard in plan_shards(files, cfg.corpus, tokenizer, tokenizer.eos_token_id,
-                             storage_options=None, on_quarantine=on_quarantine):
-        if current_file != shard.file_index:
-            if current_file is not None:
-                progress.planned_bytes += files[current_file].size
-            current_file = shard.file_index
-            file_plan.append({"url": shard.file_url, "first_shard": shard.shard_id, "last_shard": shard.shard_id})
-        file_plan[-1]["last_shard"] = shard.shard_id
-        pos = np.searchsorted(committed, shard.shard_id)
-        if pos < len(committed) and committed[pos] == shard.shard_id:
-            summary.shards_skipped += 1
-            continue
-        ensure_actors()
-        while sum(in_flight) >= depth * len(actors):
-            collect(block=True)
-        actor_index = int(np.argmin(in_flight))
-        payload = ShardPayload(
-            shard.shard_id, shard.seq_start, [c.doc_id for c in shard.contexts],
-            [int(c.doc_offset) for c in shard.contexts], [c.token_ids for c in shard.contexts],
-        )
-        ref = actors[actor_index].process.remote(payload)
-        pending[ref] = (actor_index, payload)
-        in_flight[actor_index] += 1
-        collect(block=False)
-    while pending:
-        collect(block=True)
+    ledger = Ledger(store)
+    committed = np.asarray(store.committed_shards(), dtype=np.int64)
+    summary = RunSummary(cfg.run_id, store.url, hookpoints=list(cfg.sae.hookpoints))
+    progress = Progress(cfg.run_id, cfg.corpus.max_tokens, sum(f.size for f in files))
 
-    summary.quarantined = len(quarantined)
+    def account(results: list[ShardResult]) -> None:
+        for r in results:
+            if r.skipped:
+                summary.shards_skipped += 1
+                continue
+            summary.shards_done += 1
+            summary.tokens += r.tokens
+            summary.pairs += r.pairs
+            summary.bytes += r.bytes
+        progress.update(summary)
+
+    try:
+        for shard in plan_run(cfg, files, ledger, committed, tokenizer, corpus_opts, summary, log):
+            if dispatcher is None:
+                dispatcher = ray_dispatcher(cfg, sae_by_hook, log)
+                log(f"[{cfg.run_id}] {cfg.cluster.num_workers} harvest worker(s); writing to {store.url}")
+            while not dispatcher.has_room():
+                account(dispatcher.completed(block=True))
+            dispatcher.submit(to_payload(shard))
+            account(dispatcher.completed(block=False))
+        while dispatcher is not None and dispatcher.pending():
+            account(dispatcher.completed(block=True))
+    finally:
+        if dispatcher is not None:
+            summary.retries = dispatcher.retries
+            dispatcher.close()
+
     summary.seconds = time.perf_counter() - started
-    final = {**manifest, "status": "complete", "shard_plan": {"files": file_plan}, "quarantined": quarantined}
-    if summary.shards_done or store.read_json("manifest.json") != final:
+    final = {**manifest, "status": "complete", "files": ledger.summary(), "quarantined": ledger.quarantined()}
+    if store.read_json("manifest.json") != final:
         store.write_json("manifest.json", final)
     progress.update(summary, force=True)
-    for actor in actors:
-        import ray
-
-        ray.kill(actor)
     return summary
+
+
+def to_payload(shard: Shard) -> ShardPayload:
+    return ShardPayload(shard.shard_id, shard.seq_start, [c.doc_id for c in shard.contexts],
+                        [int(c.doc_offset) for c in shard.contexts], [c.token_ids for c in shard.contexts])
+
+
+def ray_dispatcher(cfg: RunConfig, sae_by_hook: dict[str, str], log=print) -> RayDispatcher:
+    start_ray(cfg)
+    actor_cls = make_actor_class()
+
+    def make_actor(i: int):
+        return actor_cls.options(
+            name=f"harvest-{cfg.run_id}-{i}-{time.time_ns() % 10**9}", num_cpus=cfg.cluster.cpus_per_worker,
+            num_gpus=cfg.cluster.gpus_per_worker,
+        ).remote(cfg, sae_by_hook)
+
+    return RayDispatcher(make_actor, cfg.cluster.num_workers, 1 + max(0, cfg.cluster.max_in_flight),
+                         cfg.cluster.max_shard_attempts, log)

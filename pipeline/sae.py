@@ -25,7 +25,7 @@ import torch
 import kernels
 
 OWN_FORMAT = "sae-harvest"
-INPUT_NORMS = ("none", "openai_layernorm")
+INPUT_NORMS = ("none", "openai_layernorm", "constant_norm_rescale")
 ACTIVATIONS = ("topk_relu", "relu_topk")
 
 
@@ -69,7 +69,7 @@ class SAE:
     def device(self) -> torch.device:
         return self.W_enc.device
 
-    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "SAE":
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> SAE:
         for name in ("W_enc", "b_enc", "W_dec", "b_dec", "b_pre", "latent_scale"):
             t = getattr(self, name)
             if t is not None:
@@ -85,6 +85,10 @@ class SAE:
             std = x.std(dim=-1, keepdim=True)
             x = x / (std + 1e-5)
             return x, {"mu": mu, "std": std}
+        if self.input_norm == "constant_norm_rescale":
+            # SAELens `constant_norm_rescale`: every row rescaled to norm sqrt(d_in).
+            coeff = (self.d_in**0.5) / x.norm(dim=-1, keepdim=True)
+            return x * coeff, {"coeff": coeff}
         return x, {}
 
     def encode(self, x: torch.Tensor, k: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -168,13 +172,25 @@ def _load_own(path: Path) -> SAE:
     )
 
 
-def load_sae(path: str | os.PathLike, hookpoint: str | None = None) -> SAE:
-    """Load an SAE from the project's own format (other formats: see `pipeline.sae_formats`)."""
-    path = Path(path)
+def load_sae(path: str | os.PathLike, hookpoint: str | None = None, cache_dir: str | os.PathLike | None = None) -> SAE:
+    """Load an SAE in any supported format, detected from the files present.
+
+    `path`: a local file/folder or a remote URL (s3://..., fetched to `cache_dir` with a sha256
+    check). A folder holding one subfolder per hookpoint (sparsify's layout) needs `hookpoint`.
+    Formats: the project's own, OpenAI `sparse_autoencoder`, EleutherAI `sparsify`, SAELens
+    `topk` (see `pipeline.sae_formats`).
+    """
+    from pipeline import sae_formats
+
+    source = str(path)
+    if sae_formats.is_remote(source):
+        path = sae_formats.fetch_to_cache(source, cache_dir)
+    path = Path(str(path).removeprefix("file://"))
     if not path.exists():
-        raise FileNotFoundError(f"SAE path {path} does not exist")
-    if path.is_dir() and (path / "cfg.json").exists():
-        cfg = json.loads((path / "cfg.json").read_text())
-        if cfg.get("format") == OWN_FORMAT:
-            return _load_own(path)
-    raise ValueError(f"{path}: not a recognised SAE checkpoint (expected a directory with cfg.json + sae.safetensors)")
+        raise FileNotFoundError(f"SAE path {source} does not exist")
+    if hookpoint is not None and path.is_dir() and (path / hookpoint).is_dir():
+        path = path / hookpoint
+    fmt = sae_formats.detect_format(path)
+    sae = _load_own(path) if fmt == OWN_FORMAT else sae_formats.LOADERS[fmt](path)
+    sae.source = source if sae_formats.is_remote(source) else str(path)
+    return sae

@@ -13,8 +13,9 @@ import json
 import os
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, TypeVar
+from typing import TypeVar
 
 import fsspec
 import pyarrow as pa

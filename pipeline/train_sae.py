@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -82,7 +82,7 @@ class _GatheredLinear(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x_c, b_dec, W, b, ids, values):  # noqa: ARG004 (b_dec only routes the gradient)
+    def forward(ctx, x_c, b_dec, W, b, ids, values):
         ctx.save_for_backward(x_c, W, ids)
         return values
 

@@ -8,6 +8,8 @@ Ray actor, one per GPU (or per CPU slot). Per shard:
 """
 from __future__ import annotations
 
+import os
+import threading
 import time
 from dataclasses import dataclass
 
@@ -15,6 +17,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from pipeline.config import FaultConfig
 from pipeline.harvest import Harvester
 from pipeline.sae import SAE
 from pipeline.sink import (
@@ -77,8 +80,13 @@ class ShardWorker:
         store: RunStore,
         batch_size: int = 16,
         device: str = "cpu",
+        faults: FaultConfig | None = None,
     ):
         self.model = model
+        self.faults = faults or FaultConfig()
+        # Compute is serialized; writing a finished shard is not, so with two calls in flight
+        # (a threaded actor) the next shard's forward overlaps this shard's Parquet upload.
+        self._compute = threading.Lock()
         self.saes = saes
         self.store = store
         self.batch_size = batch_size
@@ -119,12 +127,25 @@ class ShardWorker:
             out[hook] = (seq[order], pos[order], values, ids)
         return out
 
+    def _maybe_crash(self, shard_id: int, point: str) -> None:
+        f = self.faults
+        if f.crash_shard != shard_id or f.crash_point != point:
+            return
+        if f.once_marker:
+            if os.path.exists(f.once_marker):
+                return
+            open(f.once_marker, "w").close()
+        print(f"[fault] worker pid {os.getpid()} dies at shard {shard_id} ({point})", flush=True)
+        os._exit(17)
+
     def process(self, payload: ShardPayload) -> ShardResult:
         started = time.perf_counter()
         if self.store.exists(commit_key(payload.shard_id)):
             # Already committed (a retried task after the first attempt finished): do nothing.
             return ShardResult(payload.shard_id, 0, 0, 0, 0, 0.0, skipped=True)
-        encoded = self.encode_shard(payload)
+        with self._compute:
+            encoded = self.encode_shard(payload)
+        self._maybe_crash(payload.shard_id, "before_parts")
         n = len(payload.token_ids)
         contexts = pa.Table.from_arrays(
             [
@@ -142,6 +163,7 @@ class ShardWorker:
             files.append(self.store.write_table(latents_key(hook, payload.shard_id), table, **LATENTS_PARQUET))
             pairs += ids.numel()
         tokens = int(sum(len(t) for t in payload.token_ids))
+        self._maybe_crash(payload.shard_id, "after_parts")
         self.store.write_json(
             commit_key(payload.shard_id),
             {

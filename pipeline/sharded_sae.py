@@ -1,0 +1,319 @@
+"""A top-k SAE split by latent range across Ray actors, for SAEs too big for one device.
+
+16M latents x d=4096 in bf16 is 137 GB per matrix, so `W_enc`, `b_enc` and `W_dec` are cut
+into contiguous latent ranges, one `SAEShardActor` per range, all in one placement group
+(one bundle per shard; PACK by default, STRICT_PACK to force a single node).
+
+Encode (same result as `SAE.encode`, bit for bit):
+  driver: x_n = normalize(x) - b_pre          (the SAE's own `normalize`, on CPU)
+  actors: local top-k of x_n @ W_enc[range].T + b_enc[range], ids offset to global ids
+  driver: `kernels.merge.merge_topk` (exact tie rule), then ReLU and latent_scale[ids]
+Each pre-activation is computed by the same kernel from the same row of weights as in the
+unsharded SAE, so the merged top-k equals the unsharded one exactly, ties included.
+
+Decode gathers on the driver: each actor returns the `W_dec` rows of the distinct ids that
+fall in its range, and the driver runs `kernels.sparse_decode` on those rows. That is bitwise
+equal to `SAE.decode` (same rows, same summation order) and moves O(distinct ids x d) rows;
+summing per-actor partial decodes would move n_parts x N x d floats and only match to
+rounding. Decode is for reconstruction checks, not the harvest hot path.
+
+`SAEShardActor` is a plain class (usable and testable without Ray); `ShardedSAE` wraps it with
+`ray.remote(...).options(...)` inside its placement group.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+import torch
+
+import kernels
+from kernels.merge import merge_topk
+from pipeline.sae import OWN_FORMAT, SAE, sha256_of_files
+
+PG_STRATEGIES = ("PACK", "STRICT_PACK", "SPREAD", "STRICT_SPREAD")
+
+
+def split_ranges(n_latents: int, n_parts: int) -> list[tuple[int, int]]:
+    """Contiguous [start, stop) ranges covering [0, n_latents); sizes differ by at most one."""
+    if not 1 <= n_parts <= n_latents:
+        raise ValueError(f"n_parts={n_parts} must be between 1 and n_latents={n_latents}")
+    base, extra = divmod(n_latents, n_parts)
+    ranges, start = [], 0
+    for i in range(n_parts):
+        stop = start + base + (1 if i < extra else 0)
+        ranges.append((start, stop))
+        start = stop
+    return ranges
+
+
+def load_slices(path: str | os.PathLike, start: int, stop: int) -> dict[str, torch.Tensor]:
+    """Rows [start, stop) of W_enc, W_dec and b_enc from the project's own format.
+
+    `safe_open(...).get_slice` reads only those rows from the file, so an actor never holds
+    (or even reads) the whole matrix.
+    """
+    from safetensors import safe_open
+
+    with safe_open(str(Path(path) / "sae.safetensors"), framework="pt") as f:
+        out = {"W_enc": f.get_slice("W_enc")[start:stop], "W_dec": f.get_slice("W_dec")[start:stop]}
+        if "b_enc" in f.keys():
+            out["b_enc"] = f.get_slice("b_enc")[start:stop]
+    return out
+
+
+class SAEShardActor:
+    """Holds latents [start, stop) of one SAE and answers local top-k / decoder-row queries.
+
+    Built from in-memory slices (`tensors`) or from a checkpoint `path` (loads its slice only).
+    Inputs to `encode_part` are already normalized and b_pre-subtracted; outputs are on CPU.
+    """
+
+    def __init__(
+        self,
+        start: int,
+        stop: int,
+        tensors: dict[str, torch.Tensor] | None = None,
+        path: str | None = None,
+        device: str = "cpu",
+        backend: str = "auto",
+        torch_threads: int = 1,
+    ) -> None:
+        if (tensors is None) == (path is None):
+            raise ValueError("give exactly one of tensors or path")
+        torch.set_num_threads(max(1, torch_threads))
+        tensors = load_slices(path, start, stop) if path is not None else tensors
+        if tensors["W_enc"].shape[0] != stop - start:
+            raise ValueError(f"W_enc slice has {tensors['W_enc'].shape[0]} rows for range [{start}, {stop})")
+        self.start, self.stop, self.device, self.backend = start, stop, torch.device(device), backend
+        self.W_enc = tensors["W_enc"].to(self.device)
+        self.W_dec = tensors["W_dec"].to(self.device)
+        b_enc = tensors.get("b_enc")
+        self.b_enc = None if b_enc is None else b_enc.to(self.device)
+
+    def info(self) -> dict:
+        return {"start": self.start, "stop": self.stop, "W_enc": tuple(self.W_enc.shape),
+                "W_dec": tuple(self.W_dec.shape), "device": str(self.device)}
+
+    def encode_part(self, x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Local top-k (values fp32 [N, k'], global ids int32 [N, k']), k' = min(k, range size)."""
+        # A range narrower than k contributes all its latents; the merge still finds the global k.
+        local_k = min(k, self.stop - self.start)
+        values, ids = kernels.topk_encode(x.to(self.device), self.W_enc, self.b_enc, local_k, backend=self.backend)
+        return values.cpu(), (ids + self.start).cpu()
+
+    def decoder_rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """W_dec rows for global ids inside this range: [len(ids), d], on CPU."""
+        local = ids.long().to(self.device) - self.start
+        if local.numel() and (int(local.min()) < 0 or int(local.max()) >= self.stop - self.start):
+            raise ValueError(f"ids outside this shard's range [{self.start}, {self.stop})")
+        return self.W_dec[local].cpu()
+
+
+def _driver_sae(sae: SAE) -> SAE:
+    """The SAE as the driver keeps it: everything but the big matrices.
+
+    W_enc/W_dec become meta tensors (shape only, no memory), so `d_in`, `n_latents`, the
+    validation and `normalize` all come from `SAE` itself instead of being re-implemented.
+    """
+    meta = torch.empty(sae.n_latents, sae.d_in, device="meta")
+    small = {name: None if getattr(sae, name) is None else getattr(sae, name).detach().cpu()
+             for name in ("b_dec", "b_pre", "latent_scale")}
+    return dataclasses.replace(sae, W_enc=meta, W_dec=meta, b_enc=None, **small)
+
+
+class ShardedSAE:
+    """Same interface as `SAE` (d_in, n_latents, k, encode, decode) over latent-sharded actors.
+
+    `ShardedSAE(sae, n_parts)` slices an in-memory SAE; `ShardedSAE.from_path(path, n_parts)`
+    lets every actor read only its own slice. The placement group is created here and removed
+    by `close()` (or on leaving a `with` block). Needs `ray.init()` first.
+    """
+
+    def __init__(
+        self,
+        sae: SAE,
+        n_parts: int,
+        *,
+        num_cpus: float = 1.0,
+        num_gpus: float = 0.0,
+        strategy: str = "PACK",
+        ready_timeout_s: float = 600.0,
+    ) -> None:
+        ranges = split_ranges(sae.n_latents, n_parts)
+        sources = []
+        for start, stop in ranges:
+            tensors = {"W_enc": sae.W_enc[start:stop], "W_dec": sae.W_dec[start:stop]}
+            if sae.b_enc is not None:
+                tensors["b_enc"] = sae.b_enc[start:stop]
+            # contiguous copies: otherwise pickling a view would ship the whole base tensor.
+            sources.append({"tensors": {n: t.detach().cpu().contiguous() for n, t in tensors.items()}})
+        self._start(_driver_sae(sae), ranges, sources, num_cpus, num_gpus, strategy, ready_timeout_s)
+
+    @classmethod
+    def from_path(
+        cls,
+        path: str | os.PathLike,
+        n_parts: int,
+        *,
+        num_cpus: float = 1.0,
+        num_gpus: float = 0.0,
+        strategy: str = "PACK",
+        ready_timeout_s: float = 600.0,
+        hash_files: bool = True,
+    ) -> ShardedSAE:
+        """Project's own format (cfg.json + sae.safetensors); no process loads a whole matrix.
+
+        `hash_files=False` skips the sha256 of the checkpoint (a streamed read of the whole
+        file on the driver: minutes for a 16M-latent SAE).
+        """
+        from safetensors import safe_open
+
+        path = Path(path)
+        cfg = json.loads((path / "cfg.json").read_text())
+        if cfg.get("format") != OWN_FORMAT:
+            raise ValueError(f"{path}: sliced loading supports the {OWN_FORMAT!r} format only, got {cfg.get('format')!r}")
+        with safe_open(str(path / "sae.safetensors"), framework="pt") as f:
+            n_latents, d_in = f.get_slice("W_enc").get_shape()
+            small = {name: f.get_tensor(name) if name in f.keys() else None
+                     for name in ("b_dec", "b_pre", "latent_scale")}
+        meta = torch.empty(n_latents, d_in, device="meta")
+        # Same cfg fields as pipeline.sae._load_own, minus the matrices.
+        driver_sae = SAE(
+            W_enc=meta, b_enc=None, W_dec=meta, **small, k=int(cfg["k"]),
+            input_norm=cfg.get("input_norm", "none"), activation=cfg.get("activation", "topk_relu"),
+            hookpoint=cfg.get("hookpoint"), format=OWN_FORMAT, source=str(path),
+            sha256=sha256_of_files([path / "cfg.json", path / "sae.safetensors"]) if hash_files else "",
+            meta=cfg.get("meta", {}),
+        )
+        ranges = split_ranges(n_latents, n_parts)
+        self = cls.__new__(cls)
+        self._start(driver_sae, ranges, [{"path": str(path)}] * n_parts, num_cpus, num_gpus, strategy, ready_timeout_s)
+        return self
+
+    def _start(self, driver_sae: SAE, ranges: list[tuple[int, int]], sources: list[dict],
+               num_cpus: float, num_gpus: float, strategy: str, ready_timeout_s: float) -> None:
+        import ray
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        if strategy not in PG_STRATEGIES:
+            raise ValueError(f"strategy {strategy!r} is not one of {PG_STRATEGIES}")
+        bundle = {name: amount for name, amount in (("CPU", num_cpus), ("GPU", num_gpus)) if amount > 0}
+        if not bundle:
+            raise ValueError("each shard needs num_cpus > 0 or num_gpus > 0")
+        self.sae, self.ranges, self.actors, self._pg = driver_sae, ranges, [], None
+        self._pg = placement_group([dict(bundle) for _ in ranges], strategy=strategy)
+        try:
+            ray.get(self._pg.ready(), timeout=ready_timeout_s)
+            actor_cls = ray.remote(SAEShardActor)
+            for i, ((start, stop), source) in enumerate(zip(ranges, sources)):
+                options = actor_cls.options(
+                    num_cpus=num_cpus, num_gpus=num_gpus,
+                    scheduling_strategy=PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=i),
+                )
+                self.actors.append(options.remote(
+                    start, stop, **source, device="cuda" if num_gpus > 0 else "cpu",
+                    backend=driver_sae.backend, torch_threads=max(1, int(num_cpus)),
+                ))
+            # Surface load errors (bad path, wrong shapes) here rather than at the first encode.
+            ray.get([actor.info.remote() for actor in self.actors], timeout=ready_timeout_s)
+        except BaseException:
+            self.close()
+            raise
+
+    # -- SAE interface -------------------------------------------------------------------
+
+    @property
+    def d_in(self) -> int:
+        return self.sae.d_in
+
+    @property
+    def n_latents(self) -> int:
+        return self.sae.n_latents
+
+    @property
+    def k(self) -> int:
+        return self.sae.k
+
+    @k.setter
+    def k(self, value: int) -> None:  # the harvest overrides k from config, as with SAE
+        self.sae.k = value
+
+    @property
+    def n_parts(self) -> int:
+        return len(self.ranges)
+
+    def shard_info(self) -> list[dict]:
+        import ray
+
+        return ray.get([actor.info.remote() for actor in self.actors])
+
+    def encode(self, x: torch.Tensor, k: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [N, d] -> (values fp32 [N, k] descending, latent ids int32 [N, k]), as `SAE.encode`."""
+        import ray
+
+        k = self.k if k is None else k
+        if x.shape[-1] != self.d_in:
+            raise ValueError(f"input has width {x.shape[-1]} but the SAE expects d_in={self.d_in}")
+        if not 1 <= k <= self.n_latents:
+            raise ValueError(f"k={k} must be between 1 and the number of latents ({self.n_latents})")
+        # Mirrors SAE.encode around its topk_encode call; tests pin the two to equal outputs.
+        x_n, _ = self.sae.normalize(x.cpu())
+        if self.sae.b_pre is not None:
+            x_n = x_n - self.sae.b_pre.float()
+        x_ref = ray.put(x_n)  # one copy in the object store, shared by every actor
+        parts = ray.get([actor.encode_part.remote(x_ref, k) for actor in self.actors])
+        values, ids = merge_topk(parts, k)
+        values = values.clamp_min_(0.0)  # ReLU after selection, as SAE.encode
+        if self.sae.latent_scale is not None:
+            values = values * self.sae.latent_scale.float()[ids.long()]
+        return values.to(x.device), ids.to(x.device)
+
+    def decode(self, values: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Reconstruction (plus b_dec): [N, d] fp32, equal to `SAE.decode`."""
+        import ray
+
+        if values.shape != ids.shape:
+            raise ValueError(f"values {tuple(values.shape)} and ids {tuple(ids.shape)} differ in shape")
+        unique, inverse = torch.unique(ids.cpu().long(), sorted=True, return_inverse=True)
+        if unique.numel() and (int(unique[0]) < 0 or int(unique[-1]) >= self.n_latents):
+            raise ValueError(f"latent ids must be in [0, {self.n_latents})")
+        # Sorted unique ids split by range boundary; concatenating in range order keeps them sorted.
+        bounds = torch.searchsorted(unique, torch.tensor([stop for _, stop in self.ranges]))
+        refs, lo = [], 0
+        for actor, hi in zip(self.actors, bounds.tolist()):
+            if hi > lo:
+                refs.append(actor.decoder_rows.remote(unique[lo:hi]))
+            lo = hi
+        if refs:
+            rows = torch.cat(ray.get(refs), dim=0)
+        else:  # no ids at all (N == 0 or k == 0)
+            rows = torch.empty(0, self.d_in)
+        # The driver works on CPU, so the torch path (what SAE.decode runs on CPU too).
+        out = kernels.sparse_decode(values.cpu(), inverse.reshape(ids.shape), rows, backend="torch")
+        if self.sae.b_dec is not None:  # as SAE.decode
+            out = out + self.sae.b_dec.float()
+        return out.to(values.device)
+
+    # -- lifetime ------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Kill the actors and remove the placement group (idempotent)."""
+        import ray
+        from ray.util.placement_group import remove_placement_group
+
+        for actor in self.actors:
+            ray.kill(actor)
+        self.actors = []
+        if self._pg is not None:
+            remove_placement_group(self._pg)
+            self._pg = None
+
+    def __enter__(self) -> ShardedSAE:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,211 @@
+"""Tokenize once: a disk cache of each corpus file's packed contexts, replayed as the same shards.
+
+    from pipeline.token_cache import cached_plan_shards as plan_shards   # drop-in for packing's
+
+`cached_plan_shards` has `pipeline.packing.plan_shards`'s signature and yields identical `Shard`
+objects (same ids, seq_ids, doc ids, offsets, tokens; quarantined records reported again). The
+cache lives under `corpus.token_cache` (default `./.cache/tokens`; null turns it off).
+
+Why per FILE, not per corpus: packing never crosses files and every file starts a new shard
+(pipeline/packing.py), so a file's local shards are a pure function of
+(file url + fingerprint, reading settings, tokenizer, ctx_len, shard_size). A nightly run that
+adds files then re-tokenizes only the new ones, and sweep members that share the corpus,
+tokenizer and ctx_len reuse every file. Shard ids are assigned at replay time
+(`first shard of the file + local index`), exactly as plan_shards does.
+
+Layout of one entry, `<token_cache>/<key>/`, written to a temp folder and renamed into place
+when complete, so a crash or a concurrent sweep member never leaves a half entry:
+    meta.json               key inputs, complete flag, n_shards, tokens, quarantined records
+    shard=NNNNNN.npz        local shard NNNNNN: tokens (flat int32), lengths, doc_offsets, doc_ids
+
+`corpus.max_tokens` can stop planning inside a file. That file's entry is then partial
+(`complete: false`, holding the contexts planned so far, which are a prefix of the file's full
+packing); a later plan reuses it only when the cached tokens reach that plan's budget too.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.config import CorpusConfig
+from pipeline.corpus import CorpusFile, Quarantined, read_documents
+from pipeline.packing import Context, Shard, _log_quarantine, pack_documents
+
+FORMAT_VERSION = 1  # bump when the entry layout or the packing rules change
+
+# Counters for this process (tests and logs): entries reused, files tokenized.
+stats = {"hits": 0, "misses": 0}
+
+
+def tokenizer_identity(tokenizer) -> str:
+    """A digest of everything that decides token ids: the full fast-tokenizer definition."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        body = backend.to_str()
+    else:  # slow tokenizers: name, vocabulary and special tokens
+        body = json.dumps([getattr(tokenizer, "name_or_path", ""), sorted(tokenizer.get_vocab().items())])
+    extra = json.dumps([type(tokenizer).__name__, tokenizer.eos_token_id])
+    return hashlib.sha256((body + extra).encode()).hexdigest()
+
+
+def file_key(file: CorpusFile, cfg: CorpusConfig, tok_id: str, eos_id: int | None) -> tuple[str, dict]:
+    """The entry name for one file and the inputs it was derived from (kept in meta.json)."""
+    inputs = {
+        "version": FORMAT_VERSION, "url": file.url, "fingerprint": file.fingerprint, "format": file.format,
+        "id_field": file.id_field or cfg.id_field, "text_field": cfg.text_field, "read_chars": cfg.read_chars,
+        "tokenizer": tok_id, "eos_id": eos_id, "ctx_len": cfg.ctx_len, "shard_size": cfg.shard_size,
+    }
+    digest = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:32]
+    return digest, inputs
+
+
+def _save_shard(folder: Path, local: int, contexts: list[Context]) -> None:
+    lengths = np.array([len(c.token_ids) for c in contexts], dtype=np.int32)
+    tokens = np.concatenate([c.token_ids for c in contexts]).astype(np.int32, copy=False)
+    np.savez(folder / f"shard={local:06d}.npz", tokens=tokens, lengths=lengths,
+             doc_offsets=np.array([c.doc_offset for c in contexts], dtype=np.int64),
+             doc_ids=np.array([c.doc_id for c in contexts], dtype=str))  # unicode array: no pickle
+
+
+def _load_shard(folder: Path, local: int) -> list[Context]:
+    with np.load(folder / f"shard={local:06d}.npz", allow_pickle=False) as z:
+        tokens, lengths, offsets, doc_ids = z["tokens"], z["lengths"], z["doc_offsets"], z["doc_ids"]
+    bounds = np.concatenate([[0], np.cumsum(lengths)])
+    return [Context(str(doc_ids[i]), int(offsets[i]), tokens[bounds[i]:bounds[i + 1]]) for i in range(len(lengths))]
+
+
+def _read_meta(folder: Path) -> dict | None:
+    try:
+        return json.loads((folder / "meta.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _usable(meta: dict | None, budget: int | None) -> bool:
+    """Complete entries always; partial ones when they hold at least the tokens this plan needs."""
+    if meta is None:
+        return False
+    return meta["complete"] or (budget is not None and meta["tokens"] >= budget)
+
+
+def _replay(folder: Path, meta: dict, file_index: int, file: CorpusFile, first_shard: int, size: int,
+            tokens: int, max_tokens: int | None, on_quarantine) -> Iterator[Shard | int]:
+    """Yield the file's shards from the cache, then the running token count (an int) last."""
+    pending_q = sorted(meta["quarantined"], key=lambda q: q["before_context"])
+    seen = 0  # contexts replayed so far in this file
+    for local in range(meta["n_shards"]):
+        contexts = []
+        for ctx in _load_shard(folder, local):
+            while pending_q and pending_q[0]["before_context"] <= seen:
+                q = pending_q.pop(0)
+                on_quarantine(Quarantined(q["file"], q["location"], q["reason"]))
+            contexts.append(ctx)
+            seen += 1
+            tokens += len(ctx.token_ids)
+            if max_tokens is not None and tokens >= max_tokens:
+                yield Shard(first_shard + local, (first_shard + local) * size, file_index, file.url, contexts)
+                yield tokens
+                return
+        yield Shard(first_shard + local, (first_shard + local) * size, file_index, file.url, contexts)
+    for q in pending_q:  # quarantined after the file's last context
+        on_quarantine(Quarantined(q["file"], q["location"], q["reason"]))
+    yield tokens
+
+
+def _pack_and_store(root: Path | None, key: str, inputs: dict, file_index: int, file: CorpusFile,
+                    cfg: CorpusConfig, tokenizer, eos_id, storage_options, first_shard: int, tokens: int,
+                    on_quarantine) -> Iterator[Shard | int]:
+    """plan_shards' per-file loop, writing each local shard to a temp entry as it goes."""
+    size = cfg.shard_size
+    tmp = None
+    if root is not None:
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=root))
+    quarantined: list[dict] = []
+    local, contexts, seen, complete = 0, [], 0, True
+    file_tokens = 0
+    packed = pack_documents(read_documents(file, cfg, storage_options), tokenizer, cfg.ctx_len, eos_id)
+    try:
+        for item in packed:
+            if isinstance(item, Quarantined):
+                quarantined.append({"before_context": seen, "file": item.file, "location": item.location,
+                                    "reason": item.reason})
+                on_quarantine(item)
+                continue
+            contexts.append(item)
+            seen += 1
+            tokens += len(item.token_ids)
+            file_tokens += len(item.token_ids)
+            full = len(contexts) == size
+            stop = cfg.max_tokens is not None and tokens >= cfg.max_tokens
+            if full or stop:
+                if tmp is not None:
+                    _save_shard(tmp, local, contexts)
+                yield Shard(first_shard + local, (first_shard + local) * size, file_index, file.url, contexts)
+                local, contexts = local + 1, []
+            if stop:
+                complete = False
+                packed.close()  # closes the file now, not at garbage collection
+                break
+        if contexts:
+            if tmp is not None:
+                _save_shard(tmp, local, contexts)
+            yield Shard(first_shard + local, (first_shard + local) * size, file_index, file.url, contexts)
+            local += 1
+        if tmp is not None:
+            meta = {**inputs, "complete": complete, "n_shards": local, "contexts": seen, "tokens": file_tokens,
+                    "quarantined": quarantined}
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
+            final = root / key
+            if final.exists():  # a concurrent member won, or we are replacing a shorter partial entry
+                shutil.rmtree(final, ignore_errors=True)
+            try:
+                os.replace(tmp, final)
+                tmp = None
+            except OSError:
+                pass  # someone else renamed theirs in first; theirs is identical
+        yield tokens
+    finally:
+        if tmp is not None:  # not completed (consumer stopped early, error): leave no trace
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def cached_plan_shards(files: list[CorpusFile], cfg: CorpusConfig, tokenizer, eos_id: int | None,
+                       storage_options: dict | None = None,
+                       on_quarantine: Callable[[Quarantined], None] = _log_quarantine,
+                       first_shard: int = 0) -> Iterator[Shard]:
+    """`pipeline.packing.plan_shards` with a per-file token cache (see module docstring)."""
+    if cfg.shard_size <= 0:
+        raise ValueError(f"corpus.shard_size={cfg.shard_size} must be positive")
+    if cfg.ctx_len <= 0:
+        raise ValueError(f"ctx_len={cfg.ctx_len} must be positive (corpus.ctx_len)")
+    root = Path(cfg.token_cache) if cfg.token_cache else None
+    tok_id = tokenizer_identity(tokenizer) if root is not None else ""
+    next_shard, tokens = first_shard, 0
+    for fi, file in enumerate(files):
+        key, inputs = file_key(file, cfg, tok_id, eos_id)
+        folder = root / key if root is not None else None
+        meta = _read_meta(folder) if folder is not None else None
+        budget = None if cfg.max_tokens is None else cfg.max_tokens - tokens
+        if _usable(meta, budget):
+            stats["hits"] += 1
+            steps = _replay(folder, meta, fi, file, next_shard, cfg.shard_size, tokens, cfg.max_tokens, on_quarantine)
+        else:
+            stats["misses"] += 1
+            steps = _pack_and_store(root, key, inputs, fi, file, cfg, tokenizer, eos_id, storage_options,
+                                    next_shard, tokens, on_quarantine)
+        for step in steps:
+            if isinstance(step, Shard):
+                next_shard = step.shard_id + 1
+                yield step
+            else:
+                tokens = step
+        if cfg.max_tokens is not None and tokens >= cfg.max_tokens:
+            return

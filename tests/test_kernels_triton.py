@@ -1,0 +1,277 @@
+"""Triton kernels (fused top-k encode, sparse decode) against the plain-torch references.
+
+Runs on CPU through the Triton interpreter. `@triton.jit` decides interpreter-or-GPU when a
+kernel module is *imported*, so TRITON_INTERPRET=1 is set before anything imports triton or
+the kernel modules. If another test module imported them first (so they were built for the
+GPU), the in-process tests skip and `test_in_subprocess` reruns this file in a fresh
+interpreter-mode process instead.
+
+Exactness: with small-integer inputs every dot product is exact in fp32 whatever the
+summation order, so ids *and* values must equal the reference bit for bit, ties (plentiful
+with integers, including ties straddling the k-th place) included. Random inputs are checked
+to tolerance, with ids exact wherever the reference values are not near-ties.
+"""
+from __future__ import annotations
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"  # before triton / kernel modules are imported
+
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+triton = pytest.importorskip("triton")
+
+import kernels  # noqa: E402
+from kernels.reference import preactivations, sparse_decode_reference, topk_encode_reference  # noqa: E402
+from kernels.sparse_decode_triton import _sparse_decode_kernel, sparse_decode_triton  # noqa: E402
+from kernels.streaming import topk_encode_streaming  # noqa: E402
+from kernels.topk_encode_triton import _encode_tiles_kernel, _merge_kernel, topk_encode_triton  # noqa: E402
+
+
+def _built_for_interpreter() -> bool:
+    from triton.runtime.interpreter import InterpretedFunction
+
+    kernels_ = (_encode_tiles_kernel.fn, _merge_kernel, _sparse_decode_kernel)
+    return all(isinstance(fn, InterpretedFunction) for fn in kernels_)
+
+
+IN_PROCESS = _built_for_interpreter()
+interpreted = pytest.mark.skipif(not IN_PROCESS, reason="kernels built for GPU earlier; see test_in_subprocess")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread_and_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # kernels.resolve_backend reads it per call
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.skipif(IN_PROCESS, reason="interpreter kernels are active in this process")
+def test_in_subprocess():
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
+        env=env, capture_output=True, text=True, timeout=900,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert " passed" in proc.stdout and "test_in_subprocess" not in proc.stdout
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _ints(shape, low, high, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(low, high, shape, generator=g).to(dtype)
+
+
+def _has_straddling_tie(x, w, b, k) -> bool:
+    ordered = torch.sort(preactivations(x, w, b), dim=1, descending=True).values
+    return k < ordered.shape[1] and bool((ordered[:, k - 1] == ordered[:, k]).any())
+
+
+def _assert_close_ids_exact_off_ties(values, ids, x, w, b, k, tol):
+    """Values to tolerance; every returned id really has its value; ids exact off near-ties."""
+    pre = preactivations(x, w, b)
+    ref_values, ref_ids = topk_encode_reference(x, w, b, k)
+    assert values.dtype == torch.float32 and ids.dtype == torch.int32
+    assert values.shape == ids.shape == (x.shape[0], k)
+    torch.testing.assert_close(values, ref_values, atol=tol, rtol=tol)
+    torch.testing.assert_close(pre.gather(1, ids.long()), values, atol=tol, rtol=tol)
+    assert all(len(set(row)) == k for row in ids.tolist()), "duplicate ids in a row"
+    # An id is unambiguous where its reference value is > tol away from both neighbours
+    # (including the best value left out, at place k+1).
+    ordered = torch.sort(pre, dim=1, descending=True).values
+    padded = torch.cat([ordered[:, :1] + 1e9, ordered[:, : k + 1], ordered[:, -1:] - 1e9], dim=1)
+    gap_up = padded[:, : k] - padded[:, 1 : k + 1]
+    gap_down = padded[:, 1 : k + 1] - padded[:, 2 : k + 2]
+    clear = (gap_up > tol) & (gap_down > tol)
+    assert clear.float().mean() > 0.5, "test data has too many near-ties to check ids"
+    assert torch.equal(ids[clear], ref_ids[clear])
+
+
+# ----------------------------------------------------------------------------- encode: exact
+
+
+EXACT_CASES = [
+    # N, d, L, k, bias, split_len, scan_max
+    (1, 64, 40, 1, True, None, 8),  # single token, single tile
+    (7, 64, 100, 3, False, None, 8),  # L not a multiple of the tile
+    (37, 80, 600, 7, True, 256, 8),  # ragged N, d not a multiple of BLOCK_D, 3 splits
+    (33, 64, 300, 16, True, 256, 0),  # every merge bitonic
+    (33, 64, 300, 16, True, 256, 10**6),  # every merge by insertion
+    (12, 64, 200, 100, False, None, 8),  # k not a power of two, large
+    (5, 64, 70, 70, True, None, 8),  # k == L
+    (9, 96, 300, 256, True, None, 8),  # k = 256
+    (20, 130, 513, 33, True, 128, 4),  # ragged everything, 5 splits (split < 256)
+]
+
+
+@interpreted
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n, d, n_latents, k, with_bias, split_len, scan_max", EXACT_CASES)
+def test_encode_exact_integer_inputs(n, d, n_latents, k, with_bias, split_len, scan_max, dtype):
+    seed = n * 1000 + n_latents + k
+    x = _ints((n, d), -3, 4, dtype, seed)
+    w = _ints((n_latents, d), -2, 3, dtype, seed + 1)
+    b = _ints((n_latents,), -6, 7, dtype, seed + 2) if with_bias else None
+    values, ids = topk_encode_triton(x, w, b, k, split_len=split_len, scan_max=scan_max)
+    ref_values, ref_ids = topk_encode_reference(x, w, b, k)
+    assert values.dtype == torch.float32 and ids.dtype == torch.int32
+    assert torch.equal(values, ref_values)
+    assert torch.equal(ids, ref_ids)
+
+
+@interpreted
+def test_integer_cases_really_have_straddling_ties():
+    # Guards the test above: its data must exercise the tie rule at the k-th place.
+    n, d, n_latents, k = 37, 80, 600, 7
+    x = _ints((n, d), -3, 4, torch.float32, 0)
+    w = _ints((n_latents, d), -2, 3, torch.float32, 1)
+    assert _has_straddling_tie(x, w, None, k)
+    values, ids = topk_encode_triton(x, w, None, k, split_len=256)
+    ref_values, ref_ids = topk_encode_reference(x, w, None, k)
+    assert torch.equal(values, ref_values) and torch.equal(ids, ref_ids)
+
+
+@interpreted
+def test_encode_special_values_order():
+    # Bias-only pre-activations covering the float -> int64 key map: infinities, extremes,
+    # subnormals, signed zeros, negatives, repeated values (ties across splits).
+    specials = torch.tensor(
+        [float("-inf"), -3.0e38, -2.5, -1.0e-45, -0.0, 0.0, 1.0e-45, 1.0e-38, 2.5, 3.0e38, float("inf")]
+    )
+    g = torch.Generator().manual_seed(3)
+    n_latents = 300
+    bias = specials[torch.randint(0, len(specials), (n_latents,), generator=g)]
+    x = torch.zeros(4, 64)
+    w = torch.zeros(n_latents, 64)
+    for k in (1, 5, 64, 300):
+        values, ids = topk_encode_triton(x, w, bias, k, split_len=128)
+        ref_values, ref_ids = topk_encode_reference(x, w, bias, k)
+        assert torch.equal(values, ref_values), k
+        assert torch.equal(ids, ref_ids), k
+
+
+# ----------------------------------------------------------------------------- encode: random
+
+
+@interpreted
+@pytest.mark.parametrize(
+    "n, d, n_latents, k, dtype, tol",
+    [
+        (19, 64, 400, 8, torch.float32, 1e-5),
+        (35, 100, 700, 24, torch.float32, 1e-5),
+        (19, 64, 400, 8, torch.bfloat16, 1e-3),
+        (10, 96, 300, 64, torch.float16, 1e-3),
+    ],
+)
+def test_encode_random_inputs(n, d, n_latents, k, dtype, tol):
+    g = torch.Generator().manual_seed(n + d + k)
+    x = torch.randn(n, d, generator=g).to(dtype)
+    w = (torch.randn(n_latents, d, generator=g) / d**0.5).to(dtype)
+    b = (0.1 * torch.randn(n_latents, generator=g)).to(dtype)
+    values, ids = topk_encode_triton(x, w, b, k, split_len=256)
+    _assert_close_ids_exact_off_ties(values, ids, x, w, b, k, tol)
+
+
+@interpreted
+def test_encode_non_contiguous_and_mixed_dtypes():
+    g = torch.Generator().manual_seed(7)
+    big = torch.randint(-3, 4, (30, 150), generator=g).float()
+    x = big[::2, 10:74]  # strided rows, offset columns
+    w = torch.randint(-2, 3, (64, 200), generator=g).to(torch.bfloat16).T  # [200, 64], non-contiguous
+    b = torch.randint(-4, 5, (200,), generator=g).to(torch.float16)
+    values, ids = topk_encode_triton(x, w, b, 9)
+    ref_values, ref_ids = topk_encode_reference(x, w, b, 9)
+    assert torch.equal(values, ref_values) and torch.equal(ids, ref_ids)
+
+
+# ----------------------------------------------------------------------------- encode: other paths
+
+
+@interpreted
+@pytest.mark.parametrize("k", [1, 6, 32])
+def test_streaming_and_triton_agree(k):
+    x = _ints((21, 64), -3, 4, torch.float32, k)
+    w = _ints((450, 64), -2, 3, torch.float32, k + 1)
+    b = _ints((450,), -5, 6, torch.float32, k + 2)
+    stream_values, stream_ids = topk_encode_streaming(x, w, b, k, chunk=100)
+    triton_values, triton_ids = topk_encode_triton(x, w, b, k, split_len=256)
+    assert torch.equal(stream_values, triton_values)
+    assert torch.equal(stream_ids, triton_ids)
+
+
+@interpreted
+def test_public_dispatch_to_triton():
+    x = _ints((9, 64), -3, 4, torch.float32, 11)
+    w = _ints((130, 64), -2, 3, torch.float32, 12)
+    b = _ints((130,), -5, 6, torch.float32, 13)
+    triton_values, triton_ids = kernels.topk_encode(x, w, b, 10, backend="triton")
+    torch_values, torch_ids = kernels.topk_encode(x, w, b, 10, backend="torch")
+    assert torch.equal(triton_values, torch_values) and torch.equal(triton_ids, torch_ids)
+    values = torch.randn(9, 10)
+    out = kernels.sparse_decode(values, triton_ids, w, backend="triton")
+    torch.testing.assert_close(out, sparse_decode_reference(values, triton_ids, w), atol=1e-5, rtol=1e-5)
+
+
+def test_encode_rejects_bad_arguments():
+    x, w = torch.zeros(2, 64), torch.zeros(10, 64)
+    with pytest.raises(ValueError):
+        topk_encode_triton(x, w, None, 0)
+    with pytest.raises(ValueError):
+        topk_encode_triton(x, w, None, 11)
+    with pytest.raises(ValueError):
+        topk_encode_triton(x, torch.zeros(10, 32), None, 2)
+    with pytest.raises(ValueError):
+        topk_encode_triton(x, w, torch.zeros(9), 2)
+
+
+@interpreted
+def test_encode_large_k_falls_back_exactly_and_empty_input():
+    x = _ints((3, 64), -3, 4, torch.float32, 21)
+    w = _ints((400, 64), -2, 3, torch.float32, 22)
+    values, ids = topk_encode_triton(x, w, None, 300)  # k > MAX_K: streaming path
+    ref_values, ref_ids = topk_encode_reference(x, w, None, 300)
+    assert torch.equal(values, ref_values) and torch.equal(ids, ref_ids)
+    values, ids = topk_encode_triton(x[:0], w, None, 4)
+    assert values.shape == ids.shape == (0, 4)
+
+
+# ----------------------------------------------------------------------------- sparse decode
+
+
+@interpreted
+@pytest.mark.parametrize(
+    "n, k, n_latents, d, values_dtype, ids_dtype, dec_dtype",
+    [
+        (1, 1, 10, 64, torch.float32, torch.int32, torch.float32),
+        (33, 5, 100, 70, torch.float32, torch.int32, torch.float32),
+        (17, 32, 500, 300, torch.float16, torch.int64, torch.bfloat16),
+        (8, 7, 50, 513, torch.bfloat16, torch.int32, torch.float16),
+    ],
+)
+def test_sparse_decode_matches_reference(n, k, n_latents, d, values_dtype, ids_dtype, dec_dtype):
+    g = torch.Generator().manual_seed(n * k + d)
+    values = torch.randn(n, k, generator=g).to(values_dtype)
+    ids = torch.randint(0, n_latents, (n, k), generator=g).to(ids_dtype)
+    w_dec = torch.randn(n_latents, d, generator=g).to(dec_dtype)
+    out = sparse_decode_triton(values, ids, w_dec)
+    assert out.dtype == torch.float32 and out.shape == (n, d)
+    torch.testing.assert_close(out, sparse_decode_reference(values, ids, w_dec), atol=1e-4, rtol=1e-4)
+
+
+@interpreted
+def test_sparse_decode_repeated_ids_and_non_contiguous():
+    g = torch.Generator().manual_seed(5)
+    values = torch.randn(6, 8, generator=g).T.contiguous().T  # non-contiguous view
+    ids = torch.full((6, 8), 3, dtype=torch.int32)  # same latent k times: must add up
+    w_dec = torch.randn(80, 40, generator=g)[:, :20]  # row stride 40
+    out = sparse_decode_triton(values, ids, w_dec)
+    torch.testing.assert_close(out, sparse_decode_reference(values, ids, w_dec), atol=1e-5, rtol=1e-5)
