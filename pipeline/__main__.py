@@ -22,6 +22,7 @@ import re
 import sys
 import typing
 from datetime import datetime, timezone
+from pathlib import Path
 
 import hydra
 from hydra.core.config_store import ConfigStore
@@ -30,6 +31,11 @@ from omegaconf import DictConfig, OmegaConf
 from pipeline.config import RunConfig
 
 ConfigStore.instance().store(name="run_schema", node=RunConfig)
+
+# Absolute: a relative config_path is resolved against the *calling module* when the app is not
+# started as `python -m pipeline` (the `sae-harvest` console script, in-process sweeps in tests),
+# and Hydra then looks for a Python package `conf` that does not exist.
+CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 # Keys that never name a sweep member: Hydra's own, and the run id the member id is built from.
 _NOT_IN_RUN_ID = re.compile(r"^(hydra\.|hydra/|run_id$)")
@@ -98,14 +104,15 @@ def _sweep_member_run_id(dcfg: DictConfig) -> str | None:
     hc = HydraConfig.get()
     if hc.mode != RunMode.MULTIRUN:
         return None
-    params = OmegaConf.to_container(hc.sweeper.params) if "params" in hc.sweeper else None
+    params = hc.sweeper.get("params")
+    params = OmegaConf.to_container(params) if params is not None else None
     swept = _swept_keys(sys.argv[1:], params)
     if "run_id" in swept:
         return None
     return member_run_id(dcfg.run_id, list(hc.overrides.task), swept)
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def app(dcfg: DictConfig) -> None:
     from pipeline.run import run
     from pipeline.run_summary import summary_record, write_run_summary

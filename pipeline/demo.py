@@ -36,6 +36,10 @@ def show_top_contexts(cfg: RunConfig, hookpoint: str | None = None) -> None:
     acts = latents.column("acts").combine_chunks().flatten().to_numpy().astype(np.float32).reshape(-1, k)
     seq = latents.column("seq_id").to_numpy()
     pos = latents.column("pos").to_numpy()
+    # Position 0 is the attention sink: its residual norm is ~100x the others', so latents that
+    # fire there would crowd the display without saying anything about the text.
+    keep = pos > 0
+    ids, acts, seq, pos = ids[keep], acts[keep], seq[keep], pos[keep]
     seq_to_row = {int(s): i for i, s in enumerate(contexts.column("seq_id").to_numpy())}
     token_lists = contexts.column("token_ids")
 

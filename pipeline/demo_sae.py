@@ -88,7 +88,8 @@ def ensure_demo_sae(model, tokenizer, files, corpus: CorpusConfig, hookpoint: st
     log(f"[sae] no cached demo SAE for {hookpoint}: fitting one ({train.n_latents} latents, k={train.k}, "
         f"{train.tokens:,} tokens); cached at {path}")
     acts = harvest_training_activations(model, tokenizer, files, corpus, hookpoint, train.tokens, batch_size, log)
-    cfg = TrainConfig(n_latents=train.n_latents, k=train.k, epochs=train.epochs, seed=train.seed)
+    cfg = TrainConfig(n_latents=train.n_latents, k=train.k, epochs=train.epochs, batch_size=train.batch_size,
+                      lr=train.lr, seed=train.seed)
     sae, report = train_topk_sae(acts, cfg, hookpoint=hookpoint, progress=log)
     sae.meta["model_sha256"] = model_sha
     log(f"[sae] trained: FVU {report.fvu:.3f}, dead latents {report.dead_fraction:.1%}, {report.seconds:.0f}s")

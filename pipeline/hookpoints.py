@@ -90,7 +90,7 @@ def valid_hookpoints(model: nn.Module) -> list[str]:
 
 def _valid_summary(model: nn.Module) -> str:
     n = len(find_blocks(model))
-    return f"embed, layers.0 .. layers.{n - 1}, layers.N.attn, layers.N.mlp ({n} blocks)"
+    return f"embed, layers.0 .. layers.{n - 1}, layers.N.attn, layers.N.mlp ({type(model).__name__}, {n} blocks)"
 
 
 def resolve_hookpoint(model: nn.Module, name: str) -> Hookpoint:

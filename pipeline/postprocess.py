@@ -193,7 +193,7 @@ def scatter_shard(store: RunStore, hook: str, shard: int, bucket_size: int) -> d
             schema=BY_LATENT_SCHEMA,
         )
         store.write_table(spill_key(hook, b, shard), part)
-    marker = {"shard": shard, "tokens": int(t.num_rows), "pairs": int(len(ids)), "buckets": touched.tolist()}
+    marker = {"shard": shard, "tokens": int(t.num_rows), "pairs": len(ids), "buckets": touched.tolist()}
     store.write_json(scatter_marker_key(hook, shard), marker)  # last: the spill files are complete
     return marker
 
@@ -256,7 +256,7 @@ def process_bucket(store: RunStore, hook: str, bucket: int, shards: list[int], n
     store.write_table(bucket_stats_key(hook, bucket), _stats_table(lo, hi, ids, acts32, cfg))
     examples = bucket_examples(store, hook, bucket, ids, seq, pos, acts32, committed, shard_size, cfg)
     store.write_table(examples_key(hook, bucket), examples)
-    marker = {"hookpoint": hook, "bucket": bucket, "latents": [lo, hi], "pairs": int(len(ids)),
+    marker = {"hookpoint": hook, "bucket": bucket, "latents": [lo, hi], "pairs": len(ids),
               "shards": to_ranges(shards), "settings": bucket_settings(cfg)}
     store.write_json(bucket_marker_key(hook, bucket), marker)  # last
     return marker
@@ -278,7 +278,7 @@ def bucket_examples(store: RunStore, hook: str, bucket: int, ids, seq, pos, acts
         lkeys = np.sort(keys[s:s + c])
         lacts = acts32[s:s + c][np.argsort(keys[s:s + c], kind="stable")]
 
-        def add(kind: str, rank: int, seq_id: int, p: int) -> None:
+        def add(kind: str, rank: int, seq_id: int, p: int, latent=latent, lkeys=lkeys, lacts=lacts) -> None:
             toks = contexts.tokens(seq_id)
             start = int(window_start(p, len(toks), W))
             window = toks[start:start + W]
@@ -337,29 +337,43 @@ def write_latent_stats(store: RunStore, hook: str, n_buckets: int, total_tokens:
     store.fs.makedirs(store.path(f"latent_stats/hookpoint={hook}"), exist_ok=True)
     meta = {b"histogram_edges_log2": f"{cfg.hist_log2_min},{cfg.hist_log2_max},{cfg.hist_bins}".encode(),
             b"total_tokens": str(total_tokens).encode()}
-    with store.fs.open(target, "wb") as f:
-        with pq.ParquetWriter(f, STATS_SCHEMA.with_metadata(meta), compression=store.cfg.compression) as writer:
-            for b in range(n_buckets):
-                t = read_part(store, bucket_stats_key(hook, b))
-                n_active = t["n_active"].to_numpy()
-                sums = t["sum_act"].to_numpy()
-                density = n_active / total_tokens if total_tokens else np.zeros(len(n_active))
-                mean = np.divide(sums, n_active, out=np.zeros(len(sums)), where=n_active > 0).astype(np.float32)
-                out = pa.Table.from_arrays(
-                    [t["latent_id"], t["n_active"], pa.array(density), t["max_act"], pa.array(mean),
-                     t["sum_act"], t["sum_sq_act"], t["quantiles"], t["histogram"], pa.array(n_active == 0)],
-                    schema=STATS_SCHEMA.with_metadata(meta),
-                )
-                writer.write_table(out)
+    with store.fs.open(target, "wb") as f, \
+            pq.ParquetWriter(f, STATS_SCHEMA.with_metadata(meta), compression=store.cfg.compression) as writer:
+        for b in range(n_buckets):
+            t = read_part(store, bucket_stats_key(hook, b))
+            n_active = t["n_active"].to_numpy()
+            sums = t["sum_act"].to_numpy()
+            density = n_active / total_tokens if total_tokens else np.zeros(len(n_active))
+            mean = np.divide(sums, n_active, out=np.zeros(len(sums)), where=n_active > 0).astype(np.float32)
+            out = pa.Table.from_arrays(
+                [t["latent_id"], t["n_active"], pa.array(density), t["max_act"], pa.array(mean),
+                 t["sum_act"], t["sum_sq_act"], t["quantiles"], t["histogram"], pa.array(n_active == 0)],
+                schema=STATS_SCHEMA.with_metadata(meta),
+            )
+            writer.write_table(out)
     if store.is_local:
         store.fs.mv(target, full)
 
 
 # -- driver -------------------------------------------------------------------------------------
 def _remote(fn, num_cpus: float):
+    """A Ray task; Ray starts (or is joined) only once there is work, so a no-op rerun is instant."""
     import ray
 
-    return ray.remote(num_cpus=num_cpus, max_retries=3)(fn)
+    task = ray.remote(num_cpus=num_cpus, max_retries=3)(fn)
+
+    def submit(*args):
+        if not ray.is_initialized():
+            ray.init(include_dashboard=False, log_to_driver=True)
+        return task.remote(*args)
+
+    return submit
+
+
+def _gather(refs: list) -> list:
+    import ray
+
+    return ray.get(refs) if refs else []
 
 
 def _scatter_task(sink: SinkConfig, run_id: str, hook: str, shard: int, bucket_size: int) -> dict:
@@ -372,10 +386,6 @@ def _bucket_task(sink: SinkConfig, run_id: str, *args) -> dict:
 
 def postprocess(store: RunStore, cfg: PostprocessConfig, log=print) -> dict:
     """Scatter new committed shards, rebuild touched buckets, refresh latent_stats. Returns counts."""
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(include_dashboard=False, log_to_driver=True)
     manifest = store.read_json("manifest.json")
     hooks = cfg.hookpoints or manifest["hookpoints"]
     shard_size = int(manifest["shard_size"])
@@ -390,8 +400,8 @@ def postprocess(store: RunStore, cfg: PostprocessConfig, log=print) -> dict:
         # Pass 1: scatter committed shards that have no scatter marker yet.
         markers = {s: read_json_or_none(store, scatter_marker_key(hook, s)) for s in committed}
         todo = [s for s, m in markers.items() if m is None]
-        refs = [scatter_fn.remote(store.cfg, store.run_id, hook, s, cfg.bucket_size) for s in todo]
-        for m in ray.get(refs):
+        refs = [scatter_fn(store.cfg, store.run_id, hook, s, cfg.bucket_size) for s in todo]
+        for m in _gather(refs):
             markers[m["shard"]] = m
         summary["scattered"] += len(todo)
         contributors: list[list[int]] = [[] for _ in range(n_buckets)]
@@ -407,9 +417,9 @@ def postprocess(store: RunStore, cfg: PostprocessConfig, log=print) -> dict:
             if done and done["shards"] == to_ranges(contributors[b]) and done["settings"] == bucket_settings(cfg):
                 summary["buckets_skipped"] += 1
                 continue
-            refs.append(bucket_fn.remote(store.cfg, store.run_id, hook, b, contributors[b], n_latents,
+            refs.append(bucket_fn(store.cfg, store.run_id, hook, b, contributors[b], n_latents,
                                          committed, shard_size, cfg))
-        for m in ray.get(refs):
+        for m in _gather(refs):
             summary["pairs"] += m["pairs"]
         summary["buckets_run"] += len(refs)
 

@@ -6,7 +6,9 @@ no weights), so the driver never loads the real weights just to validate.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -28,11 +30,14 @@ class ModelShape:
 
 
 def meta_model(cfg: ModelConfig) -> torch.nn.Module:
+    """The model's module tree without weights. Also the model-side preflight entry point: a
+    dtype cast that would overflow a weight fails here (`check_model_dtype`)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     folder = resolve_model_dir(cfg.path)
     kwargs = {"gguf_file": cfg.gguf_file} if cfg.gguf_file else {}
     config = AutoConfig.from_pretrained(str(folder), **kwargs)
+    check_model_dtype(cfg)
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(config)
 
@@ -49,7 +54,7 @@ def check_hookpoints(model: torch.nn.Module, hookpoints: list[str]) -> None:
     if len(set(hookpoints)) != len(hookpoints):
         raise ConfigMismatch(f"sae.hookpoints has duplicates: {hookpoints}")
     for h in hookpoints:
-        resolve_hookpoint(model, h)  # raises HookpointError listing the valid names
+        resolve_hookpoint(model, h)  # raises HookpointError naming the hookpoint, the model and the valid names
 
 
 def check_sae_against_model(sae: SAE, hookpoint: str, shape: ModelShape, model_name: str, sae_cfg: SAEConfig) -> None:
@@ -60,9 +65,69 @@ def check_sae_against_model(sae: SAE, hookpoint: str, shape: ModelShape, model_n
         )
     k = sae_cfg.k or sae.k
     if not 1 <= k <= sae.n_latents:
-        raise ConfigMismatch(f"sae.k={k} must be between 1 and the SAE's {sae.n_latents} latents ({sae.source})")
+        raise ConfigMismatch(
+            f"sae.k={k} (checkpoint k={sae.k}) must be between 1 and the {sae.n_latents} latents of SAE "
+            f"{sae.source or sae_cfg.name} for {hookpoint}"
+        )
     if sae.hookpoint and sae.hookpoint != hookpoint:
         warnings.warn(
-            f"SAE {sae.source} was trained on hookpoint {sae.hookpoint!r} but is applied at {hookpoint!r}",
+            f"SAE {sae.source} was trained on hookpoint {sae.hookpoint!r} but is applied at {hookpoint!r} "
+            f"of model {model_name}",
             stacklevel=2,
         )
+
+
+# ---------------------------------------------------------------------------------------------
+# Casts that would lose range: a finite weight beyond the target dtype's largest value becomes
+# inf (fp32/bf16 -> fp16 above 65504) and every activation it touches turns into inf/NaN.
+
+_ROWS = 1 << 16  # abs-max in row blocks: bounded extra memory even for a 16M x d matrix
+
+
+def _finite_abs_max(t: torch.Tensor) -> float:
+    """Largest finite |value| (inf/NaN already in the checkpoint are not the cast's doing)."""
+    flat = t.reshape(t.shape[0], -1) if t.dim() > 1 else t.reshape(-1)
+    best = 0.0
+    for i in range(0, flat.shape[0], _ROWS):
+        block = flat[i:i + _ROWS].abs()
+        best = max(best, float(block.masked_fill(~torch.isfinite(block), 0).amax()) if block.numel() else 0.0)
+    return best
+
+
+def check_cast_range(tensors: Iterable[tuple[str, torch.Tensor]], dtype: torch.dtype, owner: str) -> None:
+    """Raise ConfigMismatch naming the first tensor whose finite values overflow `dtype`."""
+    limit = torch.finfo(dtype).max
+    for name, t in tensors:
+        if t is None or not t.is_floating_point() or torch.finfo(t.dtype).max <= limit:
+            continue  # a cast to an equal or wider range cannot overflow
+        m = _finite_abs_max(t)
+        if m > limit:
+            raise ConfigMismatch(
+                f"{owner}: tensor {name!r} ({t.dtype}) has values up to {m:.4g}, beyond the {dtype} range "
+                f"(max {limit:.6g}); casting it to {dtype} would make them inf. Use bfloat16 or float32."
+            )
+
+
+def check_sae_dtype(sae: SAE, dtype: torch.dtype) -> None:
+    names = ("W_enc", "b_enc", "W_dec", "b_dec", "b_pre", "latent_scale")
+    check_cast_range(((n, getattr(sae, n)) for n in names), dtype, f"SAE {sae.source or sae.format}")
+
+
+def check_model_dtype(cfg: ModelConfig) -> None:
+    """Scan the model's safetensors weights (mmap'd) when `model.dtype` is narrower in range.
+
+    Only float16 is narrower than the float32/bfloat16 checkpoints are stored in, so this reads
+    the weights only for float16 runs. GGUF files are dequantized by transformers: not scanned.
+    """
+    from pipeline.model import DTYPES
+
+    dtype = DTYPES.get(cfg.dtype)
+    if dtype is None or cfg.gguf_file or torch.finfo(dtype).max >= torch.finfo(torch.float32).max:
+        return  # bfloat16/float32 hold every float32 value's range: nothing to scan
+    from safetensors import safe_open
+
+    owner = f"model {cfg.name} (model.dtype={cfg.dtype})"
+    for file in sorted(Path(resolve_model_dir(cfg.path)).glob("*.safetensors")):
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            for name in f.keys():  # noqa: SIM118 (safe_open is not iterable)
+                check_cast_range([(f"{file.name}:{name}", f.get_tensor(name))], dtype, owner)

@@ -71,6 +71,8 @@ class RunSummary:
     quarantined: int = 0
     retries: int = 0
     planned_bytes: int = 0  # corpus bytes fully planned so far (for the ETA)
+    shards_by_node: dict[str, int] = field(default_factory=dict)
+    setup_seconds: float = 0.0  # config checks, tokenizer, demo-SAE fitting: before any shard
     hookpoints: list[str] = field(default_factory=list)
 
     @property
@@ -82,8 +84,9 @@ class RunSummary:
         return (
             f"run {self.run_id}: {self.shards_done} shards written, {self.shards_skipped} already committed; "
             f"{self.tokens:,} tokens, {self.pairs:,} (latent, act) pairs over {len(self.hookpoints)} hookpoint(s), "
-            f"{self.bytes / 1e6:.1f} MB ({bpp:.2f} B/pair incl. contexts), {self.seconds:.1f}s, "
-            f"{self.tokens_per_second:,.0f} tokens/s; quarantined documents: {self.quarantined}\n"
+            f"{self.bytes / 1e6:.1f} MB ({bpp:.2f} B/pair incl. contexts), {self.seconds:.1f}s extracting "
+            f"(+{self.setup_seconds:.1f}s setup), {self.tokens_per_second:,.0f} tokens/s; "
+            f"quarantined documents: {self.quarantined}, shard retries: {self.retries}\n"
             f"output: {self.output}"
         )
 
@@ -154,7 +157,7 @@ def preflight(cfg: RunConfig, sae_by_hook: dict[str, str]) -> dict:
     shape = model_shape(meta)
     identities = {}
     for hook, path in sae_by_hook.items():
-        sae = load_sae(path)
+        sae = load_sae(path, hookpoint=hook)
         check_sae_against_model(sae, hook, shape, cfg.model.name, cfg.sae)
         identities[hook] = {
             "path": path, "format": sae.format, "sha256": sae.sha256, "d_in": sae.d_in,
@@ -185,7 +188,7 @@ def make_actor_class():
             model = load_model(cfg.model, device)
             saes = {}
             for hook, path in sae_by_hook.items():
-                sae = load_sae(path).to(device)
+                sae = load_sae(path, hookpoint=hook).to(device)
                 sae.k = cfg.sae.k or sae.k
                 sae.backend = cfg.sae.backend
                 saes[hook] = sae
@@ -193,7 +196,9 @@ def make_actor_class():
             self.worker = ShardWorker(model, saes, store, cfg.model.batch_size, device, cfg.faults)
 
         def process(self, payload: ShardPayload) -> ShardResult:
-            return self.worker.process(payload)
+            result = self.worker.process(payload)
+            result.node = ray.get_runtime_context().get_node_id()
+            return result
 
     return HarvestActor
 
@@ -203,9 +208,20 @@ def start_ray(cfg: RunConfig) -> None:
 
     if ray.is_initialized():
         return
-    env = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+    env = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "TQDM_DISABLE": "1",
            "OMP_NUM_THREADS": str(cfg.cluster.torch_threads)}
+    # Where S3 is, not who we are: keys come from each node's environment or role, since
+    # anything in a runtime_env is stored by Ray and may reach its logs.
+    for name in ("AWS_ENDPOINT_URL", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_PROFILE"):
+        if os.environ.get(name):
+            env[name] = os.environ[name]
     if cfg.cluster.address:
+        # Inside `ray job submit` the job's runtime env already sets its env vars for the driver and
+        # every worker, and Ray refuses a driver runtime_env that sets one of them again.
+        import json
+
+        job_env = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")).get("runtime_env", {})
+        env = {k: v for k, v in env.items() if k not in (job_env.get("env_vars") or {})}
         ray.init(address=cfg.cluster.address, runtime_env={"env_vars": env}, log_to_driver=True)
     else:
         ray.init(num_cpus=max(os.cpu_count() or 1, int(cfg.cluster.cpus_per_worker * cfg.cluster.num_workers)),
@@ -320,9 +336,11 @@ def run(cfg: RunConfig, log=print, dispatcher=None) -> RunSummary:
     else:
         store.write_json("manifest.json", {**manifest, "status": "running"})
 
+    summary_setup = time.perf_counter() - started
+    started = time.perf_counter()
     ledger = Ledger(store)
     committed = np.asarray(store.committed_shards(), dtype=np.int64)
-    summary = RunSummary(cfg.run_id, store.url, hookpoints=list(cfg.sae.hookpoints))
+    summary = RunSummary(cfg.run_id, store.url, hookpoints=list(cfg.sae.hookpoints), setup_seconds=summary_setup)
     progress = Progress(cfg.run_id, cfg.corpus.max_tokens, sum(f.size for f in files))
 
     def account(results: list[ShardResult]) -> None:
@@ -331,6 +349,7 @@ def run(cfg: RunConfig, log=print, dispatcher=None) -> RunSummary:
                 summary.shards_skipped += 1
                 continue
             summary.shards_done += 1
+            summary.shards_by_node[r.node] = summary.shards_by_node.get(r.node, 0) + 1
             summary.tokens += r.tokens
             summary.pairs += r.pairs
             summary.bytes += r.bytes
@@ -372,7 +391,7 @@ def ray_dispatcher(cfg: RunConfig, sae_by_hook: dict[str, str], log=print) -> Ra
     def make_actor(i: int):
         return actor_cls.options(
             name=f"harvest-{cfg.run_id}-{i}-{time.time_ns() % 10**9}", num_cpus=cfg.cluster.cpus_per_worker,
-            num_gpus=cfg.cluster.gpus_per_worker,
+            num_gpus=cfg.cluster.gpus_per_worker, resources=dict(cfg.cluster.worker_resources) or None,
         ).remote(cfg, sae_by_hook)
 
     return RayDispatcher(make_actor, cfg.cluster.num_workers, 1 + max(0, cfg.cluster.max_in_flight),

@@ -68,7 +68,7 @@ def _mmap_safetensors(path: Path) -> dict[str, torch.Tensor]:
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt", device="cpu") as f:
-        return {name: f.get_tensor(name) for name in f.keys()}
+        return {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
 
 
 def _need(tensors: dict, names: tuple[str, ...], path: Path) -> None:
@@ -182,7 +182,9 @@ def load_saelens(path: Path) -> SAE:
         arch = "topk"
     if arch != "topk":
         raise SAEFormatError(f"{path}: SAELens architecture {arch!r} is not a top-k SAE (only 'topk' is supported)")
-    k = cfg.get("k", (cfg.get("activation_fn_kwargs") or {}).get("k"))
+    k = cfg.get("k")
+    if activation == "topk" and (cfg.get("activation_fn_kwargs") or {}).get("k") is not None:
+        k = cfg["activation_fn_kwargs"]["k"]  # as SAELens's handle_pre_6_0_config
     if k is None:
         raise SAEFormatError(f"{path}: SAELens topk cfg.json has no k")
     if cfg.get("reshape_activations", "none") != "none":
@@ -274,21 +276,22 @@ def fetch_to_cache(
     fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
     root = root.rstrip("/")
     key = hashlib.sha256(url.encode()).hexdigest()[:16]
-    local_root = Path(cache_dir or default_cache_dir()) / key / (Path(root).name or "root")
+    # cache/<hash of url>/<last path part>[/<files under the prefix>]; digests in cache/<hash>/.sha256.json
+    entry = Path(cache_dir or default_cache_dir()) / key
+    name = Path(root).name or "root"
     if fs.isdir(root):
         remote = {Path(p).relative_to(Path(root)).as_posix(): p for p in fs.find(root) if not p.endswith(".sha256")}
         if not remote:
             raise FileNotFoundError(f"{url}: no files under this prefix")
-        target = local_root
+        base = entry / name
     elif fs.exists(root):
-        remote = {Path(root).name: root}
-        target = local_root.parent / Path(root).name
+        remote = {name: root}
+        base = entry
     else:
         raise FileNotFoundError(f"{url} does not exist")
 
-    manifest_path = local_root.parent / ".sha256.json"
+    manifest_path = entry / ".sha256.json"
     manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
-    base = local_root if target == local_root else local_root.parent
     for rel, rpath in sorted(remote.items()):
         local = base / rel
         size = fs.size(rpath)
@@ -309,11 +312,11 @@ def fetch_to_cache(
                 want = f.read().decode().split()[0]
         if tmp.stat().st_size != size or (want is not None and want != got):
             tmp.unlink()
-            raise IOError(f"{url}: {rel} failed its integrity check (size {size}, sha256 {got}, expected {want})")
+            raise OSError(f"{url}: {rel} failed its integrity check (size {size}, sha256 {got}, expected {want})")
         os.replace(tmp, local)
         manifest[rel] = {"size": size, "sha256": got}
         manifest_path.write_text(json.dumps(manifest, indent=1, sort_keys=True))
-    return target
+    return entry / name
 
 
 def is_remote(path: str) -> bool:

@@ -26,12 +26,16 @@ import dataclasses
 import json
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 import kernels
 from kernels.merge import merge_topk
 from pipeline.sae import OWN_FORMAT, SAE, sha256_of_files
+
+if TYPE_CHECKING:  # annotations are strings (__future__), so 3.10 never imports this
+    from typing import Self
 
 PG_STRATEGIES = ("PACK", "STRICT_PACK", "SPREAD", "STRICT_SPREAD")
 
@@ -58,8 +62,9 @@ def load_slices(path: str | os.PathLike, start: int, stop: int) -> dict[str, tor
     from safetensors import safe_open
 
     with safe_open(str(Path(path) / "sae.safetensors"), framework="pt") as f:
+        names = set(f.keys())
         out = {"W_enc": f.get_slice("W_enc")[start:stop], "W_dec": f.get_slice("W_dec")[start:stop]}
-        if "b_enc" in f.keys():
+        if "b_enc" in names:
             out["b_enc"] = f.get_slice("b_enc")[start:stop]
     return out
 
@@ -176,8 +181,9 @@ class ShardedSAE:
         if cfg.get("format") != OWN_FORMAT:
             raise ValueError(f"{path}: sliced loading supports the {OWN_FORMAT!r} format only, got {cfg.get('format')!r}")
         with safe_open(str(path / "sae.safetensors"), framework="pt") as f:
+            names = set(f.keys())
             n_latents, d_in = f.get_slice("W_enc").get_shape()
-            small = {name: f.get_tensor(name) if name in f.keys() else None
+            small = {name: f.get_tensor(name) if name in names else None
                      for name in ("b_dec", "b_pre", "latent_scale")}
         meta = torch.empty(n_latents, d_in, device="meta")
         # Same cfg fields as pipeline.sae._load_own, minus the matrices.
@@ -312,7 +318,7 @@ class ShardedSAE:
             remove_placement_group(self._pg)
             self._pg = None
 
-    def __enter__(self) -> ShardedSAE:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -7,11 +7,14 @@ a redone shard overwrites the same keys with the same bytes.
 """
 from __future__ import annotations
 
+import contextlib
+import glob
 import hashlib
 import io
 import json
 import os
 import random
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -114,13 +117,19 @@ class RunStore:
 
         def put() -> None:
             if self.is_local:
-                os.makedirs(os.path.dirname(full), exist_ok=True)
-                tmp = f"{full}.tmp-{os.getpid()}"
+                folder, name = os.path.split(full)
+                os.makedirs(folder, exist_ok=True)
+                # Hidden name: Parquet dataset readers (pyarrow, DuckDB globs) skip it if a crash
+                # leaves it behind; the next successful write of the same key removes it.
+                tmp = os.path.join(folder, f".{name}.tmp-{os.getpid()}-{threading.get_ident()}")
                 with open(tmp, "wb") as f:
                     f.write(data)
                     f.flush()
                     os.fsync(f.fileno())
                 os.replace(tmp, full)
+                for stale in glob.glob(os.path.join(glob.escape(folder), f".{glob.escape(name)}.tmp-*")):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.remove(stale)
             else:
                 self.fs.pipe_file(full, data)
 

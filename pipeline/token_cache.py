@@ -29,6 +29,7 @@ import json
 import os
 import shutil
 import tempfile
+import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -44,8 +45,25 @@ FORMAT_VERSION = 1  # bump when the entry layout or the packing rules change
 stats = {"hits": 0, "misses": 0}
 
 
+_identities: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def tokenizer_identity(tokenizer) -> str:
-    """A digest of everything that decides token ids: the full fast-tokenizer definition."""
+    """A digest of everything that decides token ids: the full fast-tokenizer definition.
+    Memoized per tokenizer object: run.py plans file by file, and the definition is megabytes."""
+    try:
+        return _identities[tokenizer]
+    except (KeyError, TypeError):
+        pass
+    digest = _tokenizer_digest(tokenizer)
+    try:
+        _identities[tokenizer] = digest
+    except TypeError:  # not weak-referenceable: just recompute next time
+        pass
+    return digest
+
+
+def _tokenizer_digest(tokenizer) -> str:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
         body = backend.to_str()

@@ -50,6 +50,7 @@ class ShardResult:
     bytes: int
     seconds: float
     skipped: bool = False
+    node: str = ""  # the Ray node that did it (set by the actor)
 
 
 def latents_table(seq_ids: np.ndarray, positions: np.ndarray, values: torch.Tensor, ids: torch.Tensor) -> pa.Table:

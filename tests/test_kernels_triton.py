@@ -4,7 +4,8 @@ Runs on CPU through the Triton interpreter. `@triton.jit` decides interpreter-or
 kernel module is *imported*, so TRITON_INTERPRET=1 is set before anything imports triton or
 the kernel modules. If another test module imported them first (so they were built for the
 GPU), the in-process tests skip and `test_in_subprocess` reruns this file in a fresh
-interpreter-mode process instead.
+interpreter-mode process instead. (Conversely, once this module has run in a process, the
+kernel modules in sys.modules are interpreter builds: GPU tests belong in their own process.)
 
 Exactness: with small-integer inputs every dot product is exact in fp32 whatever the
 summation order, so ids *and* values must equal the reference bit for bit, ties (plentiful
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import os
 
+_PREVIOUS_INTERPRET = os.environ.get("TRITON_INTERPRET")
 os.environ["TRITON_INTERPRET"] = "1"  # before triton / kernel modules are imported
 
 import subprocess  # noqa: E402
@@ -30,6 +32,13 @@ from kernels.reference import preactivations, sparse_decode_reference, topk_enco
 from kernels.sparse_decode_triton import _sparse_decode_kernel, sparse_decode_triton  # noqa: E402
 from kernels.streaming import topk_encode_streaming  # noqa: E402
 from kernels.topk_encode_triton import _encode_tiles_kernel, _merge_kernel, topk_encode_triton  # noqa: E402
+
+# The kernels are built now; don't leak interpreter mode into modules collected after this
+# one (the autouse fixture below sets it again while these tests run).
+if _PREVIOUS_INTERPRET is None:
+    del os.environ["TRITON_INTERPRET"]
+else:
+    os.environ["TRITON_INTERPRET"] = _PREVIOUS_INTERPRET
 
 
 def _built_for_interpreter() -> bool:
@@ -110,6 +119,7 @@ EXACT_CASES = [
     (5, 64, 70, 70, True, None, 8),  # k == L
     (9, 96, 300, 256, True, None, 8),  # k = 256
     (20, 130, 513, 33, True, 128, 4),  # ragged everything, 5 splits (split < 256)
+    (20, 64, 350, 5, True, 100, 8),  # splits end inside a latent tile
 ]
 
 

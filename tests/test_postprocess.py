@@ -15,7 +15,7 @@ import torch
 
 from pipeline.config import PostprocessConfig, SinkConfig
 from pipeline.postprocess import postprocess, window_start
-from pipeline.sink import RunStore, commit_key, contexts_key, latents_key, CONTEXTS_SCHEMA
+from pipeline.sink import CONTEXTS_SCHEMA, RunStore, commit_key, contexts_key, latents_key
 from pipeline.worker import LATENTS_PARQUET, latents_table
 
 pytestmark = pytest.mark.slow
@@ -45,7 +45,7 @@ def write_shard(store: RunStore, shard: int, rng: np.random.Generator, latent_ra
     table = latents_table(seq_ids, pos, torch.from_numpy(vals), torch.from_numpy(ids.astype(np.int32)))
     files.append(store.write_table(latents_key(HOOK, shard), table, **LATENTS_PARQUET))
     if commit:
-        store.write_json(commit_key(shard), {"shard": shard, "tokens": int(len(seq_ids)),
+        store.write_json(commit_key(shard), {"shard": shard, "tokens": len(seq_ids),
                                              "files": [f.__dict__ for f in files]})
 
 
@@ -88,7 +88,7 @@ def processed(tmp_path_factory, ray_local):
 
 
 def test_latent_stats_match_brute_force(processed):
-    store, run, summary = processed
+    _, run, summary = processed
     pairs, _, tokens = brute_force(run, [0, 1, 2, 3])
     stats = pq.read_table(run / "latent_stats" / f"hookpoint={HOOK}" / "part-0.parquet").to_pandas()
     assert stats.latent_id.tolist() == list(range(N_LATENTS)) and summary["shards"] == 4

@@ -139,3 +139,41 @@ def test_two_member_sweep_writes_two_runs_and_tokenizes_once(tiny_model_dir, tin
         assert (root / "latents" / f"hookpoint={hook}").is_dir()
         summary = json.loads((root / "summary.json").read_text())
         assert summary["run_id"] == run_id and summary["shards_new"] == seen[0][3] and summary["tokens"] > 0
+
+
+def test_run_summary_is_written_only_when_something_happened(tmp_path):
+    from pipeline.config import SinkConfig
+    from pipeline.run import RunSummary
+    from pipeline.run_summary import summary_record, write_run_summary
+    from pipeline.sink import RunStore
+
+    store = RunStore(SinkConfig(root=str(tmp_path)), "r")
+    idle = RunSummary("r", store.url, shards_skipped=4, seconds=0.5, hookpoints=["layers.1"])
+    assert write_run_summary(store, summary_record(idle)) is None and not (tmp_path / "r").exists()
+    busy = RunSummary("r", store.url, shards_done=2, tokens=1000, seconds=2.0, quarantined=1, hookpoints=["layers.1"])
+    key = write_run_summary(store, summary_record(busy))
+    record = json.loads((tmp_path / "r" / key).read_text())
+    assert record == json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert record["shards_new"] == 2 and record["shards_skipped"] == 0 and record["quarantined"] == 1
+    assert record["tokens_per_second"] == 500.0 and record["status"] == "complete" and key.startswith("_runs/")
+
+
+@pytest.mark.slow
+def test_nightly_preset_exits_nonzero_when_a_document_is_quarantined(tiny_model_dir, tiny_sae_dir, corpus, tmp_path,
+                                                                     ray_local, monkeypatch):
+    import pipeline.__main__ as app
+
+    out = tmp_path / "out"
+    monkeypatch.setattr(sys, "argv", [
+        "pipeline", "experiment=nightly", "cluster=local", "sink=local", f"sink.root={out}",
+        "cluster.num_workers=1", "cluster.cpus_per_worker=1", "cluster.torch_threads=1",
+        f"model.path={tiny_model_dir}", "model.gguf_file=null", "model.dtype=float32", "model.batch_size=4",
+        f"sae.path='{tiny_sae_dir}/{{hookpoint}}'", "sae.hookpoints=[layers.1]", f"corpus.paths=[{corpus}]",
+        "corpus.ctx_len=16", "corpus.shard_size=3", f"corpus.token_cache={tmp_path / 'tokens'}",
+    ])
+    with pytest.raises(SystemExit) as exit_info:
+        app.main()
+    assert exit_info.value.code not in (None, 0) and "quarantined" in str(exit_info.value.code)
+    summary = json.loads((out / "nightly" / "summary.json").read_text())
+    assert summary["quarantined"] >= 1 and summary["shards_new"] > 0
+    assert len(list((out / "nightly" / "_runs").glob("*.json"))) == 1

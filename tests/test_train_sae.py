@@ -140,7 +140,7 @@ def test_auxk_revives_dead_latents():
     # third of the latents stop firing for good; AuxK trains dead latents on the residual
     # the live ones leave, which brings them back.
     x, _ = sparse_data(n=6000, d=32, n_true=512, active=4, seed=3)
-    base = dict(n_latents=256, k=4, batch_size=256, epochs=6, lr=5e-2, dead_tokens=1000, log_every=0)
+    base = {"n_latents": 256, "k": 4, "batch_size": 256, "epochs": 6, "lr": 5e-2, "dead_tokens": 1000, "log_every": 0}
     for seed in (0, 1):
         _, with_aux = train_topk_sae(x, TrainConfig(**base, seed=seed), progress=lambda _: None)
         _, no_aux = train_topk_sae(x, TrainConfig(**base, seed=seed, aux_coef=0.0), progress=lambda _: None)

@@ -1,0 +1,149 @@
+"""The cluster path for real: `ray start --head` (with the dashboard's job API), then
+infra/submit.sh -> `ray job submit` uploads this repository (minus .venv, out, .cache, .git) and
+runs `python -m pipeline` as the job's driver, which joins the cluster with cluster.address=auto.
+
+The head is private to this test: its own ports and its own --temp-dir (so other Ray users on the
+machine neither see it through /tmp/ray/ray_current_cluster nor get stopped with it). It is torn
+down by process id (its process group and every process of its session), never `ray stop`, which
+would kill every Ray instance on the machine.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import secrets
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import psutil
+import pytest
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def wait_for_dashboard(url: str, head: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if head.poll() is not None:
+            raise RuntimeError(f"ray start exited with {head.returncode}")
+        try:
+            with urllib.request.urlopen(f"{url}/api/version", timeout=2):
+                return
+        except urllib.error.HTTPError:
+            return  # it answers (401 without a token): up
+        except OSError:
+            pass
+        time.sleep(1)
+    raise TimeoutError(f"dashboard at {url} did not come up in {timeout}s")
+
+
+def stop_head(head: subprocess.Popen, temp_dir: str) -> None:
+    """Stop exactly this head: its process tree and any process of its session (by temp dir)."""
+    procs = []
+    try:
+        procs = psutil.Process(head.pid).children(recursive=True) + [psutil.Process(head.pid)]
+    except psutil.NoSuchProcess:
+        pass
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            mine = p.pid != os.getpid() and p.info["cmdline"] and any(temp_dir in a for a in p.info["cmdline"])
+            if mine and p not in procs:
+                procs.append(p)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    for p in procs:
+        try:
+            p.send_signal(signal.SIGTERM)
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=10)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(alive, timeout=5)
+
+
+@pytest.fixture()
+def ray_head():
+    gcs, dash, client, agent_http, agent_grpc, metrics, rt_env = free_ports(7)
+    temp_dir = tempfile.mkdtemp(prefix="rjob", dir="/tmp")  # short: Ray's socket paths have a length limit
+    # Token auth on, with a token of our own: Ray turns it on by itself when ~/.ray/auth_token
+    # exists, and then a client without the token is refused. The job's driver inherits it.
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ.get('PATH', '')}", "RAY_USAGE_STATS_ENABLED": "0",
+           "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+    env.pop("RAY_ADDRESS", None)
+    # The job's `python` is whatever `python` is on the head's PATH: here the venv's, as in an
+    # activated venv or the container image.
+    head = subprocess.Popen(
+        [str(BIN / "ray"), "start", "--head", "--block", f"--port={gcs}", "--dashboard-host=127.0.0.1",
+         f"--dashboard-port={dash}", f"--ray-client-server-port={client}",
+         f"--dashboard-agent-listen-port={agent_http}", f"--dashboard-agent-grpc-port={agent_grpc}",
+         f"--metrics-export-port={metrics}", f"--runtime-env-agent-port={rt_env}", "--num-cpus=2",
+         "--include-dashboard=true", f"--temp-dir={temp_dir}", "--disable-usage-stats"],
+        env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{dash}"
+    try:
+        wait_for_dashboard(url, head)
+        yield url, env
+    finally:
+        stop_head(head, temp_dir)
+        if head.poll() is None:
+            head.kill()
+        head.stdout.close()
+
+
+def test_submit_runs_the_pipeline_as_a_ray_job(ray_head, tiny_model_dir, tiny_corpus, tiny_sae_dir, tmp_path):
+    url, env = ray_head
+    out = tmp_path / "out"
+    overrides = [
+        "experiment=none", "cluster=cpu_cluster", "run_id=job1", f"model.path={tiny_model_dir}", "model.gguf_file=null",
+        "model.dtype=float32", "model.batch_size=4", f"sae.path='{tiny_sae_dir}/{{hookpoint}}'",
+        "sae.hookpoints=[layers.1]", "corpus=files", f"corpus.paths=[{tiny_corpus}]", "corpus.ctx_len=16",
+        "corpus.shard_size=3", f"corpus.token_cache={tmp_path / 'tokens'}", f"sink.root={out}",
+    ]
+    job = subprocess.run([str(ROOT / "infra" / "submit.sh"), url, *overrides], cwd=tmp_path,
+                         env={**env, "RAY": str(BIN / "ray"), "RAY_JOB_ARGS": "--submission-id job1-test"},
+                         capture_output=True, text=True, timeout=400)
+    log = job.stdout + job.stderr
+    assert job.returncode == 0, log[-4000:]
+    assert "succeeded" in log and "run job1:" in log, log[-4000:]  # ray's verdict + the driver's summary line
+
+    root = out / "job1"
+    manifest = json.loads((root / "manifest.json").read_text())
+    assert manifest["status"] == "complete" and manifest["hookpoints"] == ["layers.1"]
+    # The driver really ran on the cluster, from the uploaded copy of this repository.
+    assert manifest["config"]["cluster"]["address"] == "auto"
+    commits = sorted((root / "_commits").glob("shard=*.json"))
+    summary = json.loads((root / "summary.json").read_text())
+    assert commits and summary["shards_new"] == len(commits) and summary["tokens"] > 0
+    for commit in commits:
+        for f in json.loads(commit.read_text())["files"]:
+            assert (root / f["path"]).stat().st_size == f["bytes"]
+
+    # The cluster keeps the job's logs: what `ray job logs` shows an operator afterwards.
+    logs = subprocess.run([str(BIN / "ray"), "job", "logs", "--address", url, "job1-test"], env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert "run job1:" in logs.stdout
