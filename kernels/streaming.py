@@ -4,45 +4,68 @@ The latent dimension is walked in chunks. Each chunk's pre-activations [N, chunk
 while that chunk is processed, and a running top-k [N, k] is merged with the chunk's top-k,
 so memory is O(N*chunk + N*k) however large L is.
 
-Exact tie rule (values descending, ties to the lower id) without sorting whole chunks:
-- per chunk we take `torch.topk` with k+1 values; when the k-th and (k+1)-th are different
-  the chunk's top-k *set* is unique, and only rows where they are equal (a tie straddling the
-  k-th place, rare on real data) are redone with a stable sort;
-- the merge (`kernels.merge.merge_topk`) concatenates [running, chunk] and stable-sorts 2k
-  values: every running id is lower than every chunk id and each side is already in
-  (value desc, id asc) order, so a stable sort yields the global order, ties to the lower id.
+Exact tie rule (values descending, ties to the lower id) without sorting anything wide:
+candidates are compared through int64 order keys (the fp32 value mapped to an order-preserving
+int32 in the high half, the inverted id in the low half), so one `torch.topk` over keys is an
+exact, tie-free selection; the running top-k is kept as keys and merged with each chunk's by
+one more `torch.topk` over 2k keys. Per chunk, a group-max prefilter (see `_chunk_keys`) keeps
+the expensive selection to k*GROUP candidates instead of the chunk's full width.
 """
 from __future__ import annotations
 
 import torch
 
-from kernels.merge import merge_topk
-from kernels.reference import ordered_topk
 
-# Large enough that the matmul dominates the top-k bookkeeping, small enough to stay in cache
-# on CPU; on GPU the Triton kernel is used instead.
-DEFAULT_CHUNK = 4096
+# Wide enough that the matmul dominates the selection work, small enough that the [N, chunk]
+# block stays a modest buffer; on GPU the Triton kernel is used instead.
+DEFAULT_CHUNK = 16384
+# Group size of the prefilter below: one `amax` per group of this many latents.
+GROUP = 32
+_LOW32 = 0xFFFFFFFF
 
 
-def _chunk_topk(pre: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exactly ordered top-k of one chunk, ids local to the chunk (int64)."""
-    width = pre.shape[1]
-    if width <= k:
-        values, indices = torch.sort(pre, dim=1, descending=True, stable=True)
-        return values, indices
-    values, indices = torch.topk(pre, k + 1, dim=1, largest=True, sorted=True)
-    straddling = values[:, k - 1] == values[:, k]
-    values, indices = values[:, :k], indices[:, :k]
-    # Order ties *inside* the top-k by id: sort by id first, then a stable sort by value.
-    by_id = torch.argsort(indices, dim=1)
-    values, indices = values.gather(1, by_id), indices.gather(1, by_id)
-    order = torch.sort(values, dim=1, descending=True, stable=True).indices
-    values, indices = values.gather(1, order), indices.gather(1, order)
-    if bool(straddling.any()):
-        rows = straddling.nonzero().squeeze(1)
-        exact_values, exact_indices = ordered_topk(pre[rows], k)
-        values[rows], indices[rows] = exact_values, exact_indices.long()
-    return values, indices
+def order_keys(values: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """int64 keys whose order is (value descending, id ascending): one `torch.topk` on keys is
+    an exact, tie-free top-k. High 32 bits: the fp32 value mapped to an order-preserving int32;
+    low 32 bits: ~id. Requires 0 <= id < 2^32."""
+    bits = (values.float() + 0.0).view(torch.int32)  # + 0.0 turns -0.0 into +0.0: equal floats, equal keys
+    bits = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # negative floats: flip magnitude bits so larger is larger
+    return (bits.long() << 32) | (_LOW32 - ids.long())
+
+
+def decode_keys(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    ids = _LOW32 - (keys & _LOW32)
+    bits = (keys >> 32).to(torch.int32)
+    bits = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+    return bits.view(torch.float32), ids
+
+
+def _chunk_keys(pre: torch.Tensor, start: int, k: int) -> torch.Tensor:
+    """Keys of the exact top-min(k, width) of one chunk whose first latent id is `start`.
+
+    `torch.topk` over a wide chunk costs about as much as the matmul that produced it on CPU,
+    so the chunk is cut into groups of GROUP latents and only the k groups with the largest
+    maxima are searched. Exact: if a latent is in the top-k, every group ranked above its
+    group (larger max, or equal max and lower index) holds a distinct latent that beats it, so
+    fewer than k groups rank above its group. Rows where the k-th and (k+1)-th group maxima
+    tie are searched in full.
+    """
+    n, width = pre.shape
+    n_groups = width // GROUP
+    if width % GROUP or n_groups < 4 * (k + 1):  # ragged, or too few groups to gain anything
+        ids = torch.arange(start, start + width, device=pre.device).expand(n, width)
+        return torch.topk(order_keys(pre, ids), min(k, width), dim=1).values
+    grouped = pre.view(n, n_groups, GROUP)
+    group_max, group_ids = torch.topk(grouped.amax(dim=2), k + 1, dim=1)
+    group_ids = group_ids[:, :k]
+    candidates = grouped.gather(1, group_ids[:, :, None].expand(-1, -1, GROUP)).reshape(n, k * GROUP)
+    candidate_ids = start + (group_ids[:, :, None] * GROUP + torch.arange(GROUP, device=pre.device)).reshape(n, -1)
+    keys = torch.topk(order_keys(candidates, candidate_ids), k, dim=1).values
+    tied = (group_max[:, k - 1] == group_max[:, k]).nonzero().squeeze(1)
+    if len(tied):
+        ids = torch.arange(start, start + width, device=pre.device).expand(len(tied), width)
+        keys[tied] = torch.topk(order_keys(pre[tied], ids), k, dim=1).values
+    return keys
 
 
 def topk_encode_streaming(
@@ -52,25 +75,28 @@ def topk_encode_streaming(
     k: int,
     chunk: int = DEFAULT_CHUNK,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k of `x @ weight.T + bias` over latents; returns (values fp32 [N,k], ids int32 [N,k])."""
+    """Top-k of `x @ weight.T + bias` over latents; returns (values fp32 [N,k], ids int32 [N,k]).
+
+    The running top-k is kept as order keys, so merging a chunk is one `torch.topk` over 2k keys.
+    """
     n_latents = weight.shape[0]
     if not 1 <= k <= n_latents:
         raise ValueError(f"k={k} must be between 1 and the number of latents ({n_latents})")
+    if n_latents >= 1 << 32:
+        raise ValueError(f"{n_latents} latents: ids must fit in 32 bits")
     xf = x.float()
-    best_values = best_indices = None
+    best = None
     for start in range(0, n_latents, chunk):
         stop = min(start + chunk, n_latents)
-        pre = xf @ weight[start:stop].float().T
-        if bias is not None:
-            pre += bias[start:stop].float()
-        values, indices = _chunk_topk(pre, k)
-        indices += start
-        if best_values is None:
-            best_values, best_indices = values, indices
-            continue
-        width = best_values.shape[1] + values.shape[1]  # below k only while chunks are narrower than k
-        best_values, best_indices = merge_topk([(best_values, best_indices), (values, indices)], min(k, width))
-    return best_values.contiguous(), best_indices.to(torch.int32).contiguous()
+        w = weight[start:stop].float()
+        pre = torch.addmm(bias[start:stop].float(), xf, w.T) if bias is not None else xf @ w.T
+        keys = _chunk_keys(pre, start, k)
+        if best is not None:
+            merged = torch.cat([best, keys], dim=1)
+            keys = torch.topk(merged, min(k, merged.shape[1]), dim=1).values
+        best = keys
+    values, ids = decode_keys(best)
+    return values.contiguous(), ids.to(torch.int32).contiguous()
 
 
 def sparse_decode_torch(values: torch.Tensor, indices: torch.Tensor, w_dec: torch.Tensor) -> torch.Tensor:

@@ -155,17 +155,19 @@ def _union_topk(a, b, BLOCK_N: tl.constexpr, K_PAD: tl.constexpr):
 
 def _gpu_configs() -> list[triton.Config]:
     # (BLOCK_N, BLOCK_L, BLOCK_D, num_warps, num_stages), H100-oriented: 128x128 / 64x256
-    # wgmma tiles, 3-4 smem stages of K=64 or 128. BLOCK_L >= K_PAD is enforced by pruning.
+    # wgmma tiles with 2-4 TMA stages. Pruning enforces BLOCK_L >= K_PAD and shared memory.
     shapes = [
+        (128, 128, 64, 8, 3),
         (128, 128, 64, 8, 4),
-        (128, 128, 128, 8, 3),
+        (128, 128, 128, 8, 2),
         (128, 64, 64, 4, 4),
         (64, 128, 64, 4, 4),
         (64, 128, 128, 4, 3),
-        (128, 256, 64, 8, 3),
+        (64, 256, 64, 8, 3),
         (64, 256, 64, 8, 4),
-        (64, 256, 128, 8, 3),
         (32, 256, 64, 4, 4),
+        (64, 128, 64, 4, 2),  # fp32 inputs
+        (32, 256, 32, 4, 2),  # fp32 inputs, k > 128
     ]
     return [
         triton.Config({"BLOCK_N": n, "BLOCK_L": l, "BLOCK_D": dd}, num_warps=w, num_stages=s)
@@ -178,10 +180,23 @@ def _interpreter_configs() -> list[triton.Config]:
     return [triton.Config({"BLOCK_N": 32, "BLOCK_L": bl, "BLOCK_D": 32}, num_warps=4) for bl in (32, 64, 128, 256)]
 
 
+_SMEM_BYTES = 220 * 2**10  # H100: 227 KB per block, minus a little for reductions
+
+
+def _smem_estimate(config: triton.Config, elem_bytes: int) -> int:
+    n, l, dd = config.kwargs["BLOCK_N"], config.kwargs["BLOCK_L"], config.kwargs["BLOCK_D"]
+    # pipelined operand stages + the fp32 tile staged for its TMA store to scratch
+    return config.num_stages * (n + l) * dd * elem_bytes + n * l * 4
+
+
 def _prune_configs(configs, named_args, **kwargs):
     # The bitonic merge joins a BLOCK_L-wide tile top-k with the K_PAD-wide set.
     feasible = [c for c in configs if c.kwargs["BLOCK_L"] >= kwargs["K_PAD"]]
-    return feasible[:1] if _INTERPRET else feasible
+    if _INTERPRET:
+        return feasible[:1]
+    elem_bytes = named_args["x_ptr"].element_size()
+    fitting = [c for c in feasible if _smem_estimate(c, elem_bytes) <= _SMEM_BYTES]
+    return fitting or [min(feasible, key=lambda c: _smem_estimate(c, elem_bytes))]
 
 
 @triton.jit
@@ -241,6 +256,7 @@ def _encode_tiles_kernel(
     INPUT_PRECISION: tl.constexpr,
     MERGE_ROWS: tl.constexpr,
     TILE_STRIDE: tl.constexpr,
+    USE_TMA: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_L: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -261,6 +277,15 @@ def _encode_tiles_kernel(
     thr = tl.full((BLOCK_N,), _SENTINEL, tl.int64)
     thr_val = tl.full((BLOCK_N,), float("-inf"), tl.float32)
     tl.debug_barrier()
+    if USE_TMA:
+        x_desc = tl.make_tensor_descriptor(x_ptr, shape=[N, d], strides=[stride_xn, 1],
+                                           block_shape=[BLOCK_N, BLOCK_D])
+        w_desc = tl.make_tensor_descriptor(w_ptr, shape=[L, d], strides=[stride_wl, 1],
+                                           block_shape=[BLOCK_L, BLOCK_D])
+        # Scratch viewed as [N, n_splits * TILE_STRIDE]; rows past N are clipped by TMA.
+        tile_desc = tl.make_tensor_descriptor(tile_ptr, shape=[N, n_splits * TILE_STRIDE],
+                                              strides=[n_splits * TILE_STRIDE, 1],
+                                              block_shape=[BLOCK_N, BLOCK_L])
 
     lat_start = split.to(tl.int64) * split_len
     lat_stop = tl.minimum(lat_start + split_len, L)
@@ -268,21 +293,33 @@ def _encode_tiles_kernel(
         lats = tile_start + tl.arange(0, BLOCK_L).to(tl.int64)
         lat_ok = lats < lat_stop
 
-        # Tensor-core matmul over d; row offsets are int64 (latent * d passes 2^31 at 16M x 128).
+        # Tensor-core matmul over d.
         acc = tl.zeros((BLOCK_N, BLOCK_L), dtype=tl.float32)
-        cols = tl.arange(0, BLOCK_D)
-        x_ptrs = x_ptr + (rows * stride_xn)[:, None] + cols[None, :]
-        w_ptrs = w_ptr + (lats * stride_wl)[:, None] + cols[None, :]
-        for d_start in range(0, d, BLOCK_D):
-            col_ok = cols < d - d_start
-            xt = tl.load(x_ptrs, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
-            wt = tl.load(w_ptrs, mask=lat_ok[:, None] & col_ok[None, :], other=0.0)
-            if DOT_FP32:  # interpreter only: its bf16 dot is broken
-                xt = xt.to(tl.float32)
-                wt = wt.to(tl.float32)
-            acc = tl.dot(xt, tl.trans(wt), acc, input_precision=INPUT_PRECISION)
-            x_ptrs += BLOCK_D
-            w_ptrs += BLOCK_D
+        if USE_TMA:
+            # Hopper TMA: bulk async copies into shared memory (pipelined), zero-filled out
+            # of bounds, and no per-element pointer tensors holding registers.
+            for d_start in range(0, d, BLOCK_D):
+                xt = x_desc.load([pid_n * BLOCK_N, d_start])
+                wt = w_desc.load([tl.cast(tile_start, tl.int32), d_start])
+                if DOT_FP32:  # interpreter only: its bf16 dot is broken
+                    xt = xt.to(tl.float32)
+                    wt = wt.to(tl.float32)
+                acc = tl.dot(xt, tl.trans(wt), acc, input_precision=INPUT_PRECISION)
+        else:
+            # Pointer loads; row offsets are int64 (latent * d passes 2^31 at 16M x 128).
+            cols = tl.arange(0, BLOCK_D)
+            x_ptrs = x_ptr + (rows * stride_xn)[:, None] + cols[None, :]
+            w_ptrs = w_ptr + (lats * stride_wl)[:, None] + cols[None, :]
+            for d_start in range(0, d, BLOCK_D):
+                col_ok = cols < d - d_start
+                xt = tl.load(x_ptrs, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+                wt = tl.load(w_ptrs, mask=lat_ok[:, None] & col_ok[None, :], other=0.0)
+                if DOT_FP32:
+                    xt = xt.to(tl.float32)
+                    wt = wt.to(tl.float32)
+                acc = tl.dot(xt, tl.trans(wt), acc, input_precision=INPUT_PRECISION)
+                x_ptrs += BLOCK_D
+                w_ptrs += BLOCK_D
         if HAS_BIAS:
             acc += tl.load(b_ptr + lats, mask=lat_ok, other=0.0).to(tl.float32)[None, :]
         acc = tl.where(acc == 0.0, 0.0, acc)  # -0.0 -> +0.0: key order must match float ==
@@ -294,8 +331,11 @@ def _encode_tiles_kernel(
         if tl.max(tl.sum(hit.to(tl.int32), axis=1), axis=0) > 0:
             # Rare once warmed up. Park the tile in this program's scratch and merge it
             # MERGE_ROWS rows at a time: int64 keys for a whole 128x128 tile would spill.
-            tile_offs = (rows[:, None] * n_splits + split) * TILE_STRIDE + tl.arange(0, BLOCK_L)[None, :]
-            tl.store(tile_ptr + tile_offs, acc, mask=row_ok[:, None])
+            if USE_TMA:  # a [BLOCK_N, BLOCK_L] pointer tensor alone would take 128 registers
+                tile_desc.store([pid_n * BLOCK_N, split * TILE_STRIDE], acc)
+            else:
+                tile_offs = (rows[:, None] * n_splits + split) * TILE_STRIDE + tl.arange(0, BLOCK_L)[None, :]
+                tl.store(tile_ptr + tile_offs, acc, mask=row_ok[:, None])
             tl.debug_barrier()
             for r0 in range(0, BLOCK_N, MERGE_ROWS):
                 _merge_tile_rows(tile_ptr, cand_ptr, thr_ptr, pid_n * BLOCK_N + r0, split, tile_start, lat_stop,
@@ -332,6 +372,28 @@ def _merge_kernel(
 # ------------------------------------------------------------------ host wrapper
 
 
+def _tma_possible(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """TMA needs sm_90+, 16-byte aligned bases and row strides, and int32 coordinates."""
+    if x.is_cuda:
+        if torch.cuda.get_device_capability(x.device)[0] < 9:
+            return False
+    elif not _INTERPRET:
+        return False
+    aligned = all(t.data_ptr() % 16 == 0 and (t.stride(0) * t.element_size()) % 16 == 0 for t in (x, weight))
+    return aligned and max(x.shape[0], weight.shape[0]) < 2**31
+
+
+def _install_allocator() -> None:
+    # Device-side tensor descriptors need a small global workspace per launch.
+    from triton.runtime._allocation import NullAllocator, _allocator
+
+    if isinstance(_allocator.get(), NullAllocator):
+        triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device=_ALLOC_DEVICE))
+
+
+_ALLOC_DEVICE = "cuda" if torch.cuda.is_available() and not _INTERPRET else "cpu"
+
+
 def _choose_split_len(n_rows: int, n_latents: int, k_pad: int, device: torch.device) -> int:
     n_sm = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
     row_blocks = triton.cdiv(n_rows, 64)
@@ -349,11 +411,13 @@ def topk_encode_triton(
     *,
     split_len: int | None = None,
     scan_max: int = 8,
+    use_tma: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k of `x @ weight.T + bias` per row: (values fp32 [N, k] descending, ids int32 [N, k]).
 
     Ties go to the lower latent id. `split_len` (latents per split) and `scan_max` (largest
-    hit count merged by insertion instead of bitonic top-k) are exposed for tests and tuning.
+    hit count merged by insertion instead of bitonic top-k) are exposed for tests and tuning,
+    as is `use_tma` (default: TMA loads on sm_90+ and in the interpreter when strides allow).
     """
     if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
         raise ValueError(f"x must be [N, d] and weight [L, d]; got {tuple(x.shape)} and {tuple(weight.shape)}")
@@ -392,6 +456,10 @@ def topk_encode_triton(
     tiles = torch.empty(n_rows, n_splits, _MAX_BLOCK_L, dtype=torch.float32, device=device)
     minima = torch.empty(n_rows, n_splits, dtype=torch.int64, device=device)
 
+    if use_tma is None:
+        use_tma = _tma_possible(x, weight)
+    if use_tma:
+        _install_allocator()
     grid = lambda meta: (triton.cdiv(n_rows, meta["BLOCK_N"]), n_splits)  # noqa: E731
     _encode_tiles_kernel[grid](
         x, weight, bias if bias is not None else x, candidates, tiles, minima,
@@ -404,6 +472,7 @@ def topk_encode_triton(
         INPUT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
         MERGE_ROWS=_MERGE_ROWS,
         TILE_STRIDE=_MAX_BLOCK_L,
+        USE_TMA=use_tma,
     )
 
     # Keep the merge's [BLOCK_N, 2*K_PAD] int64 union around 4K elements.

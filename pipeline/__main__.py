@@ -49,12 +49,12 @@ def _unknown_keys(node, schema, prefix: str = "") -> list[str]:
     fields = {f.name: f for f in dataclasses.fields(schema)}
     hints = typing.get_type_hints(schema)
     unknown = []
-    for key in node.keys():
+    for key in node:
         if key not in fields:
             unknown.append(f"{prefix}{key}")
             continue
-        sub = node._get_node(key)
-        if isinstance(sub, DictConfig) and not sub._is_none():
+        sub = node[key]
+        if isinstance(sub, DictConfig):
             typ = hints[key]
             typ = next((a for a in typing.get_args(typ) if dataclasses.is_dataclass(a)), typ)  # Optional[X]
             unknown += _unknown_keys(sub, typ, f"{prefix}{key}.")
@@ -77,7 +77,7 @@ def _swept_keys(argv: list[str], sweeper_params: dict | None) -> set[str]:
     args = [a for a in argv if not a.startswith("-")]
     try:
         parsed = OverridesParser.create().parse_overrides(args)
-    except Exception:  # not our job to report bad overrides: Hydra already accepted these
+    except Exception:  # noqa: BLE001  Hydra already accepted these overrides; naming the member is best effort
         return keys
     return keys | {o.get_key_element().lstrip("+~") for o in parsed if o.is_sweep_override()}
 
@@ -112,6 +112,21 @@ def _sweep_member_run_id(dcfg: DictConfig) -> str | None:
     return member_run_id(dcfg.run_id, list(hc.overrides.task), swept)
 
 
+def _record_failure(cfg: RunConfig, started: datetime, err: Exception) -> None:
+    """Best effort: a failed run leaves summary.json with status "failed" for the nightly monitor."""
+    from pipeline.run import RunSummary
+    from pipeline.run_summary import summary_record, write_run_summary
+    from pipeline.sink import RunStore
+
+    try:
+        store = RunStore(cfg.sink, cfg.run_id)
+        empty = RunSummary(cfg.run_id, store.url, hookpoints=list(cfg.sae.hookpoints))
+        write_run_summary(store, summary_record(empty, started_at=started, failures=1,
+                                                error=f"{type(err).__name__}: {err}"[:2000]))
+    except Exception as also:  # noqa: BLE001  the original error is the one to report
+        print(f"[{cfg.run_id}] could not record the failure: {also}", file=sys.stderr)
+
+
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def app(dcfg: DictConfig) -> None:
     from pipeline.run import run
@@ -124,10 +139,13 @@ def app(dcfg: DictConfig) -> None:
         print(f"[sweep] member {dcfg.run_id}", flush=True)
     cfg = to_run_config(dcfg)
     started = datetime.now(timezone.utc)
-    summary = run(cfg)
+    try:
+        summary = run(cfg)
+    except Exception as err:
+        _record_failure(cfg, started, err)
+        raise
     print(summary.describe(), flush=True)
-    record = summary_record(summary, started_at=started)
-    write_run_summary(RunStore(cfg.sink, cfg.run_id), record)
+    write_run_summary(RunStore(cfg.sink, cfg.run_id), summary_record(summary, started_at=started))
     if cfg.demo is not None and summary.hookpoints:
         from pipeline.demo import show_top_contexts
 

@@ -182,13 +182,18 @@ def _pack_and_store(root: Path | None, key: str, inputs: dict, file_index: int, 
                     "quarantined": quarantined}
             (tmp / "meta.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
             final = root / key
-            if final.exists():  # a concurrent member won, or we are replacing a shorter partial entry
+            other = _read_meta(final)
+            # Replace only a shorter partial entry; an equal or longer one (a concurrent sweep
+            # member's) holds the same contexts and may be being read right now.
+            if other is not None and (other["complete"] or other["tokens"] >= file_tokens):
+                pass
+            else:
                 shutil.rmtree(final, ignore_errors=True)
-            try:
-                os.replace(tmp, final)
-                tmp = None
-            except OSError:
-                pass  # someone else renamed theirs in first; theirs is identical
+                try:
+                    os.replace(tmp, final)
+                    tmp = None
+                except OSError:
+                    pass  # someone else renamed theirs in first; theirs is identical
         yield tokens
     finally:
         if tmp is not None:  # not completed (consumer stopped early, error): leave no trace

@@ -61,7 +61,7 @@ def test_wrong_type_is_an_error(override):
 
 def _cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=ROOT, capture_output=True, text=True,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}, timeout=120)
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}, timeout=120, check=False)
 
 
 def test_cli_rejects_typo_and_wrong_type_before_any_work(tmp_path):

@@ -16,6 +16,9 @@ GRID = [
     (64, 32, 1000, 32, 128),
     (16, 8, 300, 96, 64),  # k larger than a chunk
     (5, 8, 40, 40, 16),  # k == L
+    # Chunks wide enough for the group-max prefilter (>= 4 (k+1) groups of 32 latents)
+    (40, 16, 3000, 3, 1024),
+    (17, 8, 9000, 7, 2048),  # last chunk ragged: exact path for it
 ]
 
 
@@ -66,6 +69,17 @@ def test_tie_straddling_kth_place_goes_to_lower_id():
     values, ids = kernels.topk_encode(x, w, None, 3, backend="torch")
     assert ids.tolist() == [[7, 3, 5]]
     assert values.tolist() == [[2.0, 1.0, 1.0]]
+
+
+def test_group_prefilter_with_ties_between_group_maxima():
+    # Every group has the same maximum: the prefilter must fall back, not drop low ids.
+    x = torch.ones(4, 1)
+    w = torch.zeros(4096, 1)
+    w[::32] = 1.0  # one maximum per group of 32, all equal
+    w[4000] = 2.0
+    values, ids = topk_encode_streaming(x, w, None, 5, chunk=4096)
+    assert ids.tolist() == [[4000, 0, 32, 64, 96]] * 4
+    assert values.tolist() == [[2.0, 1.0, 1.0, 1.0, 1.0]] * 4
 
 
 def test_ties_across_chunks_keep_lower_id():

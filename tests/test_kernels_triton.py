@@ -151,6 +151,20 @@ def test_integer_cases_really_have_straddling_ties():
 
 
 @interpreted
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_tma_and_pointer_loads_agree(dtype):
+    # d=64 is TMA-aligned, so the default path uses descriptors; force the pointer path too.
+    x = _ints((40, 64), -3, 4, dtype, 31)
+    w = _ints((333, 64), -2, 3, dtype, 32)
+    b = _ints((333,), -5, 6, dtype, 33)
+    ref_values, ref_ids = topk_encode_reference(x, w, b, 12)
+    for use_tma in (True, False):
+        values, ids = topk_encode_triton(x, w, b, 12, split_len=128, use_tma=use_tma)
+        assert torch.equal(values, ref_values), use_tma
+        assert torch.equal(ids, ref_ids), use_tma
+
+
+@interpreted
 def test_encode_special_values_order():
     # Bias-only pre-activations covering the float -> int64 key map: infinities, extremes,
     # subnormals, signed zeros, negatives, repeated values (ties across splits).

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
-import secrets
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -76,7 +76,7 @@ def stop_head(head: subprocess.Popen, temp_dir: str) -> None:
             p.send_signal(signal.SIGTERM)
         except psutil.NoSuchProcess:
             pass
-    _, alive = psutil.wait_procs(procs, timeout=10)
+    _, alive = psutil.wait_procs(procs, timeout=5)
     for p in alive:
         try:
             p.kill()
@@ -126,7 +126,7 @@ def test_submit_runs_the_pipeline_as_a_ray_job(ray_head, tiny_model_dir, tiny_co
     ]
     job = subprocess.run([str(ROOT / "infra" / "submit.sh"), url, *overrides], cwd=tmp_path,
                          env={**env, "RAY": str(BIN / "ray"), "RAY_JOB_ARGS": "--submission-id job1-test"},
-                         capture_output=True, text=True, timeout=400)
+                         capture_output=True, text=True, timeout=400, check=False)
     log = job.stdout + job.stderr
     assert job.returncode == 0, log[-4000:]
     assert "succeeded" in log and "run job1:" in log, log[-4000:]  # ray's verdict + the driver's summary line
@@ -145,5 +145,5 @@ def test_submit_runs_the_pipeline_as_a_ray_job(ray_head, tiny_model_dir, tiny_co
 
     # The cluster keeps the job's logs: what `ray job logs` shows an operator afterwards.
     logs = subprocess.run([str(BIN / "ray"), "job", "logs", "--address", url, "job1-test"], env=env,
-                          capture_output=True, text=True, timeout=60)
+                          capture_output=True, text=True, timeout=60, check=False)
     assert "run job1:" in logs.stdout

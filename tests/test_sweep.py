@@ -177,3 +177,16 @@ def test_nightly_preset_exits_nonzero_when_a_document_is_quarantined(tiny_model_
     summary = json.loads((out / "nightly" / "summary.json").read_text())
     assert summary["quarantined"] >= 1 and summary["shards_new"] > 0
     assert len(list((out / "nightly" / "_runs").glob("*.json"))) == 1
+
+
+def test_a_failed_run_exits_nonzero_and_records_why(tmp_path):
+    import os
+    import subprocess
+
+    out = subprocess.run([sys.executable, "-m", "pipeline", "experiment=nightly", "cluster=local", "sink=local",
+                          f"sink.root={tmp_path}", f"corpus.paths=[{tmp_path / 'missing'}/*.jsonl]"],
+                         cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=180,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1"}, check=False)
+    assert out.returncode != 0, out.stdout
+    summary = json.loads((tmp_path / "nightly" / "summary.json").read_text())
+    assert summary["status"] == "failed" and summary["failures"] == 1 and "missing" in summary["error"]
