@@ -1,7 +1,7 @@
 """Exact merge of top-k lists computed over disjoint, increasing latent ranges.
 
-Used by the streaming encode (running top-k merged with each chunk's) and by the
-latent-sharded SAE (`pipeline.sharded_sae`, each shard's local top-k with global ids).
+Used by the latent-sharded SAE (`pipeline.sharded_sae`): each shard returns its local top-k
+with global ids, merged here in range order.
 
 Why a stable sort is exact: each part is already ordered (values descending, ties to the
 lower id) and every id of part i is lower than every id of part i+1. Concatenating in range

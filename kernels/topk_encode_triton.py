@@ -3,20 +3,23 @@
 How it works (two kernels):
 
 1. `_encode_tiles_kernel`, grid (row blocks, latent splits). L is cut into S contiguous
-   *splits*; one program owns BLOCK_N tokens x one split and walks it in BLOCK_L-wide latent
-   tiles. Each tile is a [BLOCK_N, BLOCK_L] matmul over d in BLOCK_D steps on tensor cores
-   (bf16/fp16 in, fp32 accumulate; fp32 inputs use exact IEEE fp32 dot) with the bias added in
-   the epilogue. The program keeps, per token, the best K_PAD = next_pow2(k) candidates of its
-   split in its own slot of the candidate buffer [N, S, K_PAD] (hot in L1/L2), and only their
-   minimum (the admission threshold) in registers. For each tile:
-     - count per token the entries above the threshold (one fp32 compare per entry);
-     - no hits anywhere in the block (the common case once the threshold has warmed up on a
-       few tiles) -> go straight to the next tile: the tile never leaves registers;
-     - a few hits (<= SCAN_MAX) -> insert them one at a time (row max, replace the set's min);
-     - many hits (first tiles of a split) -> bitonic top-k of the tile (`_topk_keys`) merged with
-       the set by a second bitonic top-k of the 2*K_PAD union.
-   Keeping the set in global memory rather than registers keeps the matmul loop's register
-   budget independent of k (k=256 would otherwise cost 256 int64 registers per row).
+   *splits*; a program owns BLOCK_N tokens x one split and walks it in BLOCK_L-wide latent
+   tiles, in id order. Each tile is a [BLOCK_N, BLOCK_L] matmul over d in BLOCK_D steps on
+   tensor cores (bf16/fp16 in, fp32 accumulate; fp32 inputs use an exact IEEE fp32 dot), fed by
+   TMA descriptors on sm_90+ (pipelined, zero-filled out of bounds) or masked pointer loads
+   elsewhere, with the bias added in the epilogue. Per token the program keeps the best
+   K_PAD = next_pow2(k) candidates of its split in its slot of the candidate buffer
+   [N, S, K_PAD], and only their minimum, the admission threshold, in registers. Per tile:
+     - count the entries above the threshold (one fp32 compare each). None in the whole
+       block -- the common case once the threshold has warmed up on a split's first tiles --
+       and the tile is dropped: it never leaves registers;
+     - otherwise park the tile in a per-program scratch block and merge it MERGE_ROWS rows at
+       a time (int64 keys of a whole 128x128 tile would spill): a few newcomers (<= SCAN_MAX)
+       are inserted one by one (row max replaces the set's min), many (first tiles) go
+       through a bitonic top-k of the tile and a bitonic top-k of the 2*K_PAD union.
+   Keeping sets in memory instead of registers keeps the matmul loop's register budget
+   independent of k (k=256 would cost 512 registers per row), and row blocks are the fast
+   grid axis so programs running together share weight tiles in L2.
 2. `_merge_kernel`, grid (row blocks): merges the S candidate lists of each token with the
    same bitonic top-k and writes values fp32 / ids int32 for the first k.
 
@@ -24,15 +27,16 @@ Exact order with ties to the lower latent id: every candidate is one int64 key,
 `(order-preserving int32 of the fp32 value) << 32 | (2^32 - 1 - latent id)`, so a larger key
 means a larger value, or an equal value with a lower id. Keys are unique (ids are), so any
 top-k selection on keys -- bitonic, max-extract, in any order of tiles or splits -- gives
-exactly the reference result, and the fp32 value and id are unpacked from the key at the end.
--0.0 is mapped to +0.0 first so the key order agrees with float equality. Empty slots hold
-distinct sentinel keys below every real key. NaN pre-activations are not supported.
-Ids must be < 2^32 (L up to 4G latents); offsets are int64 (row*L, latent*d never overflow).
+exactly the reference result; value and id are unpacked from the key at the end. -0.0 is
+mapped to +0.0 first so key order agrees with float equality. Empty slots hold distinct
+sentinel keys below every real key. NaN pre-activations are not supported. Ids must be
+< 2^32; pointer offsets are int64 (row * stride, latent * d never overflow int32).
 
-Memory: besides the outputs only the candidate buffer, N * S * K_PAD * 8 bytes, where S is
-chosen so that (row blocks x S) fills the GPU about twice and the buffer stays under
-`_CANDIDATE_BUDGET` bytes (S >= 1 always). Example: N=4096, k=256, 132 SMs -> S=5 -> 42 MB;
-the N x L bf16 matrix at L=2^24 would be 128 GB.
+Memory bound, besides inputs and outputs: candidates N*S*K_PAD*8 bytes, tile scratch
+~N*S*BLOCK_L*4 bytes, thresholds N*S*8 bytes, i.e. O(N*S*(k + BLOCK_L)). S is chosen so that
+(row blocks x S) fills the GPU about twice and the total stays under `_CANDIDATE_BUDGET`
+(S >= 1 always). Example: N=4096, k=256, 132 SMs -> S=5 -> 63 MB; the N x L bf16 matrix
+at L=2^24 would be 128 GB.
 
 Under TRITON_INTERPRET=1 (CPU tests) the autotuner gets a single small feasible config, and
 tiles are upcast to fp32 before `tl.dot` because the interpreter's bf16 dot is wrong in
@@ -47,9 +51,10 @@ from triton.runtime.jit import constexpr_function
 
 # A split is a multiple of this many latents so every BLOCK_L tiles it evenly.
 _SPLIT_ALIGN = 256
-# Upper bound for the [N, S, K_PAD] int64 candidate buffer when choosing S.
+# Upper bound for the per-split buffers (candidates, tile scratch, minima) when choosing S.
 _CANDIDATE_BUDGET = 256 * 2**20
-# Widest latent tile of any config: row stride of the per-program tile scratch.
+# Largest tiles of any config: they size the tile scratch.
+_MAX_BLOCK_N = 128
 _MAX_BLOCK_L = 256
 # Rows merged at once when a tile has newcomers; divides every BLOCK_N.
 _MERGE_ROWS = 16
@@ -185,8 +190,8 @@ _SMEM_BYTES = 220 * 2**10  # H100: 227 KB per block, minus a little for reductio
 
 def _smem_estimate(config: triton.Config, elem_bytes: int) -> int:
     n, l, dd = config.kwargs["BLOCK_N"], config.kwargs["BLOCK_L"], config.kwargs["BLOCK_D"]
-    # pipelined operand stages + the fp32 tile staged for its TMA store to scratch
-    return config.num_stages * (n + l) * dd * elem_bytes + n * l * 4
+    # the pipelined operand stages dominate; merges reuse the same shared memory
+    return config.num_stages * (n + l) * dd * elem_bytes
 
 
 def _prune_configs(configs, named_args, **kwargs):
@@ -201,42 +206,43 @@ def _prune_configs(configs, named_args, **kwargs):
 
 @triton.jit
 def _merge_tile_rows(
-    tile_ptr, cand_ptr, thr_ptr, row0, split, tile_start, lat_stop,
+    tile_base, local_row0, cand_ptr, thr_ptr, row0, split, tile_start, lat_stop,
     N, n_splits,
-    K_PAD: tl.constexpr, SCAN_MAX: tl.constexpr, MERGE_ROWS: tl.constexpr,
-    BLOCK_L: tl.constexpr, TILE_STRIDE: tl.constexpr,
+    K_PAD: tl.constexpr, SCAN_MAX: tl.constexpr, MERGE_ROWS: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
     """Merge MERGE_ROWS rows of the parked tile into their candidate sets; store the new minima."""
     rows = (row0 + tl.arange(0, MERGE_ROWS)).to(tl.int64)
     row_ok = rows < N
     lats = tile_start + tl.arange(0, BLOCK_L).to(tl.int64)
-    lat_ok = lats < lat_stop
-    slots = tl.arange(0, K_PAD).to(tl.int64)
-    set_offs = (rows[:, None] * n_splits + split) * K_PAD + slots[None, :]
-    best = tl.load(cand_ptr + set_offs, mask=row_ok[:, None], other=_SENTINEL)
-    thr = tl.min(best, axis=1)
-    acc = tl.load(tile_ptr + (rows[:, None] * n_splits + split) * TILE_STRIDE + tl.arange(0, BLOCK_L)[None, :],
-                  mask=row_ok[:, None], other=float("-inf"))
-    valid = row_ok[:, None] & lat_ok[None, :]
-    keys = tl.where(valid, _pack_keys(acc, lats), _EMPTY)
-    n_hits = tl.max(tl.sum((keys > thr[:, None]).to(tl.int32), axis=1), axis=0)
-    if n_hits > SCAN_MAX:
-        if BLOCK_L > K_PAD:
-            top = _topk_keys(keys, K_PAD)
-        else:
-            top = keys
-        best = _union_topk(best, top, MERGE_ROWS, K_PAD)
-    else:
-        # Few newcomers: move each row's best remaining key into its set's min slot.
-        for _ in range(n_hits):
-            m = tl.max(keys, axis=1)
-            take = (m > thr)[:, None] & (best == thr[:, None])
-            best = tl.where(take, m[:, None], best)
-            keys = tl.where(keys == m[:, None], _EMPTY, keys)
-            thr = tl.min(best, axis=1)
+    valid = row_ok[:, None] & (lats < lat_stop)[None, :]
+    local_rows = local_row0 + tl.arange(0, MERGE_ROWS)
+    acc = tl.load(tile_base + local_rows[:, None] * BLOCK_L + tl.arange(0, BLOCK_L)[None, :])
+    thr = tl.load(thr_ptr + rows * n_splits + split, mask=row_ok, other=_SENTINEL)
+    # Usually one row of the block had a newcomer: most row groups have nothing to do.
+    not_full = thr < _SENTINEL + K_PAD
+    hit = valid & ((acc > _key_values(thr)[:, None]) | not_full[:, None])
+    n_hits = tl.max(tl.sum(hit.to(tl.int32), axis=1), axis=0)
     if n_hits > 0:
+        slots = tl.arange(0, K_PAD).to(tl.int64)
+        set_offs = (rows[:, None] * n_splits + split) * K_PAD + slots[None, :]
+        best = tl.load(cand_ptr + set_offs, mask=row_ok[:, None], other=_SENTINEL)
+        keys = tl.where(valid, _pack_keys(acc, lats), _EMPTY)
+        if n_hits > SCAN_MAX:
+            if BLOCK_L > K_PAD:
+                top = _topk_keys(keys, K_PAD)
+            else:
+                top = keys
+            best = _union_topk(best, top, MERGE_ROWS, K_PAD)
+        else:
+            # Few newcomers: move each row's best remaining key into its set's min slot.
+            for _ in range(n_hits):
+                m = tl.max(keys, axis=1)
+                take = (m > thr)[:, None] & (best == thr[:, None])
+                best = tl.where(take, m[:, None], best)
+                keys = tl.where(keys == m[:, None], _EMPTY, keys)
+                thr = tl.min(best, axis=1)
         tl.store(cand_ptr + set_offs, best, mask=row_ok[:, None])
-    tl.store(thr_ptr + rows * n_splits + split, tl.min(best, axis=1), mask=row_ok)
+        tl.store(thr_ptr + rows * n_splits + split, tl.min(best, axis=1), mask=row_ok)
 
 
 @triton.autotune(
@@ -255,7 +261,6 @@ def _encode_tiles_kernel(
     DOT_FP32: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     MERGE_ROWS: tl.constexpr,
-    TILE_STRIDE: tl.constexpr,
     USE_TMA: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_L: tl.constexpr,
@@ -276,16 +281,16 @@ def _encode_tiles_kernel(
                  mask=(sub_rows < N)[:, None])
     thr = tl.full((BLOCK_N,), _SENTINEL, tl.int64)
     thr_val = tl.full((BLOCK_N,), float("-inf"), tl.float32)
+    tl.store(thr_ptr + rows * n_splits + split, thr, mask=row_ok)
     tl.debug_barrier()
     if USE_TMA:
         x_desc = tl.make_tensor_descriptor(x_ptr, shape=[N, d], strides=[stride_xn, 1],
                                            block_shape=[BLOCK_N, BLOCK_D])
         w_desc = tl.make_tensor_descriptor(w_ptr, shape=[L, d], strides=[stride_wl, 1],
                                            block_shape=[BLOCK_L, BLOCK_D])
-        # Scratch viewed as [N, n_splits * TILE_STRIDE]; rows past N are clipped by TMA.
-        tile_desc = tl.make_tensor_descriptor(tile_ptr, shape=[N, n_splits * TILE_STRIDE],
-                                              strides=[n_splits * TILE_STRIDE, 1],
-                                              block_shape=[BLOCK_N, BLOCK_L])
+
+    tile_base = tile_ptr + (pid_n * n_splits + split).to(tl.int64) * (BLOCK_N * BLOCK_L)
+    tile_offs = tl.arange(0, BLOCK_N)[:, None] * BLOCK_L + tl.arange(0, BLOCK_L)[None, :]
 
     lat_start = split.to(tl.int64) * split_len
     lat_stop = tl.minimum(lat_start + split_len, L)
@@ -331,15 +336,15 @@ def _encode_tiles_kernel(
         if tl.max(tl.sum(hit.to(tl.int32), axis=1), axis=0) > 0:
             # Rare once warmed up. Park the tile in this program's scratch and merge it
             # MERGE_ROWS rows at a time: int64 keys for a whole 128x128 tile would spill.
-            if USE_TMA:  # a [BLOCK_N, BLOCK_L] pointer tensor alone would take 128 registers
-                tile_desc.store([pid_n * BLOCK_N, split * TILE_STRIDE], acc)
-            else:
-                tile_offs = (rows[:, None] * n_splits + split) * TILE_STRIDE + tl.arange(0, BLOCK_L)[None, :]
-                tl.store(tile_ptr + tile_offs, acc, mask=row_ok[:, None])
+            # The program's scratch is a dense [BLOCK_N, BLOCK_L] block: compile-time offsets
+            # from one base pointer, no mask, so the store needs no per-element address registers.
+            # (A TMA store would be cheaper still, but its completion isn't ordered before the
+            # plain loads below.)
+            tl.store(tile_base + tile_offs, acc)
             tl.debug_barrier()
             for r0 in range(0, BLOCK_N, MERGE_ROWS):
-                _merge_tile_rows(tile_ptr, cand_ptr, thr_ptr, pid_n * BLOCK_N + r0, split, tile_start, lat_stop,
-                                 N, n_splits, K_PAD, SCAN_MAX, MERGE_ROWS, BLOCK_L, TILE_STRIDE)
+                _merge_tile_rows(tile_base, r0, cand_ptr, thr_ptr, pid_n * BLOCK_N + r0, split, tile_start, lat_stop,
+                                 N, n_splits, K_PAD, SCAN_MAX, MERGE_ROWS, BLOCK_L)
             tl.debug_barrier()  # sets and minima were written by other threads
             thr = tl.load(thr_ptr + rows * n_splits + split, mask=row_ok, other=_SENTINEL)
             thr_val = _key_values(thr)
@@ -453,14 +458,18 @@ def topk_encode_triton(
         split_len = _choose_split_len(n_rows, n_latents, k_pad, device)
     n_splits = triton.cdiv(n_latents, split_len)
     candidates = torch.empty(n_rows, n_splits, k_pad, dtype=torch.int64, device=device)
-    tiles = torch.empty(n_rows, n_splits, _MAX_BLOCK_L, dtype=torch.float32, device=device)
+    # Scratch for tiles being merged: one dense [BLOCK_N, BLOCK_L] block per program.
+    tiles = torch.empty(triton.cdiv(n_rows, _MAX_BLOCK_N) * _MAX_BLOCK_N * n_splits * _MAX_BLOCK_L,
+                        dtype=torch.float32, device=device)
     minima = torch.empty(n_rows, n_splits, dtype=torch.int64, device=device)
 
     if use_tma is None:
         use_tma = _tma_possible(x, weight)
     if use_tma:
         _install_allocator()
-    grid = lambda meta: (triton.cdiv(n_rows, meta["BLOCK_N"]), n_splits)  # noqa: E731
+    def grid(meta: dict) -> tuple[int, int]:  # row blocks fastest: concurrent programs share weight tiles
+        return triton.cdiv(n_rows, meta["BLOCK_N"]), n_splits
+
     _encode_tiles_kernel[grid](
         x, weight, bias if bias is not None else x, candidates, tiles, minima,
         n_rows, n_latents, d, k, split_len, n_splits,
@@ -471,7 +480,6 @@ def topk_encode_triton(
         DOT_FP32=_INTERPRET and dtype != torch.float32,
         INPUT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
         MERGE_ROWS=_MERGE_ROWS,
-        TILE_STRIDE=_MAX_BLOCK_L,
         USE_TMA=use_tma,
     )
 

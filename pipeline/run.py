@@ -24,7 +24,8 @@ from pipeline.corpus import CorpusError, Quarantined, resolve_corpus
 from pipeline.dispatch import RayDispatcher
 from pipeline.ledger import FileRecord, Ledger
 from pipeline.model import load_tokenizer, model_identity
-from pipeline.packing import Shard, plan_shards
+from pipeline.packing import Shard
+from pipeline.token_cache import cached_plan_shards as plan_shards
 from pipeline.sink import RunStore, storage_options
 from pipeline.worker import ShardPayload, ShardResult
 
@@ -110,7 +111,7 @@ class Progress:
             fraction = summary.tokens / self.total_tokens
         else:
             fraction = summary.planned_bytes / self.total_bytes if self.total_bytes else 0.0
-        eta = elapsed * (1 - fraction) / fraction if fraction > 0 else float("nan")
+        eta = max(0.0, elapsed * (1 - fraction) / fraction) if fraction > 0 else float("nan")
         eta_text = "?" if math.isnan(eta) else f"{eta:,.0f}s"
         print(
             f"[{self.run_id}] shards {summary.shards_done} done, {summary.shards_skipped} skipped | "
