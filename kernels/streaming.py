@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import torch
 
-
 # Wide enough that the matmul dominates the selection work, small enough that the [N, chunk]
 # block stays a modest buffer; on GPU the Triton kernel is used instead.
 DEFAULT_CHUNK = 16384
@@ -40,7 +39,7 @@ def decode_keys(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return bits.view(torch.float32), ids
 
 
-def _chunk_keys(pre: torch.Tensor, start: int, k: int) -> torch.Tensor:
+def _chunk_keys(pre: torch.Tensor, start: int, k: int, floor: torch.Tensor | None = None) -> torch.Tensor:
     """Keys of the exact top-min(k, width) of one chunk whose first latent id is `start`.
 
     `torch.topk` over a wide chunk costs about as much as the matmul that produced it on CPU,
@@ -49,6 +48,10 @@ def _chunk_keys(pre: torch.Tensor, start: int, k: int) -> torch.Tensor:
     group (larger max, or equal max and lower index) holds a distinct latent that beats it, so
     fewer than k groups rank above its group. Rows where the k-th and (k+1)-th group maxima
     tie are searched in full.
+
+    `floor` [N, 1] is the running k-th best value: a chunk's latent must beat it strictly to
+    enter (on a tie the earlier, lower id wins), so only groups whose max exceeds it matter, and
+    once the running top-k is good most rows have few such groups.
     """
     n, width = pre.shape
     n_groups = width // GROUP
@@ -56,7 +59,19 @@ def _chunk_keys(pre: torch.Tensor, start: int, k: int) -> torch.Tensor:
         ids = torch.arange(start, start + width, device=pre.device).expand(n, width)
         return torch.topk(order_keys(pre, ids), min(k, width), dim=1).values
     grouped = pre.view(n, n_groups, GROUP)
-    group_max, group_ids = torch.topk(grouped.amax(dim=2), k + 1, dim=1)
+    maxima = grouped.amax(dim=2)
+    wanted = k
+    if floor is not None:
+        # The most groups any row can still use; each row's usable groups are its largest.
+        wanted = min(k, int((maxima > floor).sum(dim=1).max()))
+        if wanted == 0:
+            return torch.empty(n, 0, dtype=torch.int64, device=pre.device)
+    if wanted < k:  # every usable group is among each row's top `wanted`: no tie can drop one
+        group_ids = torch.topk(maxima, wanted, dim=1, sorted=False).indices
+        candidates = grouped.gather(1, group_ids[:, :, None].expand(-1, -1, GROUP)).reshape(n, wanted * GROUP)
+        candidate_ids = start + (group_ids[:, :, None] * GROUP + torch.arange(GROUP, device=pre.device)).reshape(n, -1)
+        return torch.topk(order_keys(candidates, candidate_ids), min(k, wanted * GROUP), dim=1).values
+    group_max, group_ids = torch.topk(maxima, k + 1, dim=1)
     group_ids = group_ids[:, :k]
     candidates = grouped.gather(1, group_ids[:, :, None].expand(-1, -1, GROUP)).reshape(n, k * GROUP)
     candidate_ids = start + (group_ids[:, :, None] * GROUP + torch.arange(GROUP, device=pre.device)).reshape(n, -1)
@@ -90,7 +105,8 @@ def topk_encode_streaming(
         stop = min(start + chunk, n_latents)
         w = weight[start:stop].float()
         pre = torch.addmm(bias[start:stop].float(), xf, w.T) if bias is not None else xf @ w.T
-        keys = _chunk_keys(pre, start, k)
+        floor = decode_keys(best[:, k - 1:k])[0] if best is not None and best.shape[1] == k else None
+        keys = _chunk_keys(pre, start, k, floor)
         if best is not None:
             merged = torch.cat([best, keys], dim=1)
             keys = torch.topk(merged, min(k, merged.shape[1]), dim=1).values

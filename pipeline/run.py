@@ -25,8 +25,8 @@ from pipeline.dispatch import RayDispatcher
 from pipeline.ledger import FileRecord, Ledger
 from pipeline.model import load_tokenizer, model_identity
 from pipeline.packing import Shard
-from pipeline.token_cache import cached_plan_shards as plan_shards
 from pipeline.sink import RunStore, storage_options
+from pipeline.token_cache import cached_plan_shards as plan_shards
 from pipeline.worker import ShardPayload, ShardResult
 
 SECRET_KEY = re.compile(r"(secret|password|passwd|credential|access_key|session_token|api_key|private_key)", re.IGNORECASE)
@@ -194,11 +194,14 @@ def make_actor_class():
                 sae.backend = cfg.sae.backend
                 saes[hook] = sae
             store = RunStore(cfg.sink, cfg.run_id)
+            self.run_id = cfg.run_id
             self.worker = ShardWorker(model, saes, store, cfg.model.batch_size, device, cfg.faults)
 
         def process(self, payload: ShardPayload) -> ShardResult:
             result = self.worker.process(payload)
             result.node = ray.get_runtime_context().get_node_id()
+            what = "already committed" if result.skipped else f"{result.tokens} tokens in {result.seconds:.1f}s"
+            print(f"[{self.run_id}] shard {payload.shard_id:06d}: {what}", flush=True)  # worker log: run + shard
             return result
 
     return HarvestActor

@@ -91,21 +91,31 @@ class SAE:
             return x * coeff, {"coeff": coeff}
         return x, {}
 
+    def encoder_input(self, x: torch.Tensor, k: int) -> torch.Tensor:
+        """What the top-k sees: the input normalized per `input_norm`, minus `b_pre` (fp32)."""
+        if x.shape[-1] != self.d_in:
+            raise ValueError(f"input has width {x.shape[-1]} but the SAE expects d_in={self.d_in}")
+        if not 1 <= k <= self.n_latents:
+            raise ValueError(f"k={k} must be between 1 and the number of latents ({self.n_latents})")
+        x_n, _ = self.normalize(x)
+        return x_n - self.b_pre.float() if self.b_pre is not None else x_n
+
+    def activate(self, values: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """The activation applied to the selected pre-activations.
+
+        ReLU is monotone, so "ReLU then top-k" selects the same ids as "top-k then ReLU"; the
+        two orders differ only in which ids are reported among entries that are <= 0."""
+        values = values.clamp_min(0.0)
+        if self.latent_scale is not None:
+            values = values * self.latent_scale.float()[ids.long()]
+        return values
+
     def encode(self, x: torch.Tensor, k: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """x [N, d] -> (values fp32 [N, k] descending, latent ids int32 [N, k])."""
         k = self.k if k is None else k
-        if x.shape[-1] != self.d_in:
-            raise ValueError(f"input has width {x.shape[-1]} but the SAE expects d_in={self.d_in}")
-        x_n, _ = self.normalize(x)
-        if self.b_pre is not None:
-            x_n = x_n - self.b_pre.float()
+        x_n = self.encoder_input(x, k)
         values, ids = kernels.topk_encode(x_n, self.W_enc, self.b_enc, k, backend=self.backend)
-        # ReLU is monotone, so "ReLU then top-k" selects the same ids as "top-k then ReLU";
-        # the two orders differ only in which ids are reported among entries that are <= 0.
-        values = values.clamp_min_(0.0)
-        if self.latent_scale is not None:
-            values = values * self.latent_scale.float()[ids.long()]
-        return values, ids
+        return self.activate(values, ids), ids
 
     def decode(self, values: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Reconstruction in the normalized input space (plus b_dec): [N, d] fp32."""

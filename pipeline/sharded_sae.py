@@ -262,20 +262,11 @@ class ShardedSAE:
         import ray
 
         k = self.k if k is None else k
-        if x.shape[-1] != self.d_in:
-            raise ValueError(f"input has width {x.shape[-1]} but the SAE expects d_in={self.d_in}")
-        if not 1 <= k <= self.n_latents:
-            raise ValueError(f"k={k} must be between 1 and the number of latents ({self.n_latents})")
-        # Mirrors SAE.encode around its topk_encode call; tests pin the two to equal outputs.
-        x_n, _ = self.sae.normalize(x.cpu())
-        if self.sae.b_pre is not None:
-            x_n = x_n - self.sae.b_pre.float()
+        x_n = self.sae.encoder_input(x.cpu(), k)  # the SAE's own semantics around the top-k
         x_ref = ray.put(x_n)  # one copy in the object store, shared by every actor
         parts = ray.get([actor.encode_part.remote(x_ref, k) for actor in self.actors])
         values, ids = merge_topk(parts, k)
-        values = values.clamp_min_(0.0)  # ReLU after selection, as SAE.encode
-        if self.sae.latent_scale is not None:
-            values = values * self.sae.latent_scale.float()[ids.long()]
+        values = self.sae.activate(values, ids)
         return values.to(x.device), ids.to(x.device)
 
     def decode(self, values: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:

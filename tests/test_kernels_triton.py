@@ -11,6 +11,9 @@ Exactness: with small-integer inputs every dot product is exact in fp32 whatever
 summation order, so ids *and* values must equal the reference bit for bit, ties (plentiful
 with integers, including ties straddling the k-th place) included. Random inputs are checked
 to tolerance, with ids exact wherever the reference values are not near-ties.
+
+The interpreter never runs GPU code generation, so one test compiles the real sm_90 path
+(TMA loads, wgmma) in a subprocess with the ptxas that ships with triton; no GPU needed.
 """
 from __future__ import annotations
 

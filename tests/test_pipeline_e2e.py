@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +16,7 @@ import pytest
 import torch
 
 from pipeline.config import ClusterConfig, CorpusConfig, ModelConfig, RunConfig, SAEConfig, SinkConfig
-from pipeline.sink import latents_schema, CONTEXTS_SCHEMA
+from pipeline.sink import CONTEXTS_SCHEMA, latents_schema
 
 pytestmark = pytest.mark.slow
 

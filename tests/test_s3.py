@@ -51,7 +51,7 @@ def s3_server(tmp_path_factory):
                 break
             except OSError:
                 if proc.poll() is not None:
-                    raise RuntimeError(f"moto_server exited with {proc.returncode}")
+                    raise RuntimeError(f"moto_server exited with {proc.returncode}") from None
                 time.sleep(0.1)
         else:
             raise RuntimeError("moto_server did not answer")
