@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kernels.streaming import DEFAULT_CHUNK, topk_encode_streaming  # noqa: E402
+from kernels.streaming import default_chunk, topk_encode_streaming  # noqa: E402
 from pipeline.config import CorpusConfig, ModelConfig, SinkConfig  # noqa: E402
 
 
@@ -44,7 +44,7 @@ def bench_encode(n: int, d: int, L: int, k: int, repeats: int) -> dict:
     x = torch.randn(n, d, generator=g)
     w = torch.randn(L, d, generator=g) / d**0.5
     b = torch.randn(L, generator=g) * 0.01
-    chunk = DEFAULT_CHUNK
+    chunk = default_chunk(n)
 
     def matmul_chunked():  # the same products the streaming encode computes, nothing else
         for s in range(0, L, chunk):
@@ -72,9 +72,9 @@ def default_contexts(tokenizer, n_tokens: int, ctx_len: int) -> list[np.ndarray]
 def bench_worker(n_tokens: int, repeats: int, hookpoint: str = "layers.12") -> dict:
     from pipeline.harvest import Harvester
     from pipeline.model import load_model, load_tokenizer
+    from pipeline.sae import random_sae
     from pipeline.sink import RunStore
     from pipeline.worker import ShardPayload, ShardWorker
-    from tests.conftest import random_sae
 
     model_cfg = ModelConfig()
     tokenizer = load_tokenizer(model_cfg)

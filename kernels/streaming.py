@@ -15,9 +15,12 @@ from __future__ import annotations
 
 import torch
 
-# Wide enough that the matmul dominates the selection work, small enough that the [N, chunk]
-# block stays a modest buffer; on GPU the Triton kernel is used instead.
-DEFAULT_CHUNK = 16384
+# Chunk width: wide enough that the matmul dominates the selection work (measured by
+# bench/cpu.py: 32768 latents per chunk at N=4096 keeps encode within 1.1x of the bare matmul),
+# capped so the [N, chunk] fp32 block stays within CHUNK_ELEMENTS (512 MB) whatever N is.
+MAX_CHUNK = 32768
+MIN_CHUNK = 2048
+CHUNK_ELEMENTS = 1 << 27
 # Group size of the prefilter below: one `amax` per group of this many latents.
 GROUP = 32
 _LOW32 = 0xFFFFFFFF
@@ -39,6 +42,25 @@ def decode_keys(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return bits.view(torch.float32), ids
 
 
+def _topk_keys(values: torch.Tensor, ids: torch.Tensor, k: int) -> torch.Tensor:
+    """Keys of the exact top-min(k, width) of `values` (ids alongside), cheaply.
+
+    A float `torch.topk` with one extra value finds the top-k *set* whenever the k-th and
+    (k+1)-th values differ; only rows where they tie (rare on real data) need keys over the
+    whole row. Building keys for k entries instead of the whole width saves most of the work.
+    """
+    width = values.shape[1]
+    if width <= k:
+        return torch.topk(order_keys(values, ids), width, dim=1).values
+    top_values, columns = torch.topk(values, k + 1, dim=1, sorted=True)
+    # Equal values inside the top-k come back from torch.topk in no particular id order: sort keys.
+    keys = torch.sort(order_keys(top_values[:, :k], ids.gather(1, columns[:, :k])), dim=1, descending=True).values
+    tied = (top_values[:, k - 1] == top_values[:, k]).nonzero().squeeze(1)
+    if len(tied):
+        keys[tied] = torch.topk(order_keys(values[tied], ids[tied]), k, dim=1).values
+    return keys
+
+
 def _chunk_keys(pre: torch.Tensor, start: int, k: int, floor: torch.Tensor | None = None) -> torch.Tensor:
     """Keys of the exact top-min(k, width) of one chunk whose first latent id is `start`.
 
@@ -55,9 +77,8 @@ def _chunk_keys(pre: torch.Tensor, start: int, k: int, floor: torch.Tensor | Non
     """
     n, width = pre.shape
     n_groups = width // GROUP
-    if width % GROUP or n_groups < 4 * (k + 1):  # ragged, or too few groups to gain anything
-        ids = torch.arange(start, start + width, device=pre.device).expand(n, width)
-        return torch.topk(order_keys(pre, ids), min(k, width), dim=1).values
+    if width % GROUP or n_groups < 2 * (k + 1):  # ragged, or too few groups to gain anything
+        return _topk_keys(pre, torch.arange(start, start + width, device=pre.device).expand(n, width), k)
     grouped = pre.view(n, n_groups, GROUP)
     maxima = grouped.amax(dim=2)
     wanted = k
@@ -70,12 +91,12 @@ def _chunk_keys(pre: torch.Tensor, start: int, k: int, floor: torch.Tensor | Non
         group_ids = torch.topk(maxima, wanted, dim=1, sorted=False).indices
         candidates = grouped.gather(1, group_ids[:, :, None].expand(-1, -1, GROUP)).reshape(n, wanted * GROUP)
         candidate_ids = start + (group_ids[:, :, None] * GROUP + torch.arange(GROUP, device=pre.device)).reshape(n, -1)
-        return torch.topk(order_keys(candidates, candidate_ids), min(k, wanted * GROUP), dim=1).values
+        return _topk_keys(candidates, candidate_ids, k)
     group_max, group_ids = torch.topk(maxima, k + 1, dim=1)
     group_ids = group_ids[:, :k]
     candidates = grouped.gather(1, group_ids[:, :, None].expand(-1, -1, GROUP)).reshape(n, k * GROUP)
     candidate_ids = start + (group_ids[:, :, None] * GROUP + torch.arange(GROUP, device=pre.device)).reshape(n, -1)
-    keys = torch.topk(order_keys(candidates, candidate_ids), k, dim=1).values
+    keys = _topk_keys(candidates, candidate_ids, k)
     tied = (group_max[:, k - 1] == group_max[:, k]).nonzero().squeeze(1)
     if len(tied):
         ids = torch.arange(start, start + width, device=pre.device).expand(len(tied), width)
@@ -83,12 +104,18 @@ def _chunk_keys(pre: torch.Tensor, start: int, k: int, floor: torch.Tensor | Non
     return keys
 
 
+def default_chunk(n_rows: int) -> int:
+    """Latents per chunk for `n_rows` inputs: MAX_CHUNK, less when N x chunk would pass the budget."""
+    fits = CHUNK_ELEMENTS // max(1, n_rows) // GROUP * GROUP
+    return max(MIN_CHUNK, min(MAX_CHUNK, fits))
+
+
 def topk_encode_streaming(
     x: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
     k: int,
-    chunk: int = DEFAULT_CHUNK,
+    chunk: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k of `x @ weight.T + bias` over latents; returns (values fp32 [N,k], ids int32 [N,k]).
 
@@ -99,6 +126,8 @@ def topk_encode_streaming(
         raise ValueError(f"k={k} must be between 1 and the number of latents ({n_latents})")
     if n_latents >= 1 << 32:
         raise ValueError(f"{n_latents} latents: ids must fit in 32 bits")
+    if chunk is None:
+        chunk = default_chunk(x.shape[0])
     xf = x.float()
     best = None
     for start in range(0, n_latents, chunk):

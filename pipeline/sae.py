@@ -149,6 +149,15 @@ class SAE:
         return path
 
 
+def random_sae(d_in: int, n_latents: int, k: int, seed: int = 0, hookpoint: str | None = None) -> SAE:
+    """An untrained SAE with unit-norm tied rows: for tests and benchmarks (same cost as a trained one)."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n_latents, d_in, generator=g)
+    w = w / w.norm(dim=1, keepdim=True)
+    return SAE(W_enc=w.clone(), b_enc=0.01 * torch.randn(n_latents, generator=g), W_dec=w.clone(),
+               b_dec=0.01 * torch.randn(d_in, generator=g), k=k, hookpoint=hookpoint)
+
+
 def sha256_of_files(paths: list[Path]) -> str:
     """One digest over the given files in order (content only), streamed."""
     digest = hashlib.sha256()

@@ -14,6 +14,8 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from pipeline.sae import random_sae  # noqa: E402
+
 torch.set_num_threads(1)
 
 TEXTS = [
@@ -71,21 +73,11 @@ def tiny_corpus(tmp_path_factory) -> Path:
     return folder
 
 
-def random_sae(d_in: int, n_latents: int, k: int, seed: int = 0, hookpoint: str | None = None):
-    from pipeline.sae import SAE
-
-    g = torch.Generator().manual_seed(seed)
-    w = torch.randn(n_latents, d_in, generator=g)
-    w = w / w.norm(dim=1, keepdim=True)
-    return SAE(W_enc=w.clone(), b_enc=0.01 * torch.randn(n_latents, generator=g), W_dec=w.clone(),
-               b_dec=0.01 * torch.randn(d_in, generator=g), k=k, hookpoint=hookpoint)
-
-
 @pytest.fixture(scope="session")
 def tiny_sae_dir(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("saes")
-    for hook in ("layers.1", "layers.2"):
-        random_sae(32, 96, 8, seed=hash(hook) % 1000, hookpoint=hook).save(folder / hook)
+    for seed, hook in enumerate(("layers.1", "layers.2")):
+        random_sae(32, 96, 8, seed=seed, hookpoint=hook).save(folder / hook)
     return folder
 
 

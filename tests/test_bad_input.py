@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import ClusterConfig, CorpusConfig, ModelConfig, RunConfig, SAEConfig, SinkConfig
-from tests.conftest import random_sae
+from pipeline.sae import random_sae
 
 
 def cfg_for(model_dir, corpus_paths, sae_path, out, hooks=("layers.1",), run_id="bad") -> RunConfig:

@@ -7,6 +7,7 @@ they are placeholders in sys.modules so `delphi.latents.loader` imports. The cod
 is delphi's real code."""
 from __future__ import annotations
 
+import importlib.machinery
 import importlib.util
 import json
 import sys
@@ -22,22 +23,23 @@ from pipeline.postprocess import postprocess
 pytestmark = pytest.mark.slow
 
 
-def import_delphi_loader():
+def import_delphi_loader(monkeypatch):
     if importlib.util.find_spec("delphi") is None:
         pytest.skip("eai-delphi is not installed (pip install --no-deps eai-delphi jaxtyping wadler_lindig "
                     "asyncer sniffio simple-parsing docstring_parser orjson)")
     for name in ("faiss", "sentence_transformers", "blobfile"):
         if importlib.util.find_spec(name) is None and name not in sys.modules:
             placeholder = types.ModuleType(name)
+            placeholder.__spec__ = importlib.machinery.ModuleSpec(name, None)  # find_spec() must not raise
             placeholder.SentenceTransformer = object
-            sys.modules[name] = placeholder
+            monkeypatch.setitem(sys.modules, name, placeholder)  # removed again after the test
     from delphi.latents import loader
 
     return loader
 
 
-def test_delphi_reads_our_export(tmp_path, ray_local):
-    loader = import_delphi_loader()
+def test_delphi_reads_our_export(tmp_path, ray_local, monkeypatch):
+    loader = import_delphi_loader(monkeypatch)
     import torch
 
     store = make_run(tmp_path / "runs", "dx", n_shards=3)

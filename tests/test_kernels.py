@@ -16,7 +16,7 @@ GRID = [
     (64, 32, 1000, 32, 128),
     (16, 8, 300, 96, 64),  # k larger than a chunk
     (5, 8, 40, 40, 16),  # k == L
-    # Chunks wide enough for the group-max prefilter (>= 4 (k+1) groups of 32 latents)
+    # Chunks wide enough for the group-max prefilter (>= 2 (k+1) groups of 32 latents)
     (40, 16, 3000, 3, 1024),
     (17, 8, 9000, 7, 2048),  # last chunk ragged: exact path for it
 ]
@@ -80,6 +80,16 @@ def test_group_prefilter_with_ties_between_group_maxima():
     values, ids = topk_encode_streaming(x, w, None, 5, chunk=4096)
     assert ids.tolist() == [[4000, 0, 32, 64, 96]] * 4
     assert values.tolist() == [[2.0, 1.0, 1.0, 1.0, 1.0]] * 4
+
+
+def test_ties_inside_the_topk_are_ordered_by_id_in_a_single_chunk():
+    # No tie at the k-th place, but ties inside the top-k: order must still be by id.
+    x = torch.ones(2, 1)
+    w = torch.zeros(500, 1)
+    w[[400, 7, 250, 3]] = 5.0
+    w[100] = 9.0
+    values, ids = topk_encode_streaming(x, w, None, 5)
+    assert ids.tolist() == [[100, 3, 7, 250, 400]] * 2
 
 
 def test_ties_across_chunks_keep_lower_id():

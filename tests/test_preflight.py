@@ -17,7 +17,7 @@ from pipeline.preflight import (
     meta_model,
     model_shape,
 )
-from tests.conftest import random_sae
+from pipeline.sae import random_sae
 
 
 def model_cfg(folder, dtype="float32") -> ModelConfig:

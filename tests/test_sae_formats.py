@@ -333,7 +333,7 @@ def test_transformer_lens_hook_names():
 
 
 def test_own_format_still_loads(tmp_path):
-    from tests.conftest import random_sae
+    from pipeline.sae import random_sae
 
     random_sae(D, L, K, hookpoint="layers.1").save(tmp_path / "own" / "layers.1")
     sae = load_sae(tmp_path / "own", hookpoint="layers.1")
