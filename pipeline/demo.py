@@ -18,6 +18,11 @@ def pick_latents(ids: np.ndarray, acts: np.ndarray, n_tokens: int, how_many: int
     candidates = np.nonzero((density >= 1e-3) & (density <= 2e-2) & (max_act > 0))[0]
     if len(candidates) < how_many:
         candidates = np.nonzero(counts > 0)[0]
+    # Tokens with massive residual norms (digits, separators) give some latents activations
+    # ~100x the typical maximum; they say little about meaning, so leave them out of the show.
+    typical = float(np.median(max_act[candidates])) if len(candidates) else 0.0
+    if typical > 0:
+        candidates = candidates[max_act[candidates] <= 20 * typical]
     # Spread the choice over the candidates ranked by max activation, deterministically.
     ranked = candidates[np.argsort(-max_act[candidates], kind="stable")]
     step = max(1, len(ranked) // how_many)
