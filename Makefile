@@ -9,10 +9,13 @@ export TOKENIZERS_PARALLELISM := false
 export RAY_USAGE_STATS_ENABLED := 0
 # Reference libraries the comparison tests run against (tests/test_sae_formats.py,
 # tests/test_delphi_export.py). Installed without their own dependency trees, which would pull
-# vllm or another torch build: only what their encode / cache-loader code imports.
-REFERENCE_LIBS := sae-lens transformer-lens eai-delphi datasets einops fancy-einsum better-abc \
-	jaxtyping wadler-lindig beartype typeguard wandb asyncer sniffio simple-parsing docstring-parser \
-	orjson dill multiprocess xxhash importlib-resources
+# vllm or another torch build: only what their encode / cache-loader code imports, pinned to
+# versions that import together (transformer-lens 4 breaks sae-lens 6).
+REFERENCE_LIBS := sae-lens==6.54.12 transformer-lens==3.9.0 eai-delphi==0.1.3 datasets==5.2.0 \
+	einops==0.8.2 fancy-einsum==0.0.3 better-abc==0.0.3 jaxtyping==0.3.11 wadler-lindig==0.1.8 \
+	beartype==0.23.1 typeguard==4.6.1 wandb==0.31.0 asyncer==0.0.18 sniffio==1.3.1 simple-parsing==0.1.9 \
+	docstring-parser==0.18.0 orjson==3.13.0 dill==0.4.1 multiprocess==0.70.19 xxhash==4.1.0 \
+	importlib-resources==7.1.0
 
 .PHONY: setup demo test test-fast bench bench-gpu lint clean
 

@@ -72,13 +72,32 @@ def storage_options(cfg: SinkConfig) -> dict:
     return {}
 
 
+TRANSIENT_S3_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "RequestTimeTooSkewed",
+                      "InternalError", "ServiceUnavailable", "503", "500"}
+
+
+def is_transient(err: BaseException) -> bool:
+    """Worth retrying: I/O and timeouts (s3fs maps most botocore errors to OSError), and botocore
+    ClientErrors that S3 documents as transient, which s3fs sometimes lets through as they are."""
+    if isinstance(err, (FileNotFoundError, PermissionError)):
+        return False
+    if isinstance(err, (OSError, TimeoutError)):
+        return True
+    response = getattr(err, "response", None)
+    if isinstance(response, dict):
+        code = str(response.get("Error", {}).get("Code", ""))
+        status = response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0
+        return code in TRANSIENT_S3_CODES or status >= 500
+    return False
+
+
 def with_retries(what: str, fn: Callable[[], T], retries: int, base_delay: float = 0.2) -> T:
     """Retry transient I/O errors with exponential backoff and jitter; the last error propagates."""
     for attempt in range(retries + 1):
         try:
             return fn()
-        except (OSError, TimeoutError) as err:  # botocore/aiohttp errors surface as OSError via s3fs
-            if attempt == retries or isinstance(err, (FileNotFoundError, PermissionError)):
+        except Exception as err:
+            if attempt == retries or not is_transient(err):
                 raise
             delay = base_delay * (2**attempt) * (0.5 + random.random())
             print(f"[sink] {what}: {type(err).__name__}: {err}; retry {attempt + 1}/{retries} in {delay:.2f}s", flush=True)

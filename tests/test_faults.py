@@ -80,7 +80,8 @@ def test_worker_killed_mid_shard_is_redone_without_duplicates(clean_run, tmp_pat
     root = tmp_path / "out" / "same"
     assert_exactly_once(root)
     assert data_checksums(root) == reference
-    assert summary.shards_done == len(list((root / "_commits").glob("*.json")))
+    # A task that had committed when its actor died is retried and finds its marker: "skipped".
+    assert summary.shards_done + summary.shards_skipped == len(list((root / "_commits").glob("*.json")))
 
 
 def test_crash_between_parts_and_commit_leaves_nothing_visible(clean_run, tmp_path):
