@@ -2,6 +2,9 @@
 that the features mean something. Reads the run's committed output like any downstream job."""
 from __future__ import annotations
 
+import os
+import sys
+
 import numpy as np
 
 from pipeline.config import RunConfig
@@ -72,3 +75,6 @@ def show_top_contexts(cfg: RunConfig, hookpoint: str | None = None) -> None:
             shown += 1
             if shown == demo.show_contexts:
                 break
+    python = os.path.relpath(sys.executable)
+    print(f"\nMore: {python} -m pipeline.postprocess run_id={cfg.run_id} && "
+          f"{python} -m pipeline.browser run_id={cfg.run_id} out=out/{cfg.run_id}_site  (a page per latent)")
