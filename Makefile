@@ -44,8 +44,11 @@ test: setup
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow"
 
+# Each prints ratios measured side by side in one run and keeps its output in bench/results/.
 bench: setup
 	$(PY) bench/cpu.py
+	$(PY) bench/storage.py | tee bench/results/storage.txt
+	$(PY) bench/driver.py --shards 1000000 | tee bench/results/driver.txt
 	$(PY) bench/encode_gpu.py --quick
 
 bench-gpu: setup
