@@ -130,32 +130,35 @@ def prepare_saes(cfg: RunConfig, files, tokenizer, identity: dict, log=print) ->
         return sae_paths(cfg)
     import torch
 
-    from pipeline.demo_sae import ensure_demo_sae
+    from pipeline.demo_sae import cache_path, ensure_demo_sae
     from pipeline.model import load_model
 
     torch.set_num_threads(cfg.cluster.torch_threads)
     model = None
     paths = {}
     for hook in cfg.sae.hookpoints:
-        from pipeline.demo_sae import cache_path
-
-        if not (cache_path(cfg.sae.train, identity["sha256"], hook, files, cfg.corpus) / "cfg.json").exists() and model is None:
+        cached = (cache_path(cfg.sae.train, identity["sha256"], hook, files, cfg.corpus) / "cfg.json").exists()
+        if not cached and model is None:
             model = load_model(cfg.model)
-        paths[hook] = str(
-            ensure_demo_sae(model, tokenizer, files, cfg.corpus, hook, cfg.sae.train, identity["sha256"],
-                            cfg.model.batch_size, log)
-        )
+        paths[hook] = str(ensure_demo_sae(model, tokenizer, files, cfg.corpus, hook, cfg.sae.train,
+                                          identity["sha256"], cfg.model.batch_size, log))
     return paths
 
 
-def preflight(cfg: RunConfig, sae_by_hook: dict[str, str]) -> dict:
-    """Model/hookpoint/SAE checks before any work; returns the SAE identities for the manifest."""
-    from pipeline.preflight import check_hookpoints, check_sae_against_model, meta_model, model_shape
-    from pipeline.sae import load_sae
+def check_model(cfg: RunConfig):
+    """The model's shape and hookpoints, from a meta-device copy: before anything is loaded or fitted."""
+    from pipeline.preflight import check_hookpoints, meta_model, model_shape
 
     meta = meta_model(cfg.model)
     check_hookpoints(meta, cfg.sae.hookpoints)
-    shape = model_shape(meta)
+    return model_shape(meta)
+
+
+def check_saes(cfg: RunConfig, sae_by_hook: dict[str, str], shape) -> dict:
+    """SAE against model checks before any work; returns the SAE identities for the manifest."""
+    from pipeline.preflight import check_sae_against_model
+    from pipeline.sae import load_sae
+
     identities = {}
     for hook, path in sae_by_hook.items():
         sae = load_sae(path, hookpoint=hook)
@@ -325,8 +328,9 @@ def run(cfg: RunConfig, log=print, dispatcher=None) -> RunSummary:
     files = resolve_corpus(cfg.corpus, corpus_opts)
     tokenizer = load_tokenizer(cfg.model)
     identity = model_identity(cfg.model)
+    shape = check_model(cfg)
     sae_by_hook = prepare_saes(cfg, files, tokenizer, identity, log)
-    sae_ids = preflight(cfg, sae_by_hook)
+    sae_ids = check_saes(cfg, sae_by_hook, shape)
     manifest = manifest_for(cfg, identity, sae_ids, tokenizer, files)
 
     if store.exists("manifest.json"):

@@ -107,3 +107,16 @@ def test_huge_single_document_is_streamed(tiny_model_dir, tiny_sae_dir, tmp_path
     ctx = pq.read_table(tmp_path / "out" / "huge" / "contexts").to_pandas()
     assert set(ctx.doc_id) == {str(corpus / "one.txt")} or len(set(ctx.doc_id)) == 1
     assert summary.tokens >= 3000 and ctx.doc_offset.is_monotonic_increasing
+
+
+def test_unknown_hookpoint_stops_before_the_demo_sae_is_fitted(tiny_model_dir, tiny_corpus, tmp_path):
+    from pipeline.config import TrainSAEConfig
+    from pipeline.hookpoints import HookpointError
+    from pipeline.run import run
+
+    cfg = cfg_for(tiny_model_dir, [tiny_corpus], "", tmp_path / "out", hooks=("layers.12",))
+    cfg.sae = SAEConfig(path="", hookpoints=["layers.12"], train=TrainSAEConfig(cache_dir=str(tmp_path / "sae-cache")))
+    with pytest.raises(HookpointError, match="layers.12"):
+        run(cfg)
+    assert not (tmp_path / "sae-cache").exists()
+    assert_no_output(tmp_path / "out")
