@@ -28,7 +28,6 @@ from pipeline.postprocess import (
     examples_key,
     parse_cli,
     read_json_or_none,
-    read_part,
     sink_from_env,
     stats_key,
 )
@@ -114,7 +113,7 @@ def read_examples(store: RunStore, hook: str) -> pa.Table:
     """Every bucket's examples of one hookpoint (buckets are those with a completion marker)."""
     tables, bucket = [], 0
     while read_json_or_none(store, bucket_marker_key(hook, bucket)) is not None:
-        tables.append(read_part(store, examples_key(hook, bucket)))
+        tables.append(store.read_part(examples_key(hook, bucket)))
         bucket += 1
     return pa.concat_tables(tables) if tables else EXAMPLES_SCHEMA.empty_table()
 
@@ -133,7 +132,7 @@ def build_browser(store: RunStore, out: str | Path, max_latents: int = 200, toke
     pages: dict[str, list[int]] = {}
     sections = []
     for hook in manifest["hookpoints"]:
-        table = read_part(store, stats_key(hook))
+        table = store.read_part(stats_key(hook))
         meta = table.schema.metadata or {}
         lo2, hi2, _ = (float(x) for x in meta.get(b"histogram_edges_log2", b"-8,8,32").decode().split(","))
         stats = table.to_pandas()

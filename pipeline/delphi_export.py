@@ -31,11 +31,10 @@ from pipeline.postprocess import (
     by_latent_key,
     parse_cli,
     read_json_or_none,
-    read_part,
     sink_from_env,
     to_ranges,
 )
-from pipeline.sink import RunStore, commit_key, contexts_key
+from pipeline.sink import RunStore, contexts_key
 
 
 @dataclass
@@ -51,10 +50,7 @@ def committed_tokens(store: RunStore, ctx_len: int, pad_id: int) -> tuple[np.nda
     """(seq_ids sorted, tokens [n, ctx_len], unpadded token count) of every committed context."""
     seq_ids, rows, n_real = [], [], 0
     for shard in store.committed_shards():
-        commit = store.read_json(commit_key(shard))
-        key = contexts_key(shard)
-        rows_expected = next(f["rows"] for f in commit["files"] if f["path"] == key)
-        t = read_part(store, key, ["seq_id", "token_ids"], rows_expected)
+        t = store.read_committed_part(shard, contexts_key(shard), ["seq_id", "token_ids"])
         seq_ids.append(t["seq_id"].to_numpy())
         for toks in t["token_ids"].to_pylist():
             row = np.full(ctx_len, pad_id, dtype=np.int32)
@@ -85,7 +81,7 @@ def export_delphi(store: RunStore, out: str | Path, hookpoints: list[str] | None
             if marker is None:
                 break
             start, end = marker["latents"][0], marker["latents"][1] - 1
-            t = read_part(store, by_latent_key(hook, bucket))
+            t = store.read_part(by_latent_key(hook, bucket))
             rows = np.searchsorted(seq, t["seq_id"].to_numpy())
             if len(rows) and (rows.max() >= len(seq) or not np.array_equal(seq[rows], t["seq_id"].to_numpy())):
                 raise ValueError(f"{store.path(by_latent_key(hook, bucket))} has contexts that are not committed: "

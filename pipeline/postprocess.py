@@ -38,7 +38,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.config import PostprocessConfig, SinkConfig
-from pipeline.sink import RunStore, commit_key, contexts_key, latents_key
+from pipeline.sink import RunStore, contexts_key, latents_key
 
 BY_LATENT_SCHEMA = pa.schema(
     [("latent_id", pa.int32()), ("seq_id", pa.int64()), ("pos", pa.int32()), ("act", pa.float16())]
@@ -122,18 +122,6 @@ def to_ranges(ids: list[int]) -> list[list[int]]:
 
 
 # -- reading -------------------------------------------------------------------------------
-def read_part(store: RunStore, key: str, columns: list[str] | None = None, rows: int | None = None) -> pa.Table:
-    """One Parquet part; any failure becomes an OSError that names the file."""
-    try:
-        with store.fs.open(store.path(key), "rb") as f:
-            table = pq.read_table(f, columns=columns)
-    except Exception as err:
-        raise OSError(f"cannot read {store.path(key)}: {err}") from err
-    if rows is not None and table.num_rows != rows:
-        raise OSError(f"{store.path(key)} has {table.num_rows} rows but its commit says {rows}")
-    return table
-
-
 def read_json_or_none(store: RunStore, key: str) -> dict | None:
     try:
         return store.read_json(key)
@@ -150,10 +138,7 @@ class Contexts:
 
     def shard(self, shard_id: int) -> dict[int, np.ndarray]:
         if shard_id not in self.shards:
-            commit = self.store.read_json(commit_key(shard_id))
-            key = contexts_key(shard_id)
-            rows = next(f["rows"] for f in commit["files"] if f["path"] == key)
-            t = read_part(self.store, key, ["seq_id", "token_ids"], rows)
+            t = self.store.read_committed_part(shard_id, contexts_key(shard_id), ["seq_id", "token_ids"])
             flat = t["token_ids"].combine_chunks()
             values = flat.values.to_numpy()
             offsets = flat.offsets.to_numpy()
@@ -168,12 +153,7 @@ class Contexts:
 
 # -- pass 1: scatter -------------------------------------------------------------------------
 def scatter_shard(store: RunStore, hook: str, shard: int, bucket_size: int) -> dict:
-    commit = store.read_json(commit_key(shard))
-    key = latents_key(hook, shard)
-    entry = next((f for f in commit["files"] if f["path"] == key), None)
-    if entry is None:
-        raise FileNotFoundError(f"{store.path(commit_key(shard))} lists no file {key}")
-    t = read_part(store, key, ["seq_id", "pos", "latent_ids", "acts"], entry["rows"])
+    t = store.read_committed_part(shard, latents_key(hook, shard), ["seq_id", "pos", "latent_ids", "acts"])
     ids_col, acts_col = t["latent_ids"].combine_chunks(), t["acts"].combine_chunks()
     k = ids_col.type.list_size
     ids = ids_col.flatten().to_numpy().astype(np.int32)
@@ -239,7 +219,7 @@ def _stats_table(lo: int, hi: int, ids, acts32, cfg: PostprocessConfig) -> pa.Ta
 def process_bucket(store: RunStore, hook: str, bucket: int, shards: list[int], n_latents: int,
                    committed: list[int], shard_size: int, cfg: PostprocessConfig) -> dict:
     lo, hi = bucket * cfg.bucket_size, min((bucket + 1) * cfg.bucket_size, n_latents)
-    parts = [read_part(store, spill_key(hook, bucket, s)) for s in shards]
+    parts = [store.read_part(spill_key(hook, bucket, s)) for s in shards]
     pairs = pa.concat_tables(parts) if parts else BY_LATENT_SCHEMA.empty_table()
     ids = pairs["latent_id"].to_numpy()
     seq = pairs["seq_id"].to_numpy()
@@ -340,7 +320,7 @@ def write_latent_stats(store: RunStore, hook: str, n_buckets: int, total_tokens:
     with store.fs.open(target, "wb") as f, \
             pq.ParquetWriter(f, STATS_SCHEMA.with_metadata(meta), compression=store.cfg.compression) as writer:
         for b in range(n_buckets):
-            t = read_part(store, bucket_stats_key(hook, b))
+            t = store.read_part(bucket_stats_key(hook, b))
             n_active = t["n_active"].to_numpy()
             sums = t["sum_act"].to_numpy()
             density = n_active / total_tokens if total_tokens else np.zeros(len(n_active))

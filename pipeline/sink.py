@@ -196,23 +196,31 @@ class RunStore:
                 shards.append(int(base[len("shard="):-len(".json")]))
         return sorted(shards)
 
+    def read_part(self, key: str, columns: list[str] | None = None, rows: int | None = None) -> pa.Table:
+        """One Parquet part; any failure is an OSError naming the file, as is a row count other than `rows`."""
+        try:
+            with self.fs.open(self.path(key), "rb") as f:
+                table = pq.read_table(f, columns=columns)
+        except Exception as err:
+            raise OSError(f"cannot read {self.path(key)}: {err}") from err
+        if rows is not None and table.num_rows != rows:
+            raise OSError(f"{self.path(key)} has {table.num_rows} rows but its commit says {rows}")
+        return table
+
+    def read_committed_part(self, shard_id: int, key: str, columns: list[str] | None = None) -> pa.Table:
+        """A part of a committed shard, checked against the row count its commit marker lists."""
+        commit = self.read_json(commit_key(shard_id))
+        entry = next((f for f in commit["files"] if f["path"] == key), None)
+        if entry is None:
+            raise FileNotFoundError(f"{self.path(commit_key(shard_id))} lists no file {key}")
+        return self.read_part(key, columns, entry["rows"])
+
     def read_committed(self, kind: str, hookpoint: str | None = None, columns: list[str] | None = None) -> pa.Table:
         """Concatenate the committed parts of `contexts` or `latents` (one hookpoint); checks sizes."""
-        tables = []
-        for shard_id in self.committed_shards():
-            commit = self.read_json(commit_key(shard_id))
-            key = contexts_key(shard_id) if kind == "contexts" else latents_key(hookpoint, shard_id)
-            entry = next((f for f in commit["files"] if f["path"] == key), None)
-            if entry is None:
-                raise FileNotFoundError(f"{self.path(commit_key(shard_id))} lists no file {key}")
-            try:
-                with self.fs.open(self.path(key), "rb") as f:
-                    table = pq.read_table(f, columns=columns)
-            except Exception as err:
-                raise OSError(f"cannot read committed part {self.path(key)}: {err}") from err
-            if table.num_rows != entry["rows"]:
-                raise OSError(f"{self.path(key)} has {table.num_rows} rows but its commit says {entry['rows']}")
-            tables.append(table)
+        tables = [
+            self.read_committed_part(s, contexts_key(s) if kind == "contexts" else latents_key(hookpoint, s), columns)
+            for s in self.committed_shards()
+        ]
         if not tables:
             raise FileNotFoundError(f"run {self.url} has no committed shards")
         return pa.concat_tables(tables)
