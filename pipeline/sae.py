@@ -76,20 +76,17 @@ class SAE:
                 setattr(self, name, t.to(device=device, dtype=dtype if t.is_floating_point() else None))
         return self
 
-    def normalize(self, x: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """The input as the format's encoder sees it, in fp32 (`input_norm`)."""
         x = x.float()
         if self.input_norm == "openai_layernorm":
             # openai/sparse_autoencoder `LN`: mean-centre, divide by (unbiased std + eps).
-            mu = x.mean(dim=-1, keepdim=True)
-            x = x - mu
-            std = x.std(dim=-1, keepdim=True)
-            x = x / (std + 1e-5)
-            return x, {"mu": mu, "std": std}
+            x = x - x.mean(dim=-1, keepdim=True)
+            return x / (x.std(dim=-1, keepdim=True) + 1e-5)
         if self.input_norm == "constant_norm_rescale":
             # SAELens `constant_norm_rescale`: every row rescaled to norm sqrt(d_in).
-            coeff = (self.d_in**0.5) / x.norm(dim=-1, keepdim=True)
-            return x * coeff, {"coeff": coeff}
-        return x, {}
+            return x * ((self.d_in**0.5) / x.norm(dim=-1, keepdim=True))
+        return x
 
     def encoder_input(self, x: torch.Tensor, k: int) -> torch.Tensor:
         """What the top-k sees: the input normalized per `input_norm`, minus `b_pre` (fp32)."""
@@ -97,7 +94,7 @@ class SAE:
             raise ValueError(f"input has width {x.shape[-1]} but the SAE expects d_in={self.d_in}")
         if not 1 <= k <= self.n_latents:
             raise ValueError(f"k={k} must be between 1 and the number of latents ({self.n_latents})")
-        x_n, _ = self.normalize(x)
+        x_n = self.normalize(x)
         return x_n - self.b_pre.float() if self.b_pre is not None else x_n
 
     def activate(self, values: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:

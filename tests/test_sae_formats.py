@@ -110,7 +110,7 @@ def test_openai_layernorm_uses_unbiased_std_plus_eps():
     # Guard the exact normalization: population std or eps inside the sqrt would differ here.
     x = torch.tensor([[1.0, 2.0, 4.0, 9.0]])
     sae = SAE(W_enc=torch.eye(4), b_enc=None, W_dec=torch.eye(4), b_dec=None, k=4, input_norm="openai_layernorm")
-    got, _ = sae.normalize(x)
+    got = sae.normalize(x)
     centred = x - x.mean()
     want = centred / (centred.pow(2).sum().div(3).sqrt() + 1e-5)
     torch.testing.assert_close(got, want)
