@@ -6,6 +6,7 @@ when it would be trained identically.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import time
@@ -41,7 +42,13 @@ def harvest_training_activations(
     """The first `tokens` activations of the corpus at `hookpoint` (position 0 of each context
     excluded: attention-sink tokens have outlier norms that an SAE should not be fitted on)."""
     harvester = Harvester(model, [hookpoint])
-    plan_cfg = CorpusConfig(**{**vars(corpus), "max_tokens": None})
+    plan_cfg = dataclasses.replace(corpus, max_tokens=None)
+    full_contexts = (
+        ctx.token_ids
+        for shard in plan_shards(files, plan_cfg, tokenizer, tokenizer.eos_token_id)
+        for ctx in shard.contexts
+        if len(ctx.token_ids) == corpus.ctx_len
+    )
     rows: list[torch.Tensor] = []
     have = 0
     started = time.perf_counter()
@@ -55,17 +62,12 @@ def harvest_training_activations(
         have += rows[-1].shape[0]
         batch.clear()
 
-    for shard in plan_shards(files, plan_cfg, tokenizer, tokenizer.eos_token_id):
-        for ctx in shard.contexts:
-            if len(ctx.token_ids) != corpus.ctx_len:
-                continue
-            batch.append(ctx.token_ids)
-            if len(batch) == batch_size:
-                flush()
-                if have >= tokens:
-                    break
-        if have >= tokens:
-            break
+    for token_ids in full_contexts:
+        batch.append(token_ids)
+        if len(batch) == batch_size:
+            flush()
+            if have >= tokens:
+                break
     if batch and have < tokens:
         flush()
     acts = torch.cat(rows)[:tokens]

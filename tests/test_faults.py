@@ -17,24 +17,12 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from test_pipeline_e2e import HOOKS, make_cfg
 
-from pipeline.config import ClusterConfig, CorpusConfig, FaultConfig, ModelConfig, RunConfig, SAEConfig, SinkConfig
+from pipeline.config import FaultConfig, RunConfig, SinkConfig
 
 pytestmark = pytest.mark.slow
-HOOKS = ["layers.1", "layers.2"]
 REPO = Path(__file__).resolve().parents[1]
-
-
-def make_cfg(model_dir, corpus_dir, sae_dir, out, run_id, **cluster) -> RunConfig:
-    return RunConfig(
-        run_id=run_id,
-        model=ModelConfig(name="tiny-llama", path=str(model_dir), gguf_file=None, dtype="float32", batch_size=4),
-        sae=SAEConfig(name="random", path=str(sae_dir) + "/{hookpoint}", hookpoints=list(HOOKS)),
-        corpus=CorpusConfig(name="tiny", paths=[str(corpus_dir)], ctx_len=16, shard_size=2),
-        sink=SinkConfig(root=str(out)),
-        cluster=ClusterConfig(**{"num_workers": 2, "cpus_per_worker": 1, "torch_threads": 1, "max_in_flight": 1,
-                                 **cluster}),
-    )
 
 
 def data_checksums(root: Path) -> dict[str, str]:
@@ -60,7 +48,7 @@ def clean_run(tiny_model_dir, tiny_corpus, tiny_sae_dir, tmp_path_factory, ray_l
     from pipeline.run import run
 
     out = tmp_path_factory.mktemp("clean")
-    cfg = make_cfg(tiny_model_dir, tiny_corpus, tiny_sae_dir, out, "same")
+    cfg = make_cfg(tiny_model_dir, tiny_corpus, tiny_sae_dir, out, "same", shard_size=2)
     summary = run(cfg)
     assert summary.shards_done >= 6
     return cfg, out / "same", data_checksums(out / "same")

@@ -23,14 +23,18 @@ pytestmark = pytest.mark.slow
 HOOKS = ["layers.1", "layers.2"]
 
 
-def make_cfg(model_dir, corpus_dir, sae_dir, out_dir, run_id="r1", **corpus_overrides) -> RunConfig:
+def make_cfg(model_dir, corpus_dir, sae_dir, out_dir, run_id="r1", shard_size=3, cluster=None,
+             **corpus_overrides) -> RunConfig:
+    """The tiny model + tiny corpus + random SAEs at HOOKS, on two local CPU workers."""
     return RunConfig(
         run_id=run_id,
         model=ModelConfig(name="tiny-llama", path=str(model_dir), gguf_file=None, dtype="float32", batch_size=4),
         sae=SAEConfig(name="random", path=str(sae_dir) + "/{hookpoint}", hookpoints=list(HOOKS)),
-        corpus=CorpusConfig(name="tiny", paths=[str(corpus_dir)], ctx_len=16, shard_size=3, **corpus_overrides),
+        corpus=CorpusConfig(name="tiny", paths=[str(corpus_dir)], ctx_len=16, shard_size=shard_size,
+                            **corpus_overrides),
         sink=SinkConfig(root=str(out_dir)),
-        cluster=ClusterConfig(num_workers=2, cpus_per_worker=1, torch_threads=1, max_in_flight=1),
+        cluster=ClusterConfig(**{"num_workers": 2, "cpus_per_worker": 1, "torch_threads": 1, "max_in_flight": 1,
+                                 **(cluster or {})}),
     )
 
 
