@@ -110,11 +110,19 @@ def test_huge_single_document_is_streamed(tiny_model_dir, tiny_sae_dir, tmp_path
 
 
 def test_unknown_hookpoint_stops_before_the_demo_sae_is_fitted(tiny_model_dir, tiny_corpus, tmp_path):
+    import shutil
+
     from pipeline.config import TrainSAEConfig
     from pipeline.hookpoints import HookpointError
     from pipeline.run import run
 
-    cfg = cfg_for(tiny_model_dir, [tiny_corpus], "", tmp_path / "out", hooks=("layers.12",))
+    # Config and tokenizer but no weights: loading the model (to fit an SAE) would fail with
+    # another error, so a HookpointError proves the check ran before any model was loaded.
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model_dir)
+    for weights in model_dir.glob("*.safetensors"):
+        weights.unlink()
+    cfg = cfg_for(model_dir, [tiny_corpus], "", tmp_path / "out", hooks=("layers.12",))
     cfg.sae = SAEConfig(path="", hookpoints=["layers.12"], train=TrainSAEConfig(cache_dir=str(tmp_path / "sae-cache")))
     with pytest.raises(HookpointError, match="layers.12"):
         run(cfg)
