@@ -59,8 +59,8 @@ def bench_encode(n: int, d: int, L: int, k: int, repeats: int) -> dict:
 
 
 def default_contexts(tokenizer, n_tokens: int, ctx_len: int) -> list[np.ndarray]:
-    from pipeline.corpus import resolve_corpus
-    from pipeline.packing import plan_shards
+    from pipeline.data.corpus import resolve_corpus
+    from pipeline.data.packing import plan_shards
 
     cfg = CorpusConfig(ctx_len=ctx_len, shard_size=64, max_tokens=n_tokens)
     out = []
@@ -70,11 +70,11 @@ def default_contexts(tokenizer, n_tokens: int, ctx_len: int) -> list[np.ndarray]
 
 
 def bench_worker(n_tokens: int, repeats: int, hookpoint: str = "layers.12") -> dict:
-    from pipeline.harvest import Harvester
-    from pipeline.model import load_model, load_tokenizer
-    from pipeline.sae import random_sae
-    from pipeline.sink import RunStore
-    from pipeline.worker import ShardPayload, ShardWorker
+    from pipeline.model.harvest import Harvester
+    from pipeline.model.loader import load_model, load_tokenizer
+    from pipeline.outputs.sink import RunStore
+    from pipeline.runtime.worker import ShardPayload, ShardWorker
+    from pipeline.sae.sae import random_sae
 
     model_cfg = ModelConfig()
     tokenizer = load_tokenizer(model_cfg)

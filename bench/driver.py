@@ -11,6 +11,7 @@ Prints driver peak RSS growth (MB), seconds, and shards/s.
 from __future__ import annotations
 
 import argparse
+import logging
 import resource
 import sys
 import tempfile
@@ -20,9 +21,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.config import ClusterConfig, CorpusConfig, ModelConfig, RunConfig, SAEConfig, SinkConfig  # noqa: E402
-from pipeline.dispatch import InlineDispatcher  # noqa: E402
-from pipeline.sink import RunStore, commit_key  # noqa: E402
-from pipeline.worker import ShardPayload, ShardResult  # noqa: E402
+from pipeline.outputs.layout import commit_key  # noqa: E402
+from pipeline.outputs.sink import RunStore  # noqa: E402
+from pipeline.runtime.dispatch import InlineDispatcher  # noqa: E402
+from pipeline.runtime.worker import ShardPayload, ShardResult  # noqa: E402
 
 
 def rss_mb() -> float:
@@ -63,14 +65,15 @@ def main() -> None:
             sink=SinkConfig(root=str(tmp / "out")),
             cluster=ClusterConfig(num_workers=8, max_in_flight=2),
         )
-        from pipeline.run import run
+        from pipeline.runtime.driver import run
 
         def noop(p: ShardPayload) -> ShardResult:
             return ShardResult(p.shard_id, len(p.token_ids), sum(len(t) for t in p.token_ids), 0, 0, 0.0)
 
         base = rss_mb()
         t = time.perf_counter()
-        summary = run(cfg, log=lambda *a: None, dispatcher=InlineDispatcher(noop))
+        logging.getLogger("pipeline").setLevel(logging.WARNING)  # no per-file or progress lines in the timing
+        summary = run(cfg, dispatcher=InlineDispatcher(noop))
         seconds = time.perf_counter() - t
         grown = rss_mb() - base
 

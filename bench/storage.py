@@ -3,7 +3,7 @@
     python bench/storage.py [--latents 65536] [--k 32] [--tokens 200000] [--keep DIR]
 
 Prints bytes per stored (latent id, activation) pair in `latents/` (target <= 5), the same
-pairs in delphi's cache layout (pipeline.delphi_export, tokens excluded), and post-processing
+pairs in delphi's cache layout (pipeline.outputs.delphi_export, tokens excluded), and post-processing
 throughput in pairs/s. Latent ids follow a Zipf-like frequency (a few latents fire often, most
 rarely), activations are descending per row, as the top-k encoder writes them.
 """
@@ -24,8 +24,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.config import PostprocessConfig, SinkConfig
-from pipeline.sink import CONTEXTS_SCHEMA, RunStore, commit_key, contexts_key, latents_key
-from pipeline.worker import LATENTS_PARQUET, latents_table
+from pipeline.outputs.layout import (
+    CONTEXTS_SCHEMA,
+    LATENTS_PARQUET,
+    commit_key,
+    contexts_key,
+    latents_key,
+    latents_table,
+)
+from pipeline.outputs.sink import RunStore
 
 HOOK = "layers.6"
 
@@ -90,8 +97,8 @@ def main() -> None:
 
         import ray
 
-        from pipeline.delphi_export import export_delphi
-        from pipeline.postprocess import postprocess
+        from pipeline.outputs.delphi_export import export_delphi
+        from pipeline.outputs.postprocess import postprocess
 
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
         started = time.perf_counter()

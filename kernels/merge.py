@@ -1,6 +1,6 @@
 """Exact merge of top-k lists computed over disjoint, increasing latent ranges.
 
-Used by the latent-sharded SAE (`pipeline.sharded_sae`): each shard returns its local top-k
+Used by the latent-split SAE (`pipeline.sae.latent_split`): each part returns its local top-k
 with global ids, merged here in range order.
 
 Why a stable sort is exact: each part is already ordered (values descending, ties to the

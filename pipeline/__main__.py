@@ -11,62 +11,35 @@ calling `run()`. Every member gets its own run id, `<run_id>--<swept key=value,.
 sweep resumes each member. Members that share corpus, tokenizer and ctx_len tokenize once
 (`corpus.token_cache`). Sweeping `run_id` itself leaves ids as given.
 
+Output: a progress line every few seconds and a summary at the end, through module loggers to
+stdout (pipeline/cli.py). `quiet=true`: warnings and errors only; `hydra.verbose=true`: debug too.
+
 Exit status: non-zero when the run raised, or when `fail_on_quarantine` is set (the nightly
 preset) and a document was quarantined. Runs that did something leave `summary.json` and
-`_runs/<timestamp>.json` beside the manifest (pipeline/run_summary.py).
+`_runs/<timestamp>.json` beside the manifest (pipeline/runtime/summary.py).
 """
 from __future__ import annotations
 
-import dataclasses
+import logging
 import re
 import sys
-import typing
 from datetime import datetime, timezone
-from pathlib import Path
 
 import hydra
-from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
+from pipeline.cli import CONF_DIR, setup_logging, to_typed
 from pipeline.config import RunConfig
 
-ConfigStore.instance().store(name="run_schema", node=RunConfig)
-
-# Absolute: a relative config_path is resolved against the *calling module* when the app is not
-# started as `python -m pipeline` (the `sae-harvest` console script, in-process sweeps in tests),
-# and Hydra then looks for a Python package `conf` that does not exist.
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+log = logging.getLogger(__name__)
 
 # Keys that never name a sweep member: Hydra's own, and the run id the member id is built from.
 _NOT_IN_RUN_ID = re.compile(r"^(hydra\.|hydra/|run_id$)")
 
 
-def _unknown_keys(node, schema, prefix: str = "") -> list[str]:
-    """Keys in `node` that `schema` (a dataclass) does not declare. Hydra rejects `a.typo=1`, but
-    `+a.typo=1` is allowed to add keys and OmegaConf.to_object would quietly keep them."""
-    if not dataclasses.is_dataclass(schema) or not isinstance(node, DictConfig):
-        return []
-    fields = {f.name: f for f in dataclasses.fields(schema)}
-    hints = typing.get_type_hints(schema)
-    unknown = []
-    for key in node:
-        if key not in fields:
-            unknown.append(f"{prefix}{key}")
-            continue
-        sub = node[key]
-        if isinstance(sub, DictConfig):
-            typ = hints[key]
-            typ = next((a for a in typing.get_args(typ) if dataclasses.is_dataclass(a)), typ)  # Optional[X]
-            unknown += _unknown_keys(sub, typ, f"{prefix}{key}.")
-    return unknown
-
-
 def to_run_config(dcfg: DictConfig) -> RunConfig:
     """The typed config the code receives; any key RunConfig does not declare is an error."""
-    unknown = _unknown_keys(dcfg, RunConfig)
-    if unknown:
-        raise ValueError(f"unknown config key(s) {unknown}: not declared in pipeline/config.py (typo?)")
-    return OmegaConf.to_object(dcfg)
+    return to_typed(dcfg, RunConfig)
 
 
 def _swept_keys(argv: list[str], sweeper_params: dict | None) -> set[str]:
@@ -114,9 +87,8 @@ def _sweep_member_run_id(dcfg: DictConfig) -> str | None:
 
 def _record_failure(cfg: RunConfig, started: datetime, err: Exception) -> None:
     """Best effort: a failed run leaves summary.json with status "failed" for the nightly monitor."""
-    from pipeline.run import RunSummary
-    from pipeline.run_summary import summary_record, write_run_summary
-    from pipeline.sink import RunStore
+    from pipeline.outputs.sink import RunStore
+    from pipeline.runtime.summary import RunSummary, summary_record, write_run_summary
 
     try:
         store = RunStore(cfg.sink, cfg.run_id)
@@ -124,30 +96,32 @@ def _record_failure(cfg: RunConfig, started: datetime, err: Exception) -> None:
         write_run_summary(store, summary_record(empty, started_at=started, failures=1,
                                                 error=f"{type(err).__name__}: {err}"[:2000]))
     except Exception as also:  # noqa: BLE001  the original error is the one to report
-        print(f"[{cfg.run_id}] could not record the failure: {also}", file=sys.stderr)
+        log.error(f"[{cfg.run_id}] could not record the failure: {also}")
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def app(dcfg: DictConfig) -> None:
-    from pipeline.run import run
-    from pipeline.run_summary import summary_record, write_run_summary
-    from pipeline.sink import RunStore
+    from pipeline.outputs.sink import RunStore
+    from pipeline.runtime.driver import run
+    from pipeline.runtime.summary import summary_record, write_run_summary
 
     member_id = _sweep_member_run_id(dcfg)
     if member_id is not None:
         dcfg.run_id = member_id
-        print(f"[sweep] member {dcfg.run_id}", flush=True)
     cfg = to_run_config(dcfg)
+    setup_logging(cfg.quiet)
+    if member_id is not None:
+        log.info(f"[sweep] member {cfg.run_id}")
     started = datetime.now(timezone.utc)
     try:
         summary = run(cfg)
     except Exception as err:
         _record_failure(cfg, started, err)
         raise
-    print(summary.describe(), flush=True)
+    log.info(summary.describe())
     write_run_summary(RunStore(cfg.sink, cfg.run_id), summary_record(summary, started_at=started))
     if cfg.demo is not None and summary.hookpoints:
-        from pipeline.demo import show_top_contexts
+        from pipeline.outputs.demo import show_top_contexts
 
         show_top_contexts(cfg)
     if cfg.fail_on_quarantine and summary.quarantined:

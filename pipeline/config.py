@@ -1,7 +1,8 @@
 """Typed configuration: what the Hydra app composes and what the code receives.
 
 Hydra's config groups (conf/model, conf/sae, conf/corpus, conf/sink, conf/cluster,
-conf/experiment) fill these dataclasses; the rest of the code sees plain dataclasses only.
+conf/experiment) fill these dataclasses, one schema per command (registered in pipeline/cli.py);
+the rest of the code sees plain dataclasses only.
 A key that is not declared here, or a value of the wrong type, is a Hydra error before any work.
 """
 from __future__ import annotations
@@ -28,7 +29,7 @@ class TrainSAEConfig:
     k: int = 32
     tokens: int = 100_000
     epochs: int = 4
-    # Measured on demo-shaped data (pipeline/train_sae.py): batch 1024 at lr 4e-3 halves the
+    # Measured on demo-shaped data (pipeline/sae/train.py): batch 1024 at lr 4e-3 halves the
     # FVU that batch 4096 at sparsify's default lr reaches in the same number of epochs.
     batch_size: int = 1024
     lr: float = 4e-3
@@ -65,7 +66,7 @@ class CorpusConfig:
     # "error" stops the run naming the file; "skip" keeps its earlier output and ignores the change.
     on_changed_file: str = "error"
     # Packed contexts are cached here per (file, tokenizer, ctx_len, shard_size) so sweep members
-    # and nightly runs never tokenize the same file twice (pipeline/token_cache.py). null: off.
+    # and nightly runs never tokenize the same file twice (pipeline/data/token_cache.py). null: off.
     token_cache: str | None = "./.cache/tokens"
 
 
@@ -124,11 +125,12 @@ class RunConfig:
     # Exit non-zero when a document was quarantined (the nightly preset turns this on, so a bad
     # input file pages someone instead of being skipped silently forever).
     fail_on_quarantine: bool = False
+    quiet: bool = False  # warnings and errors only: no progress line, no summary (summary.json has it)
 
 
 @dataclass
 class PostprocessConfig:
-    """`python -m pipeline.postprocess`: latent_stats, by_latent and examples for autointerp."""
+    """`python -m pipeline.outputs.postprocess`: latent_stats, by_latent and examples for autointerp."""
     run_id: str = "demo"
     sink: SinkConfig = field(default_factory=SinkConfig)
     hookpoints: list[str] | None = None  # None: every hookpoint in the manifest
@@ -148,3 +150,25 @@ class PostprocessConfig:
     random_pool_shards: int = 4  # context shards a bucket draws its random (non-activating) windows from
     seed: int = 0
     num_cpus: float = 1.0  # per Ray task
+    quiet: bool = False
+
+
+@dataclass
+class DelphiExportConfig:
+    """`python -m pipeline.outputs.delphi_export`: EleutherAI delphi's latent cache from by_latent/."""
+    run_id: str = "demo"
+    out: str = "./delphi_cache"
+    sink: SinkConfig = field(default_factory=SinkConfig)
+    hookpoints: list[str] | None = None  # None: all in the manifest
+    save_tokens: bool = True
+    quiet: bool = False
+
+
+@dataclass
+class BrowserConfig:
+    """`python -m pipeline.outputs.browser`: a static HTML latent browser."""
+    run_id: str = "demo"
+    out: str = "./browser"
+    sink: SinkConfig = field(default_factory=SinkConfig)
+    max_latents: int = 200  # pages per hookpoint
+    quiet: bool = False

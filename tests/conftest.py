@@ -14,7 +14,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from pipeline.sae import random_sae  # noqa: E402
+from pipeline.sae.sae import random_sae  # noqa: E402
 
 torch.set_num_threads(1)
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import ClusterConfig, CorpusConfig, ModelConfig, RunConfig, SAEConfig, SinkConfig
-from pipeline.sae import random_sae
+from pipeline.sae.sae import random_sae
 
 
 def cfg_for(model_dir, corpus_paths, sae_path, out, hooks=("layers.1",), run_id="bad") -> RunConfig:
@@ -27,8 +27,8 @@ def assert_no_output(out: Path) -> None:
 
 
 def test_missing_corpus_path(tiny_model_dir, tiny_sae_dir, tmp_path):
-    from pipeline.corpus import CorpusError
-    from pipeline.run import run
+    from pipeline.data.corpus import CorpusError
+    from pipeline.runtime.driver import run
 
     missing = tmp_path / "nope" / "corpus.jsonl"
     with pytest.raises(CorpusError, match="nope/corpus.jsonl"):
@@ -37,8 +37,8 @@ def test_missing_corpus_path(tiny_model_dir, tiny_sae_dir, tmp_path):
 
 
 def test_empty_corpus(tiny_model_dir, tiny_sae_dir, tmp_path):
-    from pipeline.corpus import CorpusError
-    from pipeline.run import run
+    from pipeline.data.corpus import CorpusError
+    from pipeline.runtime.driver import run
 
     (tmp_path / "empty.txt").write_text("")
     with pytest.raises(CorpusError, match="empty"):
@@ -47,8 +47,8 @@ def test_empty_corpus(tiny_model_dir, tiny_sae_dir, tmp_path):
 
 
 def test_unknown_hookpoint_lists_valid_ones(tiny_model_dir, tiny_corpus, tiny_sae_dir, tmp_path):
-    from pipeline.hookpoints import HookpointError
-    from pipeline.run import run
+    from pipeline.model.hookpoints import HookpointError
+    from pipeline.runtime.driver import run
 
     with pytest.raises(HookpointError, match=r"layers\.9.*layers\.0 \.\. layers\.3"):
         run(cfg_for(tiny_model_dir, [tiny_corpus], tiny_sae_dir / "layers.1", tmp_path / "out", hooks=("layers.9",)))
@@ -56,8 +56,8 @@ def test_unknown_hookpoint_lists_valid_ones(tiny_model_dir, tiny_corpus, tiny_sa
 
 
 def test_sae_width_differs_from_model(tiny_model_dir, tiny_corpus, tmp_path):
-    from pipeline.preflight import ConfigMismatch
-    from pipeline.run import run
+    from pipeline.runtime.driver import run
+    from pipeline.runtime.preflight import ConfigMismatch
 
     random_sae(48, 64, 4).save(tmp_path / "wide")
     with pytest.raises(ConfigMismatch, match=r"d_in=48.*hidden_size=32"):
@@ -69,7 +69,7 @@ def test_sae_width_differs_from_model(tiny_model_dir, tiny_corpus, tmp_path):
 def test_non_utf8_document_is_quarantined_and_the_rest_is_kept(tiny_model_dir, tiny_sae_dir, tmp_path, ray_local):
     import pyarrow.parquet as pq
 
-    from pipeline.run import run
+    from pipeline.runtime.driver import run
 
     corpus = tmp_path / "corpus"
     corpus.mkdir()
@@ -95,7 +95,7 @@ def test_non_utf8_document_is_quarantined_and_the_rest_is_kept(tiny_model_dir, t
 def test_huge_single_document_is_streamed(tiny_model_dir, tiny_sae_dir, tmp_path, ray_local):
     import pyarrow.parquet as pq
 
-    from pipeline.run import run
+    from pipeline.runtime.driver import run
 
     corpus = tmp_path / "huge"
     corpus.mkdir()
@@ -113,8 +113,8 @@ def test_unknown_hookpoint_stops_before_the_demo_sae_is_fitted(tiny_model_dir, t
     import shutil
 
     from pipeline.config import TrainSAEConfig
-    from pipeline.hookpoints import HookpointError
-    from pipeline.run import run
+    from pipeline.model.hookpoints import HookpointError
+    from pipeline.runtime.driver import run
 
     # Config and tokenizer but no weights: loading the model (to fit an SAE) would fail with
     # another error, so a HookpointError proves the check ran before any model was loaded.

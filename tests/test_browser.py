@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from test_postprocess import CFG, HOOK, make_run
 
-from pipeline.browser import build_browser
-from pipeline.postprocess import postprocess
+from pipeline.outputs.browser import build_browser
+from pipeline.outputs.postprocess import postprocess
 
 pytestmark = pytest.mark.slow
 
@@ -42,7 +42,7 @@ def render(url: str, screenshot: Path | None = None) -> str:
 def site(tmp_path_factory, tiny_model_dir, ray_local):
     root = tmp_path_factory.mktemp("browse")
     store = make_run(root, "br", n_shards=3)
-    # Record the tiny model in the manifest the way pipeline.run does, so pages decode real tokens.
+    # Record the tiny model in the manifest the way pipeline.runtime.driver does, so pages decode real tokens.
     manifest = store.read_json("manifest.json")
     manifest["config"] = {"model": {"name": "tiny", "path": str(tiny_model_dir), "gguf_file": None,
                                     "dtype": "float32", "batch_size": 4}}

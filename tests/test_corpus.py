@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.config import CorpusConfig
-from pipeline.corpus import (
+from pipeline.data.corpus import (
     CorpusError,
     CorpusFile,
     Quarantined,

@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 from test_postprocess import CFG, HOOK, brute_force, make_run
 
-from pipeline.delphi_export import export_delphi
-from pipeline.postprocess import postprocess
+from pipeline.outputs.delphi_export import export_delphi
+from pipeline.outputs.postprocess import postprocess
 
 pytestmark = pytest.mark.slow
 

@@ -45,7 +45,7 @@ def assert_exactly_once(root: Path) -> None:
 
 @pytest.fixture(scope="module")
 def clean_run(tiny_model_dir, tiny_corpus, tiny_sae_dir, tmp_path_factory, ray_local):
-    from pipeline.run import run
+    from pipeline.runtime.driver import run
 
     out = tmp_path_factory.mktemp("clean")
     cfg = make_cfg(tiny_model_dir, tiny_corpus, tiny_sae_dir, out, "same", shard_size=2)
@@ -55,7 +55,7 @@ def clean_run(tiny_model_dir, tiny_corpus, tiny_sae_dir, tmp_path_factory, ray_l
 
 
 def test_worker_killed_mid_shard_is_redone_without_duplicates(clean_run, tmp_path):
-    from pipeline.run import run
+    from pipeline.runtime.driver import run
 
     cfg, _, reference = clean_run
     marker = tmp_path / "crashed-once"
@@ -73,9 +73,9 @@ def test_worker_killed_mid_shard_is_redone_without_duplicates(clean_run, tmp_pat
 
 
 def test_crash_between_parts_and_commit_leaves_nothing_visible(clean_run, tmp_path):
-    from pipeline.dispatch import ShardFailed
-    from pipeline.run import run
-    from pipeline.sink import RunStore
+    from pipeline.outputs.sink import RunStore
+    from pipeline.runtime.dispatch import ShardFailed
+    from pipeline.runtime.driver import run
 
     cfg, _, reference = clean_run
     out = SinkConfig(root=str(tmp_path / "out"))
@@ -107,7 +107,7 @@ def hydra_overrides(cfg: RunConfig) -> list[str]:
 
 
 def test_driver_killed_mid_run_resumes_to_identical_files(clean_run, tmp_path):
-    from pipeline.run import run
+    from pipeline.runtime.driver import run
 
     cfg, _, reference = clean_run
     killed = dataclasses.replace(cfg, sink=SinkConfig(root=str(tmp_path / "out")))
@@ -139,8 +139,8 @@ def test_driver_killed_mid_run_resumes_to_identical_files(clean_run, tmp_path):
 def test_incremental_run_processes_only_new_files(clean_run, tmp_path, tiny_corpus):
     import shutil
 
-    from pipeline.corpus import CorpusError
-    from pipeline.run import run
+    from pipeline.data.corpus import CorpusError
+    from pipeline.runtime.driver import run
 
     cfg, _, _ = clean_run
     corpus = tmp_path / "corpus"

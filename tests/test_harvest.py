@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.harvest import Harvester
-from pipeline.hookpoints import HookpointError, valid_hookpoints
+from pipeline.model.harvest import Harvester
+from pipeline.model.hookpoints import HookpointError, valid_hookpoints
 
 
 def tiny_llama(layers=4):

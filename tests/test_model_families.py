@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.harvest import Harvester
-from pipeline.hookpoints import find_blocks, resolve_hookpoint
+from pipeline.model.harvest import Harvester
+from pipeline.model.hookpoints import find_blocks, resolve_hookpoint
 
 V = 64
 COMMON = {"vocab_size": V, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3, "num_attention_heads": 4,
@@ -134,7 +134,7 @@ def _save_tiny(folder):
 
 def test_hf_cache_layout(tmp_path, monkeypatch):
     """`hf-cache:org/name` and a models--org--name folder resolve offline to the snapshot."""
-    from pipeline.model import ModelError, resolve_model_dir
+    from pipeline.model.loader import ModelError, resolve_model_dir
 
     hub = tmp_path / "hf" / "hub"
     repo = hub / "models--tiny-org--tiny-llama"
@@ -163,7 +163,7 @@ def test_load_model_from_hf_cache_and_remote(tmp_path, monkeypatch):
     import fsspec
 
     from pipeline.config import ModelConfig
-    from pipeline.model import load_model
+    from pipeline.model.loader import load_model
 
     src = tmp_path / "src"
     ref = _save_tiny(src)

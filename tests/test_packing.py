@@ -9,8 +9,8 @@ from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from pipeline.config import CorpusConfig
-from pipeline.corpus import Quarantined, TextPiece, read_documents, resolve_corpus
-from pipeline.packing import Context, pack_documents, plan_shards
+from pipeline.data.corpus import Quarantined, TextPiece, read_documents, resolve_corpus
+from pipeline.data.packing import Context, pack_documents, plan_shards
 
 WORDS = ["time", "person", "year", "way", "day", "thing", "man", "world", "life", "hand", "part", "child", "eye", "woman", "place", "work", "week", "case", "point", "government", "company", "number", "group", "problem", "fact", "zebra", "quixotic"]
 

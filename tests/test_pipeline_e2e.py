@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from pipeline.config import ClusterConfig, CorpusConfig, ModelConfig, RunConfig, SAEConfig, SinkConfig
-from pipeline.sink import CONTEXTS_SCHEMA, latents_schema
+from pipeline.outputs.layout import CONTEXTS_SCHEMA, latents_schema
 
 pytestmark = pytest.mark.slow
 
@@ -48,7 +48,7 @@ def snapshot(folder: Path) -> dict[str, tuple[str, int]]:
 
 @pytest.fixture(scope="module")
 def first_run(tiny_model_dir, tiny_corpus, tiny_sae_dir, tmp_path_factory, ray_local):
-    from pipeline.run import run
+    from pipeline.runtime.driver import run
 
     out = tmp_path_factory.mktemp("out")
     cfg = make_cfg(tiny_model_dir, tiny_corpus, tiny_sae_dir, out)
@@ -108,7 +108,7 @@ def test_reads_back_with_pandas_and_duckdb(first_run):
 def test_latents_equal_direct_encode_of_the_models_hidden_states(first_run, tiny_model_dir, tiny_sae_dir):
     from transformers import AutoModelForCausalLM
 
-    from pipeline.sae import load_sae
+    from pipeline.sae.formats import load_sae
 
     _, _, root = first_run
     model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)).eval()
@@ -128,7 +128,7 @@ def test_latents_equal_direct_encode_of_the_models_hidden_states(first_run, tiny
 
 
 def test_rerun_does_no_work_and_changes_no_file(first_run):
-    from pipeline.run import run
+    from pipeline.runtime.driver import run
 
     cfg, _, root = first_run
     before = snapshot(root)
@@ -138,7 +138,7 @@ def test_rerun_does_no_work_and_changes_no_file(first_run):
 
 
 def test_same_config_twice_gives_identical_latents(first_run):
-    from pipeline.run import run
+    from pipeline.runtime.driver import run
 
     cfg, _, root = first_run
     other = RunConfig(**{**cfg.__dict__, "run_id": "r2"})
@@ -152,7 +152,7 @@ def test_same_config_twice_gives_identical_latents(first_run):
 
 
 def test_uncommitted_parts_are_ignored_by_readers(first_run):
-    from pipeline.sink import RunStore
+    from pipeline.outputs.sink import RunStore
 
     cfg, summary, root = first_run
     stray = root / "latents" / "hookpoint=layers.1" / "shard=999999"

@@ -14,9 +14,16 @@ import pytest
 import torch
 
 from pipeline.config import PostprocessConfig, SinkConfig
-from pipeline.postprocess import postprocess, window_start
-from pipeline.sink import CONTEXTS_SCHEMA, RunStore, commit_key, contexts_key, latents_key
-from pipeline.worker import LATENTS_PARQUET, latents_table
+from pipeline.outputs.layout import (
+    CONTEXTS_SCHEMA,
+    LATENTS_PARQUET,
+    commit_key,
+    contexts_key,
+    latents_key,
+    latents_table,
+)
+from pipeline.outputs.postprocess import postprocess, window_start
+from pipeline.outputs.sink import RunStore
 
 pytestmark = pytest.mark.slow
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from pipeline.config import ModelConfig, SAEConfig
-from pipeline.hookpoints import HookpointError
-from pipeline.preflight import (
+from pipeline.model.hookpoints import HookpointError
+from pipeline.runtime.preflight import (
     ConfigMismatch,
     check_cast_range,
     check_hookpoints,
@@ -17,7 +17,7 @@ from pipeline.preflight import (
     meta_model,
     model_shape,
 )
-from pipeline.sae import random_sae
+from pipeline.sae.sae import random_sae
 
 
 def model_cfg(folder, dtype="float32") -> ModelConfig:

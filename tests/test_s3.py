@@ -23,7 +23,7 @@ SECRET = "s3cr3t-Dummy-Value-7f3a9c"
 BUCKET = "harvest"
 # Ray workers inherit the environment of the raylet, which is started by whichever test calls
 # ray.init first: the (dummy) credentials must be in the environment before any test runs.
-# pipeline/run.py's start_ray does not forward AWS_* to actors of an already running Ray.
+# pipeline/runtime/dispatch.py's start_ray does not forward AWS_* to actors of an already running Ray.
 os.environ["AWS_ACCESS_KEY_ID"] = "testing-key-id"
 os.environ["AWS_SECRET_ACCESS_KEY"] = SECRET
 os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
@@ -69,9 +69,9 @@ def s3_server(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def s3_run(s3_server, ray_local, tiny_model_dir, tiny_corpus, tiny_sae_dir):
-    from pipeline.postprocess import postprocess
-    from pipeline.run import run
-    from pipeline.sink import RunStore
+    from pipeline.outputs.postprocess import postprocess
+    from pipeline.outputs.sink import RunStore
+    from pipeline.runtime.driver import run
 
     cfg = make_cfg(tiny_model_dir, tiny_corpus, tiny_sae_dir, f"s3://{BUCKET}/runs", run_id="s3run")
     cfg.sink = SinkConfig(root=f"s3://{BUCKET}/runs", endpoint_url=s3_server, retries=2)
@@ -104,18 +104,18 @@ def test_pipeline_and_postprocess_read_back_from_s3(s3_run):
 def test_cli_rerun_skips_and_exports_from_s3(s3_run, s3_server, tmp_path):
     cfg, _, store, _, post_cfg = s3_run
     env = {**os.environ, "RAY_ADDRESS": ""}
-    args = [f"run_id={cfg.run_id}", f"sink.root={cfg.sink.root}", f"bucket_size={post_cfg.bucket_size}",
+    args = [f"run_id={cfg.run_id}", "sink=s3", f"sink.root={cfg.sink.root}", f"bucket_size={post_cfg.bucket_size}",
             f"top_n={post_cfg.top_n}", f"n_quantiles={post_cfg.n_quantiles}", f"per_quantile={post_cfg.per_quantile}",
             f"n_random={post_cfg.n_random}", f"window={post_cfg.window}"]
     # Nothing new committed: the CLI decides that from markers alone (no Ray started) and writes nothing.
-    out = subprocess.run([sys.executable, "-m", "pipeline.postprocess", *args], env=env, capture_output=True, check=False,
+    out = subprocess.run([sys.executable, "-m", "pipeline.outputs.postprocess", *args], env=env, capture_output=True, check=False,
                          text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "'buckets_run': 0" in out.stdout and "'scattered': 0" in out.stdout
     assert SECRET not in out.stdout + out.stderr
 
-    from pipeline.browser import build_browser
-    from pipeline.delphi_export import export_delphi
+    from pipeline.outputs.browser import build_browser
+    from pipeline.outputs.delphi_export import export_delphi
 
     files = export_delphi(store, tmp_path / "delphi")
     assert len(files) == 2 * 3 and all(f.stat().st_size > 0 for f in files)

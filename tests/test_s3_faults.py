@@ -1,5 +1,5 @@
 """Transient S3 errors: a flaky proxy in front of a real moto_server answers some writes with
-503 SlowDown. The run retries (botocore/s3fs, then our own backoff in pipeline.sink) and ends
+503 SlowDown. The run retries (botocore/s3fs, then our own backoff in pipeline.outputs.sink) and ends
 with every (seq_id, pos) exactly once."""
 from __future__ import annotations
 
@@ -88,8 +88,8 @@ class _Handler(BaseHTTPRequestHandler):
 def test_transient_s3_errors_are_retried_without_loss_or_duplicates(
     s3_server, ray_local, tiny_model_dir, tiny_corpus, tiny_sae_dir  # noqa: F811
 ):
-    from pipeline.run import run
-    from pipeline.sink import RunStore
+    from pipeline.outputs.sink import RunStore
+    from pipeline.runtime.driver import run
 
     proxy = FlakyProxy(int(s3_server.rsplit(":", 1)[1]))
     thread = threading.Thread(target=proxy.serve_forever, daemon=True)

@@ -24,8 +24,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.sae import SAE, load_sae
-from pipeline.sae_formats import SAEFormatError, fetch_to_cache, transformer_lens_hookpoint
+from pipeline.remote import fetch_to_cache
+from pipeline.sae.formats import SAEFormatError, load_sae, transformer_lens_hookpoint
+from pipeline.sae.sae import SAE
 
 D, L, K, N = 24, 160, 8, 48
 
@@ -333,7 +334,7 @@ def test_transformer_lens_hook_names():
 
 
 def test_own_format_still_loads(tmp_path):
-    from pipeline.sae import random_sae
+    from pipeline.sae.sae import random_sae
 
     random_sae(D, L, K, hookpoint="layers.1").save(tmp_path / "own" / "layers.1")
     sae = load_sae(tmp_path / "own", hookpoint="layers.1")

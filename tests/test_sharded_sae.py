@@ -1,4 +1,4 @@
-"""Latent-sharded SAE: the merge of per-range top-k equals the unsharded SAE exactly."""
+"""Latent-split SAE: the merge of per-range top-k equals the unsplit SAE exactly."""
 from __future__ import annotations
 
 import itertools
@@ -8,17 +8,18 @@ import torch
 
 from kernels.merge import merge_topk
 from kernels.reference import ordered_topk, preactivations
-from pipeline.sae import SAE, load_sae
-from pipeline.sharded_sae import SAEShardActor, ShardedSAE, load_slices, split_ranges
+from pipeline.sae.formats import load_sae
+from pipeline.sae.latent_split import LatentPartActor, LatentSplitSAE, load_slices, split_ranges
+from pipeline.sae.sae import SAE
 from tests.conftest import random_sae
 
 D, L = 16, 1000
-CPUS = 0.1  # logical CPUs per actor: several sharded SAEs fit in ray_local's 2 CPUs
+CPUS = 0.1  # logical CPUs per actor: several split SAEs fit in ray_local's 2 CPUs
 
 
 def int_sae() -> SAE:
     """Weights and biases in {-1, 0, 1}. With inputs in {-1, 0, 1} pre-activations are small
-    exact integers, so every row has many ties, across shard boundaries and straddling the
+    exact integers, so every row has many ties, across part boundaries and straddling the
     k-th place; with float inputs it is the generic case. b_pre and latent_scale are set so
     every transform SAE.encode applies is exercised (input_norm: see the from_path test)."""
     g = torch.Generator().manual_seed(3)
@@ -37,7 +38,7 @@ def inputs(kind: str, n: int = 24) -> torch.Tensor:
 
 
 def reference_parts(scores: torch.Tensor, ranges: list[tuple[int, int]], k: int):
-    """Per-range ordered top-k with global ids, as each shard returns it."""
+    """Per-range ordered top-k with global ids, as each part returns it."""
     parts = []
     for start, stop in ranges:
         values, ids = ordered_topk(scores[:, start:stop], min(k, stop - start))
@@ -95,10 +96,10 @@ def test_merge_topk_rejects_bad_parts():
         merge_topk([], 1)
 
 
-def test_shard_actor_returns_global_ids_of_its_range():
+def test_part_actor_returns_global_ids_of_its_range():
     sae = int_sae()
     start, stop = 300, 550
-    actor = SAEShardActor(start, stop, tensors={"W_enc": sae.W_enc[start:stop], "b_enc": sae.b_enc[start:stop],
+    actor = LatentPartActor(start, stop, tensors={"W_enc": sae.W_enc[start:stop], "b_enc": sae.b_enc[start:stop],
                                                 "W_dec": sae.W_dec[start:stop]})
     x = inputs("int")
     values, ids = actor.encode_part(x, 9)
@@ -123,8 +124,8 @@ def test_load_slices_reads_only_the_range(tmp_path):
 # -- on Ray ----------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module", params=[2, 3, 4], ids=lambda n: f"{n}parts")
-def sharded(request, ray_local):
-    s = ShardedSAE(int_sae(), request.param, num_cpus=CPUS, ready_timeout_s=60)
+def split_sae(request, ray_local):
+    s = LatentSplitSAE(int_sae(), request.param, num_cpus=CPUS, ready_timeout_s=60)
     try:
         yield s
     finally:
@@ -134,39 +135,39 @@ def sharded(request, ray_local):
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["int", "float"])
 @pytest.mark.parametrize("k", [7, 32])
-def test_sharded_encode_equals_unsharded(sharded, kind, k):
+def test_split_encode_equals_unsharded(split_sae, kind, k):
     sae, x = int_sae(), inputs(kind)
     expected_values, expected_ids = sae.encode(x, k)
-    values, ids = sharded.encode(x, k)
+    values, ids = split_sae.encode(x, k)
     assert ids.dtype == torch.int32
     assert torch.equal(ids, expected_ids)
     assert torch.equal(values, expected_values)
     if kind == "int":
-        # The data must make the tie rule matter across shards: merging the shards' lists
-        # with later ranges first (ties to the higher shard) has to give different ids.
-        parts = reference_parts(preactivations(x - sae.b_pre, sae.W_enc, sae.b_enc), sharded.ranges, k)
+        # The data must make the tie rule matter across shards: merging the parts' lists
+        # with later ranges first (ties to the higher part) has to give different ids.
+        parts = reference_parts(preactivations(x - sae.b_pre, sae.W_enc, sae.b_enc), split_sae.ranges, k)
         assert not torch.equal(merge_topk(parts[::-1], k)[1], expected_ids)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["int", "float"])
-def test_sharded_decode_equals_unsharded(sharded, kind):
+def test_split_decode_equals_unsharded(split_sae, kind):
     sae, x = int_sae(), inputs(kind)
     values, ids = sae.encode(x, 32)
-    assert torch.equal(sharded.decode(values, ids), sae.decode(values, ids))
+    assert torch.equal(split_sae.decode(values, ids), sae.decode(values, ids))
 
 
 @pytest.mark.slow
-def test_sharded_sae_has_the_sae_interface(sharded):
-    assert (sharded.d_in, sharded.n_latents, sharded.k) == (D, L, 7)
+def test_split_sae_has_the_sae_interface(split_sae):
+    assert (split_sae.d_in, split_sae.n_latents, split_sae.k) == (D, L, 7)
     x = inputs("float")
-    sharded.k = 32  # the harvest overrides k from its config this way
+    split_sae.k = 32  # the harvest overrides k from its config this way
     try:
-        assert torch.equal(sharded.encode(x)[1], int_sae().encode(x, 32)[1])
+        assert torch.equal(split_sae.encode(x)[1], int_sae().encode(x, 32)[1])
     finally:
-        sharded.k = 7
+        split_sae.k = 7
     with pytest.raises(ValueError):
-        sharded.encode(torch.zeros(2, D + 1))
+        split_sae.encode(torch.zeros(2, D + 1))
 
 
 @pytest.mark.slow
@@ -174,17 +175,17 @@ def test_from_path_gives_each_actor_only_its_slice_and_close_frees_it(tmp_path, 
     from ray.util.placement_group import placement_group_table
 
     # Random float weights, the OpenAI input norm, and 40 latents over 3 actors with k=32:
-    # every shard is narrower than k.
+    # every part is narrower than k.
     sae = random_sae(D, 40, k=32, seed=5)
     sae.input_norm = "openai_layernorm"
     sae.b_pre = torch.full((D,), 0.25)
     sae.latent_scale = torch.linspace(0.5, 2.0, 40)
     sae.save(tmp_path)
     loaded = load_sae(tmp_path)
-    s = ShardedSAE.from_path(tmp_path, 3, num_cpus=CPUS, ready_timeout_s=60)
+    s = LatentSplitSAE.from_path(tmp_path, 3, num_cpus=CPUS, ready_timeout_s=60)
     pg = s._pg
     try:
-        info = s.shard_info()
+        info = s.part_info()
         assert [i["W_enc"] for i in info] == [(14, D), (13, D), (13, D)]
         assert [(i["start"], i["stop"]) for i in info] == [(0, 14), (14, 27), (27, 40)]
         assert s.sae.W_enc.is_meta  # the driver holds no weight matrix either

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 from botocore.exceptions import ClientError
 
-from pipeline.sink import is_transient, with_retries
+from pipeline.outputs.sink import is_transient, with_retries
 
 
 def client_error(code: str, status: int) -> ClientError:

@@ -20,9 +20,9 @@ import pytest
 from pipeline import token_cache
 from pipeline.__main__ import member_run_id
 from pipeline.config import CorpusConfig
-from pipeline.corpus import resolve_corpus
-from pipeline.packing import plan_shards
-from pipeline.token_cache import cached_plan_shards
+from pipeline.data.corpus import resolve_corpus
+from pipeline.data.packing import plan_shards
+from pipeline.data.token_cache import cached_plan_shards
 
 
 @pytest.fixture(scope="module")
@@ -97,10 +97,8 @@ def test_sweep_members_get_distinct_readable_run_ids():
 def test_two_member_sweep_writes_two_runs_and_tokenizes_once(tiny_model_dir, tiny_corpus, tiny_sae_dir, tmp_path,
                                                               ray_local, monkeypatch):
     import pipeline.__main__ as app
-    import pipeline.run
+    import pipeline.runtime.driver
 
-    # run.py plans with packing.plan_shards until it switches to the cached drop-in; use it here.
-    monkeypatch.setattr(pipeline.run, "plan_shards", cached_plan_shards)
     out, tokens = tmp_path / "out", tmp_path / "tokens"
     args = [
         "-m", "experiment=none", "run_id=sw", f"model.path={tiny_model_dir}", "model.gguf_file=null",
@@ -112,7 +110,7 @@ def test_two_member_sweep_writes_two_runs_and_tokenizes_once(tiny_model_dir, tin
     monkeypatch.setattr(sys, "argv", ["pipeline", *args])
     monkeypatch.setattr(token_cache, "stats", {"hits": 0, "misses": 0})
     seen = []
-    real_run = pipeline.run.run
+    real_run = pipeline.runtime.driver.run
 
     def spy(cfg, *a, **kw):
         before = dict(token_cache.stats)
@@ -121,7 +119,7 @@ def test_two_member_sweep_writes_two_runs_and_tokenizes_once(tiny_model_dir, tin
                      token_cache.stats["misses"] - before["misses"], summary.shards_done))
         return summary
 
-    monkeypatch.setattr(pipeline.run, "run", spy)
+    monkeypatch.setattr(pipeline.runtime.driver, "run", spy)
     try:
         app.main()
     except SystemExit as err:  # Hydra exits only on errors
@@ -143,9 +141,8 @@ def test_two_member_sweep_writes_two_runs_and_tokenizes_once(tiny_model_dir, tin
 
 def test_run_summary_is_written_only_when_something_happened(tmp_path):
     from pipeline.config import SinkConfig
-    from pipeline.run import RunSummary
-    from pipeline.run_summary import summary_record, write_run_summary
-    from pipeline.sink import RunStore
+    from pipeline.outputs.sink import RunStore
+    from pipeline.runtime.summary import RunSummary, summary_record, write_run_summary
 
     store = RunStore(SinkConfig(root=str(tmp_path)), "r")
     idle = RunSummary("r", store.url, shards_skipped=4, seconds=0.5, hookpoints=["layers.1"])

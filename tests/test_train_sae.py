@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from pipeline.sae import load_sae
-from pipeline.train_sae import TopKSAE, TrainConfig, train_topk_sae
+from pipeline.sae.formats import load_sae
+from pipeline.sae.train import TopKSAE, TrainConfig, train_topk_sae
 
 torch.set_num_threads(1)
 

@@ -15,7 +15,7 @@ import ray
 from ray.cluster_utils import Cluster
 
 from pipeline.config import ClusterConfig, CorpusConfig, ModelConfig, RunConfig, SAEConfig, SinkConfig
-from pipeline.run import run
+from pipeline.runtime.driver import run
 
 
 def main(model_dir: str, corpus_dir: str, sae_dir: str, out_dir: str) -> None:

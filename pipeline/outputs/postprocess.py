@@ -1,6 +1,6 @@
 """Post-processing for autointerp: latent_stats, the by_latent inverted index, and examples.
 
-    python -m pipeline.postprocess run_id=demo [sink.root=s3://bucket/runs] [bucket_size=65536] ...
+    python -m pipeline.outputs.postprocess run_id=demo [sink=s3] [sink.root=s3://bucket/runs] [bucket_size=65536] ...
 
 Two passes over COMMITTED shards only, both Ray tasks, so no process ever holds every latent:
 
@@ -29,7 +29,7 @@ kind=random: windows where the latent is active nowhere.
 """
 from __future__ import annotations
 
-import sys
+import logging
 import zlib
 from dataclasses import asdict
 
@@ -37,68 +37,31 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.cli import command
 from pipeline.config import PostprocessConfig, SinkConfig
-from pipeline.sink import RunStore, contexts_key, latents_key
+from pipeline.outputs.layout import (
+    BY_LATENT_SCHEMA,
+    EXAMPLES_SCHEMA,
+    MANIFEST_KEY,
+    STATS_SCHEMA,
+    bucket_marker_key,
+    bucket_stats_key,
+    by_latent_key,
+    contexts_key,
+    examples_key,
+    latents_key,
+    scatter_marker_key,
+    spill_key,
+    stats_dir,
+    stats_key,
+    stats_state_key,
+)
+from pipeline.outputs.sink import RunStore
 
-BY_LATENT_SCHEMA = pa.schema(
-    [("latent_id", pa.int32()), ("seq_id", pa.int64()), ("pos", pa.int32()), ("act", pa.float16())]
-)
-EXAMPLES_SCHEMA = pa.schema(
-    [
-        ("latent_id", pa.int32()),
-        ("kind", pa.string()),
-        ("rank", pa.int32()),
-        ("seq_id", pa.int64()),
-        ("pos", pa.int32()),
-        ("token_ids", pa.list_(pa.int32())),
-        ("acts", pa.list_(pa.float32())),
-    ]
-)
-STATS_SCHEMA = pa.schema(
-    [
-        ("latent_id", pa.int32()),
-        ("n_active", pa.int64()),
-        ("density", pa.float64()),
-        ("max_act", pa.float32()),
-        ("mean_act", pa.float32()),
-        ("sum_act", pa.float64()),
-        ("sum_sq_act", pa.float64()),
-        ("quantiles", pa.list_(pa.float32())),
-        ("histogram", pa.list_(pa.int64())),
-        ("is_dead", pa.bool_()),
-    ]
-)
+log = logging.getLogger(__name__)
+
 KINDS = ("top", "quantile", "random")
 POS_BITS = 24  # (seq_id, pos) packed into one int64 key: seq_id << POS_BITS | pos
-
-
-# -- keys ---------------------------------------------------------------------------------
-def spill_key(hook: str, bucket: int, shard: int) -> str:
-    return f"_post/spill/hookpoint={hook}/bucket={bucket:06d}/shard={shard:06d}.parquet"
-
-
-def scatter_marker_key(hook: str, shard: int) -> str:
-    return f"_post/scatter/hookpoint={hook}/shard={shard:06d}.json"
-
-
-def bucket_marker_key(hook: str, bucket: int) -> str:
-    return f"_post/hookpoint={hook}/bucket={bucket:06d}.json"
-
-
-def bucket_stats_key(hook: str, bucket: int) -> str:
-    return f"_post/stats/hookpoint={hook}/bucket={bucket:06d}.parquet"
-
-
-def by_latent_key(hook: str, bucket: int) -> str:
-    return f"by_latent/hookpoint={hook}/bucket={bucket:06d}/part-0.parquet"
-
-
-def examples_key(hook: str, bucket: int) -> str:
-    return f"examples/hookpoint={hook}/bucket={bucket:06d}/part-0.parquet"
-
-
-def stats_key(hook: str) -> str:
-    return f"latent_stats/hookpoint={hook}/part-0.parquet"
 
 
 def hist_edges(cfg: PostprocessConfig) -> np.ndarray:
@@ -181,7 +144,7 @@ def scatter_shard(store: RunStore, hook: str, shard: int, bucket_size: int) -> d
 # -- pass 2: one bucket -------------------------------------------------------------------------
 def bucket_settings(cfg: PostprocessConfig) -> dict:
     """The settings a bucket's outputs depend on: a change reruns the bucket."""
-    skip = {"run_id", "sink", "hookpoints", "num_cpus"}
+    skip = {"run_id", "sink", "hookpoints", "num_cpus", "quiet"}
     return {k: v for k, v in asdict(cfg).items() if k not in skip}
 
 
@@ -314,7 +277,7 @@ def write_latent_stats(store: RunStore, hook: str, n_buckets: int, total_tokens:
     """Stream the per-bucket statistics into one part, one bucket (row group) in memory at a time."""
     full = store.path(stats_key(hook))
     target = f"{full}.tmp" if store.is_local else full  # object stores: the upload completes on close
-    store.fs.makedirs(store.path(f"latent_stats/hookpoint={hook}"), exist_ok=True)
+    store.fs.makedirs(store.path(stats_dir(hook)), exist_ok=True)
     meta = {b"histogram_edges_log2": f"{cfg.hist_log2_min},{cfg.hist_log2_max},{cfg.hist_bins}".encode(),
             b"total_tokens": str(total_tokens).encode()}
     with store.fs.open(target, "wb") as f, \
@@ -364,9 +327,9 @@ def _bucket_task(sink: SinkConfig, run_id: str, *args) -> dict:
     return process_bucket(RunStore(sink, run_id), *args)
 
 
-def postprocess(store: RunStore, cfg: PostprocessConfig, log=print) -> dict:
+def postprocess(store: RunStore, cfg: PostprocessConfig) -> dict:
     """Scatter new committed shards, rebuild touched buckets, refresh latent_stats. Returns counts."""
-    manifest = store.read_json("manifest.json")
+    manifest = store.read_json(MANIFEST_KEY)
     hooks = cfg.hookpoints or manifest["hookpoints"]
     shard_size = int(manifest["shard_size"])
     committed = store.committed_shards()
@@ -404,35 +367,19 @@ def postprocess(store: RunStore, cfg: PostprocessConfig, log=print) -> dict:
         summary["buckets_run"] += len(refs)
 
         state = {"tokens": total_tokens, "shards": to_ranges(committed), "settings": bucket_settings(cfg)}
-        if refs or read_json_or_none(store, f"_post/hookpoint={hook}/stats.json") != state:
+        if refs or read_json_or_none(store, stats_state_key(hook)) != state:
             write_latent_stats(store, hook, n_buckets, total_tokens, cfg)
-            store.write_json(f"_post/hookpoint={hook}/stats.json", state)
-        log(f"[{store.run_id}] post-processed {hook}: {len(todo)} shard(s) scattered, "
-            f"{len(refs)} of {n_buckets} bucket(s) rebuilt, {total_tokens:,} tokens")
+            store.write_json(stats_state_key(hook), state)
+        log.info(f"[{store.run_id}] post-processed {hook}: {len(todo)} shard(s) scattered, "
+                 f"{len(refs)} of {n_buckets} bucket(s) rebuilt, {total_tokens:,} tokens")
     return summary
 
 
-def parse_cli(argv: list[str], schema) -> object:
-    """`key=value` overrides (Hydra's syntax, typed by the dataclass) -> a dataclass instance."""
-    from omegaconf import OmegaConf
-
-    cfg = OmegaConf.merge(OmegaConf.structured(schema), OmegaConf.from_dotlist(argv))
-    return OmegaConf.to_object(cfg)
+def _main(cfg: PostprocessConfig) -> None:
+    log.info(postprocess(RunStore(cfg.sink, cfg.run_id), cfg))
 
 
-def sink_from_env(sink: SinkConfig) -> SinkConfig:
-    import os
-
-    if sink.root.startswith("s3://") and not sink.endpoint_url and os.environ.get("AWS_ENDPOINT_URL"):
-        sink.endpoint_url = os.environ["AWS_ENDPOINT_URL"]
-    return sink
-
-
-def main(argv: list[str] | None = None) -> None:
-    cfg: PostprocessConfig = parse_cli(sys.argv[1:] if argv is None else argv, PostprocessConfig)
-    cfg.sink = sink_from_env(cfg.sink)
-    summary = postprocess(RunStore(cfg.sink, cfg.run_id), cfg)
-    print(summary, flush=True)
+main = command("postprocess", PostprocessConfig, _main)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ The project's own format is a directory with `cfg.json` and `sae.safetensors`
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -153,60 +152,3 @@ def random_sae(d_in: int, n_latents: int, k: int, seed: int = 0, hookpoint: str 
     w = w / w.norm(dim=1, keepdim=True)
     return SAE(W_enc=w.clone(), b_enc=0.01 * torch.randn(n_latents, generator=g), W_dec=w.clone(),
                b_dec=0.01 * torch.randn(d_in, generator=g), k=k, hookpoint=hookpoint)
-
-
-def sha256_of_files(paths: list[Path]) -> str:
-    """One digest over the given files in order (content only), streamed."""
-    digest = hashlib.sha256()
-    for p in paths:
-        with open(p, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()
-
-
-def _load_own(path: Path) -> SAE:
-    from safetensors.torch import load_file
-
-    cfg = json.loads((path / "cfg.json").read_text())
-    tensors = load_file(str(path / "sae.safetensors"))
-    return SAE(
-        W_enc=tensors["W_enc"],
-        b_enc=tensors.get("b_enc"),
-        W_dec=tensors["W_dec"],
-        b_dec=tensors.get("b_dec"),
-        b_pre=tensors.get("b_pre"),
-        latent_scale=tensors.get("latent_scale"),
-        k=int(cfg["k"]),
-        input_norm=cfg.get("input_norm", "none"),
-        activation=cfg.get("activation", "topk_relu"),
-        hookpoint=cfg.get("hookpoint"),
-        format=OWN_FORMAT,
-        source=str(path),
-        sha256=sha256_of_files([path / "cfg.json", path / "sae.safetensors"]),
-        meta=cfg.get("meta", {}),
-    )
-
-
-def load_sae(path: str | os.PathLike, hookpoint: str | None = None, cache_dir: str | os.PathLike | None = None) -> SAE:
-    """Load an SAE in any supported format, detected from the files present.
-
-    `path`: a local file/folder or a remote URL (s3://..., fetched to `cache_dir` with a sha256
-    check). A folder holding one subfolder per hookpoint (sparsify's layout) needs `hookpoint`.
-    Formats: the project's own, OpenAI `sparse_autoencoder`, EleutherAI `sparsify`, SAELens
-    `topk` (see `pipeline.sae_formats`).
-    """
-    from pipeline import sae_formats
-
-    source = str(path)
-    if sae_formats.is_remote(source):
-        path = sae_formats.fetch_to_cache(source, cache_dir)
-    path = Path(str(path).removeprefix("file://"))
-    if not path.exists():
-        raise FileNotFoundError(f"SAE path {source} does not exist")
-    if hookpoint is not None and path.is_dir() and (path / hookpoint).is_dir():
-        path = path / hookpoint
-    fmt = sae_formats.detect_format(path)
-    sae = _load_own(path) if fmt == OWN_FORMAT else sae_formats.LOADERS[fmt](path)
-    sae.source = source if sae_formats.is_remote(source) else str(path)
-    return sae

@@ -1,6 +1,6 @@
 """A static HTML latent browser for a post-processed run: open `index.html` from disk, no server.
 
-    python -m pipeline.browser run_id=demo out=./browser [sink.root=...] [max_latents=200]
+    python -m pipeline.outputs.browser run_id=demo out=./browser [sink=s3] [sink.root=...] [max_latents=200]
 
 index.html: per hookpoint a density histogram (inline SVG) and a search box (latent id -> page).
 latents/<hookpoint>/<id>.html: statistics, the activation histogram over the fixed bins, and the
@@ -12,26 +12,21 @@ from __future__ import annotations
 
 import html
 import json
+import logging
 import math
-import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.config import ModelConfig, SinkConfig
-from pipeline.postprocess import (
-    EXAMPLES_SCHEMA,
-    bucket_marker_key,
-    examples_key,
-    parse_cli,
-    read_json_or_none,
-    sink_from_env,
-    stats_key,
-)
-from pipeline.sink import RunStore
+from pipeline.cli import command
+from pipeline.config import BrowserConfig, ModelConfig
+from pipeline.outputs.layout import EXAMPLES_SCHEMA, MANIFEST_KEY, bucket_marker_key, examples_key, stats_key
+from pipeline.outputs.postprocess import read_json_or_none
+from pipeline.outputs.sink import RunStore
+
+log = logging.getLogger(__name__)
 
 STYLE = """body{font-family:system-ui,sans-serif;margin:24px;color:#222;max-width:1100px}
 h1{font-size:22px}h2{font-size:18px;margin-top:28px}table{border-collapse:collapse}
@@ -40,22 +35,14 @@ td,th{padding:2px 10px;text-align:right;border-bottom:1px solid #eee}
 .tok{border-radius:2px}.kind{color:#666;font-size:12px;margin-right:6px}a{color:#1a56c4}"""
 
 
-@dataclass
-class BrowserConfig:
-    run_id: str = "demo"
-    out: str = "./browser"
-    sink: SinkConfig = field(default_factory=SinkConfig)
-    max_latents: int = 200  # pages per hookpoint
-
-
 def load_run_tokenizer(manifest: dict):
     """The run's tokenizer, or None (then tokens show as ids)."""
     try:
-        from pipeline.model import load_tokenizer
+        from pipeline.model.loader import load_tokenizer
 
         return load_tokenizer(ModelConfig(**manifest["config"]["model"]))
     except Exception as err:  # noqa: BLE001 - a run made elsewhere may not have its model here
-        print(f"[browser] tokenizer not available ({type(err).__name__}: {err}); showing token ids", flush=True)
+        log.warning(f"[browser] tokenizer not available ({type(err).__name__}: {err}); showing token ids")
         return None
 
 
@@ -124,9 +111,9 @@ if(ids.indexOf(parseInt(v,10))>=0){location.href='latents/'+hook+'/'+parseInt(v,
 else{m.textContent='latent '+v+' has no page (dead, no examples, or beyond the page cap)';}return false;}"""
 
 
-def build_browser(store: RunStore, out: str | Path, max_latents: int = 200, tokenizer="auto", log=print) -> Path:
+def build_browser(store: RunStore, out: str | Path, max_latents: int = 200, tokenizer="auto") -> Path:
     out = Path(out)
-    manifest = store.read_json("manifest.json")
+    manifest = store.read_json(MANIFEST_KEY)
     if tokenizer == "auto":
         tokenizer = load_run_tokenizer(manifest)
     pages: dict[str, list[int]] = {}
@@ -169,13 +156,15 @@ def build_browser(store: RunStore, out: str | Path, max_latents: int = 200, toke
              f"<style>{STYLE}</style><script>var PAGES={json.dumps(pages)};{SEARCH_JS}</script></head>"
              f"<body><h1>run {html.escape(store.run_id)}</h1>{''.join(sections)}</body></html>")
     (out / "index.html").write_text(index, encoding="utf-8")
-    log(f"[{store.run_id}] browser: {sum(map(len, pages.values()))} latent pages in {out}/index.html")
+    log.info(f"[{store.run_id}] browser: {sum(map(len, pages.values()))} latent pages in {out}/index.html")
     return out / "index.html"
 
 
-def main(argv: list[str] | None = None) -> None:
-    cfg: BrowserConfig = parse_cli(sys.argv[1:] if argv is None else argv, BrowserConfig)
-    build_browser(RunStore(sink_from_env(cfg.sink), cfg.run_id), cfg.out, cfg.max_latents)
+def _main(cfg: BrowserConfig) -> None:
+    build_browser(RunStore(cfg.sink, cfg.run_id), cfg.out, cfg.max_latents)
+
+
+main = command("browser", BrowserConfig, _main)
 
 
 if __name__ == "__main__":

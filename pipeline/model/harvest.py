@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pipeline.hookpoints import Hookpoint, resolve_hookpoint
+from pipeline.model.hookpoints import Hookpoint, resolve_hookpoint
 
 
 class _StopForward(Exception):

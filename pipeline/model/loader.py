@@ -9,12 +9,11 @@
                           rev is a branch/tag under refs/ or a commit (default: main)
     .../models--org--name a hub-cache repo folder itself (resolved like hf-cache:, at main)
     s3://bucket/prefix    any fsspec URL: the prefix is copied to a local cache (sha256-checked,
-                          pipeline.sae_formats.fetch_to_cache) and loaded from there
+                          pipeline.remote.fetch_to_cache) and loaded from there
 Nothing is ever fetched from a hub: HF_HUB_OFFLINE is set before transformers loads.
 """
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import os
 from pathlib import Path
@@ -26,6 +25,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")  # GGUF de-quantization draws a progr
 import torch
 
 from pipeline.config import ModelConfig
+from pipeline.remote import fetch_to_cache, is_remote, sha256_of_files
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -61,9 +61,7 @@ def resolve_model_dir(path: str) -> Path:
             raise ModelError(f"model.path={path!r}: {repo} is not in the Hugging Face cache at {repo_dir.parent} "
                              f"(set HF_HUB_CACHE or HF_HOME; nothing is downloaded)")
         return hf_cache_snapshot(repo_dir, revision or None)
-    if "://" in path and not path.startswith("file://"):
-        from pipeline.sae_formats import fetch_to_cache
-
+    if is_remote(path):
         return fetch_to_cache(path)
     if path.startswith("pkg:"):
         package = path[len("pkg:"):]
@@ -89,12 +87,8 @@ def model_identity(cfg: ModelConfig) -> dict:
         files = [folder / cfg.gguf_file]
     else:
         files = sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin", ".json"))
-    digest = hashlib.sha256()
-    for f in files:
-        with open(f, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 22), b""):
-                digest.update(block)
-    return {"name": cfg.name, "path": cfg.path, "gguf_file": cfg.gguf_file, "dtype": cfg.dtype, "sha256": digest.hexdigest()}
+    return {"name": cfg.name, "path": cfg.path, "gguf_file": cfg.gguf_file, "dtype": cfg.dtype,
+            "sha256": sha256_of_files(files)}
 
 
 def load_tokenizer(cfg: ModelConfig):

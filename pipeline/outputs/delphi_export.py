@@ -1,6 +1,6 @@
 """Export a post-processed run to the latent cache layout EleutherAI's delphi reads.
 
-    python -m pipeline.delphi_export run_id=demo out=./delphi_cache [sink.root=...] [hookpoints=[layers.6]]
+    python -m pipeline.outputs.delphi_export run_id=demo out=./delphi_cache [sink.root=...] [hookpoints=[layers.6]]
 
 delphi (delphi/latents/cache.py `save_splits`, read by delphi/latents/loader.py `TensorBuffer`):
 
@@ -18,32 +18,19 @@ contexts shorter than ctx_len are padded with the tokenizer's eos id.
 from __future__ import annotations
 
 import json
-import sys
-from dataclasses import dataclass, field
+import logging
 from pathlib import Path
 
 import numpy as np
 from safetensors.numpy import save_file
 
-from pipeline.config import SinkConfig
-from pipeline.postprocess import (
-    bucket_marker_key,
-    by_latent_key,
-    parse_cli,
-    read_json_or_none,
-    sink_from_env,
-    to_ranges,
-)
-from pipeline.sink import RunStore, contexts_key
+from pipeline.cli import command
+from pipeline.config import DelphiExportConfig
+from pipeline.outputs.layout import MANIFEST_KEY, bucket_marker_key, by_latent_key, contexts_key
+from pipeline.outputs.postprocess import read_json_or_none, to_ranges
+from pipeline.outputs.sink import RunStore
 
-
-@dataclass
-class DelphiExportConfig:
-    run_id: str = "demo"
-    out: str = "./delphi_cache"
-    sink: SinkConfig = field(default_factory=SinkConfig)
-    hookpoints: list[str] | None = None  # None: all in the manifest
-    save_tokens: bool = True
+log = logging.getLogger(__name__)
 
 
 def committed_tokens(store: RunStore, ctx_len: int, pad_id: int) -> tuple[np.ndarray, np.ndarray, int]:
@@ -64,8 +51,8 @@ def committed_tokens(store: RunStore, ctx_len: int, pad_id: int) -> tuple[np.nda
 
 
 def export_delphi(store: RunStore, out: str | Path, hookpoints: list[str] | None = None,
-                  save_tokens: bool = True, log=print) -> list[Path]:
-    manifest = store.read_json("manifest.json")
+                  save_tokens: bool = True) -> list[Path]:
+    manifest = store.read_json(MANIFEST_KEY)
     hooks = hookpoints or manifest["hookpoints"]
     ctx_len = int(manifest["ctx_len"])
     pad_id = int((manifest.get("tokenizer") or {}).get("eos_token_id") or 0)
@@ -100,7 +87,7 @@ def export_delphi(store: RunStore, out: str | Path, hookpoints: list[str] | None
             written.append(path)
             bucket += 1
         if bucket == 0:
-            raise FileNotFoundError(f"{store.url}: no by_latent buckets for {hook}; run pipeline.postprocess first")
+            raise FileNotFoundError(f"{store.url}: no by_latent buckets for {hook}; run pipeline.outputs.postprocess first")
         config = {
             # delphi's CacheConfig fields, then what it adds (model_name), then ours.
             "dataset_repo": manifest.get("config", {}).get("corpus", {}).get("name", ""),
@@ -113,14 +100,15 @@ def export_delphi(store: RunStore, out: str | Path, hookpoints: list[str] | None
                             "seq_id_ranges": to_ranges(seq.tolist())},
         }
         (folder / "config.json").write_text(json.dumps(config, indent=4))
-        log(f"[{store.run_id}] delphi cache for {hook}: {bucket} file(s) in {folder}")
+        log.info(f"[{store.run_id}] delphi cache for {hook}: {bucket} file(s) in {folder}")
     return written
 
 
-def main(argv: list[str] | None = None) -> None:
-    cfg: DelphiExportConfig = parse_cli(sys.argv[1:] if argv is None else argv, DelphiExportConfig)
-    store = RunStore(sink_from_env(cfg.sink), cfg.run_id)
-    export_delphi(store, cfg.out, cfg.hookpoints, cfg.save_tokens)
+def _main(cfg: DelphiExportConfig) -> None:
+    export_delphi(RunStore(cfg.sink, cfg.run_id), cfg.out, cfg.hookpoints, cfg.save_tokens)
+
+
+main = command("delphi_export", DelphiExportConfig, _main)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ which makes a step ~2.5x cheaper on CPU. Final evaluation uses `SAE.encode` / `S
 """
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Callable
@@ -30,7 +31,9 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from pipeline.sae import SAE
+from pipeline.sae.sae import SAE
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -214,9 +217,12 @@ def train_topk_sae(
     acts: torch.Tensor,
     cfg: TrainConfig,
     hookpoint: str | None = None,
-    progress: Callable[[str], None] = print,
+    progress: Callable[[str], None] | None = None,
 ) -> tuple[SAE, TrainReport]:
-    """Fit a top-k SAE to `acts` [N, d] and return it (working on raw activations) and a report."""
+    """Fit a top-k SAE to `acts` [N, d] and return it (working on raw activations) and a report.
+
+    `progress` receives the training log lines (default: this module's logger)."""
+    progress = progress or log.info
     if acts.dim() != 2:
         raise ValueError(f"acts must be [N, d], got {tuple(acts.shape)}")
     t0 = time.perf_counter()

@@ -1,15 +1,15 @@
 """A top-k SAE split by latent range across Ray actors, for SAEs too big for one device.
 
 16M latents x d=4096 in bf16 is 137 GB per matrix, so `W_enc`, `b_enc` and `W_dec` are cut
-into contiguous latent ranges, one `SAEShardActor` per range, all in one placement group
-(one bundle per shard; PACK by default, STRICT_PACK to force a single node).
+into contiguous latent ranges, one `LatentPartActor` per range, all in one placement group
+(one bundle per part; PACK by default, STRICT_PACK to force a single node).
 
 Encode (same result as `SAE.encode`, bit for bit):
   driver: x_n = normalize(x) - b_pre          (the SAE's own `normalize`, on CPU)
   actors: local top-k of x_n @ W_enc[range].T + b_enc[range], ids offset to global ids
   driver: `kernels.merge.merge_topk` (exact tie rule), then ReLU and latent_scale[ids]
 Each pre-activation is computed by the same kernel from the same row of weights as in the
-unsharded SAE, so the merged top-k equals the unsharded one exactly, ties included.
+unsplit SAE, so the merged top-k equals the unsplit one exactly, ties included.
 
 Decode gathers on the driver: each actor returns the `W_dec` rows of the distinct ids that
 fall in its range, and the driver runs `kernels.sparse_decode` on those rows. That is bitwise
@@ -17,7 +17,7 @@ equal to `SAE.decode` (same rows, same summation order) and moves O(distinct ids
 summing per-actor partial decodes would move n_parts x N x d floats and only match to
 rounding. Decode is for reconstruction checks, not the harvest hot path.
 
-`SAEShardActor` is a plain class (usable and testable without Ray); `ShardedSAE` wraps it with
+`LatentPartActor` is a plain class (usable and testable without Ray); `LatentSplitSAE` wraps it with
 `ray.remote(...).options(...)` inside its placement group.
 """
 from __future__ import annotations
@@ -32,7 +32,8 @@ import torch
 
 import kernels
 from kernels.merge import merge_topk
-from pipeline.sae import OWN_FORMAT, SAE, sha256_of_files
+from pipeline.remote import sha256_of_files
+from pipeline.sae.sae import OWN_FORMAT, SAE
 
 if TYPE_CHECKING:  # annotations are strings (__future__), so 3.10 never imports this
     from typing import Self
@@ -69,7 +70,7 @@ def load_slices(path: str | os.PathLike, start: int, stop: int) -> dict[str, tor
     return out
 
 
-class SAEShardActor:
+class LatentPartActor:
     """Holds latents [start, stop) of one SAE and answers local top-k / decoder-row queries.
 
     Built from in-memory slices (`tensors`) or from a checkpoint `path` (loads its slice only).
@@ -113,7 +114,7 @@ class SAEShardActor:
         """W_dec rows for global ids inside this range: [len(ids), d], on CPU."""
         local = ids.long().to(self.device) - self.start
         if local.numel() and (int(local.min()) < 0 or int(local.max()) >= self.stop - self.start):
-            raise ValueError(f"ids outside this shard's range [{self.start}, {self.stop})")
+            raise ValueError(f"ids outside this part's range [{self.start}, {self.stop})")
         return self.W_dec[local].cpu()
 
 
@@ -129,10 +130,10 @@ def _driver_sae(sae: SAE) -> SAE:
     return dataclasses.replace(sae, W_enc=meta, W_dec=meta, b_enc=None, **small)
 
 
-class ShardedSAE:
-    """Same interface as `SAE` (d_in, n_latents, k, encode, decode) over latent-sharded actors.
+class LatentSplitSAE:
+    """Same interface as `SAE` (d_in, n_latents, k, encode, decode) over actors that each hold a latent range.
 
-    `ShardedSAE(sae, n_parts)` slices an in-memory SAE; `ShardedSAE.from_path(path, n_parts)`
+    `LatentSplitSAE(sae, n_parts)` slices an in-memory SAE; `LatentSplitSAE.from_path(path, n_parts)`
     lets every actor read only its own slice. The placement group is created here and removed
     by `close()` (or on leaving a `with` block). Needs `ray.init()` first.
     """
@@ -168,7 +169,7 @@ class ShardedSAE:
         strategy: str = "PACK",
         ready_timeout_s: float = 600.0,
         hash_files: bool = True,
-    ) -> ShardedSAE:
+    ) -> LatentSplitSAE:
         """Project's own format (cfg.json + sae.safetensors); no process loads a whole matrix.
 
         `hash_files=False` skips the sha256 of the checkpoint (a streamed read of the whole
@@ -186,7 +187,7 @@ class ShardedSAE:
             small = {name: f.get_tensor(name) if name in names else None
                      for name in ("b_dec", "b_pre", "latent_scale")}
         meta = torch.empty(n_latents, d_in, device="meta")
-        # Same cfg fields as pipeline.sae._load_own, minus the matrices.
+        # Same cfg fields as pipeline.sae.formats.load_own, minus the matrices.
         driver_sae = SAE(
             W_enc=meta, b_enc=None, W_dec=meta, **small, k=int(cfg["k"]),
             input_norm=cfg.get("input_norm", "none"), activation=cfg.get("activation", "topk_relu"),
@@ -209,12 +210,12 @@ class ShardedSAE:
             raise ValueError(f"strategy {strategy!r} is not one of {PG_STRATEGIES}")
         bundle = {name: amount for name, amount in (("CPU", num_cpus), ("GPU", num_gpus)) if amount > 0}
         if not bundle:
-            raise ValueError("each shard needs num_cpus > 0 or num_gpus > 0")
+            raise ValueError("each part needs num_cpus > 0 or num_gpus > 0")
         self.sae, self.ranges, self.actors, self._pg = driver_sae, ranges, [], None
         self._pg = placement_group([dict(bundle) for _ in ranges], strategy=strategy)
         try:
             ray.get(self._pg.ready(), timeout=ready_timeout_s)
-            actor_cls = ray.remote(SAEShardActor)
+            actor_cls = ray.remote(LatentPartActor)
             for i, ((start, stop), source) in enumerate(zip(ranges, sources)):
                 options = actor_cls.options(
                     num_cpus=num_cpus, num_gpus=num_gpus,
@@ -252,7 +253,7 @@ class ShardedSAE:
     def n_parts(self) -> int:
         return len(self.ranges)
 
-    def shard_info(self) -> list[dict]:
+    def part_info(self) -> list[dict]:
         import ray
 
         return ray.get([actor.info.remote() for actor in self.actors])

@@ -17,9 +17,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from pipeline.sink import RunStore
-
-PLAN_DIR = "_plan"
+from pipeline.outputs.layout import PLAN_DIR, plan_key
+from pipeline.outputs.sink import RunStore
 
 
 @dataclass
@@ -37,10 +36,6 @@ class FileRecord:
     @property
     def n_shards(self) -> int:
         return 0 if self.last_shard is None else self.last_shard - self.first_shard + 1
-
-
-def record_key(ordinal: int) -> str:
-    return f"{PLAN_DIR}/file={ordinal:06d}.json"
 
 
 class Ledger:
@@ -71,7 +66,7 @@ class Ledger:
         self.records[rec.url] = rec
         data = dataclasses.asdict(rec)
         if self._written.get(rec.url) != data:
-            self.store.write_json(record_key(rec.ordinal), data)
+            self.store.write_json(plan_key(rec.ordinal), data)
             self._written[rec.url] = data
 
     def quarantined(self) -> list[dict]:

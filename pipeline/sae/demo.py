@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import time
 from pathlib import Path
 
@@ -16,9 +17,11 @@ import numpy as np
 import torch
 
 from pipeline.config import CorpusConfig, TrainSAEConfig
-from pipeline.corpus import CorpusFile
-from pipeline.harvest import Harvester
-from pipeline.packing import plan_shards
+from pipeline.data.corpus import CorpusFile
+from pipeline.data.packing import plan_shards
+from pipeline.model.harvest import Harvester
+
+log = logging.getLogger(__name__)
 
 
 def cache_path(train: TrainSAEConfig, model_sha: str, hookpoint: str, files: list[CorpusFile], corpus: CorpusConfig) -> Path:
@@ -37,7 +40,7 @@ def cache_path(train: TrainSAEConfig, model_sha: str, hookpoint: str, files: lis
 
 
 def harvest_training_activations(
-    model, tokenizer, files, corpus: CorpusConfig, hookpoint: str, tokens: int, batch_size: int, log=print
+    model, tokenizer, files, corpus: CorpusConfig, hookpoint: str, tokens: int, batch_size: int
 ) -> torch.Tensor:
     """The first `tokens` activations of the corpus at `hookpoint` (position 0 of each context
     excluded: attention-sink tokens have outlier norms that an SAE should not be fitted on)."""
@@ -71,30 +74,30 @@ def harvest_training_activations(
     if batch and have < tokens:
         flush()
     acts = torch.cat(rows)[:tokens]
-    log(f"[sae] harvested {acts.shape[0]:,} training activations at {hookpoint} in {time.perf_counter() - started:.1f}s")
+    log.info(f"[sae] harvested {acts.shape[0]:,} training activations at {hookpoint} in {time.perf_counter() - started:.1f}s")
     return acts
 
 
 def ensure_demo_sae(model, tokenizer, files, corpus: CorpusConfig, hookpoint: str, train: TrainSAEConfig,
-                    model_sha: str, batch_size: int, log=print) -> Path:
-    from pipeline.sae import load_sae
-    from pipeline.train_sae import TrainConfig, train_topk_sae
+                    model_sha: str, batch_size: int) -> Path:
+    from pipeline.sae.formats import load_sae
+    from pipeline.sae.train import TrainConfig, train_topk_sae
 
     path = cache_path(train, model_sha, hookpoint, files, corpus)
     if (path / "cfg.json").exists():
         sae = load_sae(path)
         report = sae.meta.get("train", {})
-        log(f"[sae] reusing cached demo SAE {path} (FVU {report.get('fvu', float('nan')):.3f}, "
-            f"dead {report.get('dead_fraction', float('nan')):.1%})")
+        log.info(f"[sae] reusing cached demo SAE {path} (FVU {report.get('fvu', float('nan')):.3f}, "
+                 f"dead {report.get('dead_fraction', float('nan')):.1%})")
         return path
-    log(f"[sae] no cached demo SAE for {hookpoint}: fitting one ({train.n_latents} latents, k={train.k}, "
-        f"{train.tokens:,} tokens); cached at {path}")
-    acts = harvest_training_activations(model, tokenizer, files, corpus, hookpoint, train.tokens, batch_size, log)
+    log.info(f"[sae] no cached demo SAE for {hookpoint}: fitting one ({train.n_latents} latents, k={train.k}, "
+             f"{train.tokens:,} tokens); cached at {path}")
+    acts = harvest_training_activations(model, tokenizer, files, corpus, hookpoint, train.tokens, batch_size)
     cfg = TrainConfig(n_latents=train.n_latents, k=train.k, epochs=train.epochs, batch_size=train.batch_size,
                       lr=train.lr, seed=train.seed)
-    sae, report = train_topk_sae(acts, cfg, hookpoint=hookpoint, progress=log)
+    sae, report = train_topk_sae(acts, cfg, hookpoint=hookpoint, progress=log.info)
     sae.meta["model_sha256"] = model_sha
-    log(f"[sae] trained: FVU {report.fvu:.3f}, dead latents {report.dead_fraction:.1%}, {report.seconds:.0f}s")
+    log.info(f"[sae] trained: FVU {report.fvu:.3f}, dead latents {report.dead_fraction:.1%}, {report.seconds:.0f}s")
     tmp = path.with_name(path.name + ".tmp")
     sae.save(tmp)
     tmp.rename(path)

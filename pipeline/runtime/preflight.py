@@ -1,10 +1,13 @@
-"""Checks that run before any work: a mismatch between SAE and model stops the run here.
+"""Everything before the first shard: `prepare(cfg)` resolves the corpus, the tokenizer and the
+SAEs (fitting the demo SAE when `sae.path` is empty) and checks them against each other.
 
-Everything is checked against a *meta-device* copy of the model (its module tree and config,
-no weights), so the driver never loads the real weights just to validate.
+A mismatch between SAE and model stops the run here. Everything is checked against a
+*meta-device* copy of the model (its module tree and config, no weights), so the driver never
+loads the real weights just to validate.
 """
 from __future__ import annotations
 
+import time
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -12,10 +15,14 @@ from pathlib import Path
 
 import torch
 
-from pipeline.config import ModelConfig, SAEConfig
-from pipeline.hookpoints import resolve_hookpoint
-from pipeline.model import resolve_model_dir
-from pipeline.sae import SAE
+from pipeline.config import ModelConfig, RunConfig, SAEConfig
+from pipeline.data.corpus import CorpusFile, resolve_corpus
+from pipeline.model.hookpoints import resolve_hookpoint
+from pipeline.model.loader import load_tokenizer, model_identity, resolve_model_dir
+from pipeline.outputs.sink import storage_options
+from pipeline.runtime.manifest import manifest_for
+from pipeline.sae.formats import load_sae
+from pipeline.sae.sae import SAE
 
 
 class ConfigMismatch(ValueError):
@@ -119,7 +126,7 @@ def check_model_dtype(cfg: ModelConfig) -> None:
     Only float16 is narrower than the float32/bfloat16 checkpoints are stored in, so this reads
     the weights only for float16 runs. GGUF files are dequantized by transformers: not scanned.
     """
-    from pipeline.model import DTYPES
+    from pipeline.model.loader import DTYPES
 
     dtype = DTYPES.get(cfg.dtype)
     if dtype is None or cfg.gguf_file or torch.finfo(dtype).max >= torch.finfo(torch.float32).max:
@@ -131,3 +138,65 @@ def check_model_dtype(cfg: ModelConfig) -> None:
         with safe_open(str(file), framework="pt", device="cpu") as f:
             for name in f.keys():  # noqa: SIM118 (safe_open is not iterable)
                 check_cast_range([(f"{file.name}:{name}", f.get_tensor(name))], dtype, owner)
+
+
+# ---------------------------------------------------------------------------------------------
+# The whole preflight, as the driver calls it
+
+
+@dataclass
+class Prepared:
+    """What planning and the workers need, all checked against each other."""
+
+    files: list[CorpusFile]
+    corpus_storage: dict | None  # fsspec options for an s3:// corpus (the sink's endpoint)
+    tokenizer: object
+    sae_by_hook: dict[str, str]  # hookpoint -> SAE path the workers load
+    manifest: dict
+    seconds: float
+
+
+def prepare(cfg: RunConfig) -> Prepared:
+    started = time.perf_counter()
+    corpus_storage = storage_options(cfg.sink) if any(p.startswith("s3://") for p in cfg.corpus.paths) else None
+    files = resolve_corpus(cfg.corpus, corpus_storage)
+    tokenizer = load_tokenizer(cfg.model)
+    identity = model_identity(cfg.model)
+    meta = meta_model(cfg.model)
+    check_hookpoints(meta, cfg.sae.hookpoints)  # before anything is loaded or fitted
+    sae_by_hook = sae_paths(cfg, files, tokenizer, identity)
+    sae_ids = check_saes(cfg, sae_by_hook, model_shape(meta))
+    manifest = manifest_for(cfg, identity, sae_ids, tokenizer)
+    return Prepared(files, corpus_storage, tokenizer, sae_by_hook, manifest, time.perf_counter() - started)
+
+
+def sae_paths(cfg: RunConfig, files: list[CorpusFile], tokenizer, identity: dict) -> dict[str, str]:
+    """Hookpoint -> SAE path; fits (or reuses) the demo SAE when `sae.path` is empty."""
+    if cfg.sae.path:
+        return {h: cfg.sae.path.replace("{hookpoint}", h) for h in cfg.sae.hookpoints}
+    from pipeline.model.loader import load_model
+    from pipeline.sae.demo import cache_path, ensure_demo_sae
+
+    torch.set_num_threads(cfg.cluster.torch_threads)
+    model = None
+    paths = {}
+    for hook in cfg.sae.hookpoints:
+        cached = (cache_path(cfg.sae.train, identity["sha256"], hook, files, cfg.corpus) / "cfg.json").exists()
+        if not cached and model is None:
+            model = load_model(cfg.model)
+        paths[hook] = str(ensure_demo_sae(model, tokenizer, files, cfg.corpus, hook, cfg.sae.train,
+                                          identity["sha256"], cfg.model.batch_size))
+    return paths
+
+
+def check_saes(cfg: RunConfig, sae_by_hook: dict[str, str], shape: ModelShape) -> dict:
+    """SAE against model checks before any work; returns the SAE identities for the manifest."""
+    identities = {}
+    for hook, path in sae_by_hook.items():
+        sae = load_sae(path, hookpoint=hook)
+        check_sae_against_model(sae, hook, shape, cfg.model.name, cfg.sae)
+        identities[hook] = {
+            "path": path, "format": sae.format, "sha256": sae.sha256, "d_in": sae.d_in,
+            "n_latents": sae.n_latents, "k": cfg.sae.k or sae.k, "hookpoint_trained": sae.hookpoint,
+        }
+    return identities

@@ -1,6 +1,6 @@
 """The harvest worker: owns the model and the SAEs, turns one shard into committed Parquet.
 
-`ShardWorker` is a plain class (usable in-process and in tests); `pipeline.run` wraps it as a
+`ShardWorker` is a plain class (usable in-process and in tests); `pipeline.runtime.driver` wraps it as a
 Ray actor, one per GPU (or per CPU slot). Per shard:
 
     contexts -> forward to the deepest hookpoint -> top-k encode per hookpoint
@@ -8,6 +8,7 @@ Ray actor, one per GPU (or per CPU slot). Per shard:
 """
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -18,16 +19,19 @@ import pyarrow as pa
 import torch
 
 from pipeline.config import FaultConfig
-from pipeline.harvest import Harvester
-from pipeline.sae import SAE
-from pipeline.sink import (
+from pipeline.model.harvest import Harvester
+from pipeline.outputs.layout import (
     CONTEXTS_SCHEMA,
-    RunStore,
+    LATENTS_PARQUET,
     commit_key,
     contexts_key,
     latents_key,
-    latents_schema,
+    latents_table,
 )
+from pipeline.outputs.sink import RunStore
+from pipeline.sae.sae import SAE
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -51,26 +55,6 @@ class ShardResult:
     seconds: float
     skipped: bool = False
     node: str = ""  # the Ray node that did it (set by the actor)
-
-
-def latents_table(seq_ids: np.ndarray, positions: np.ndarray, values: torch.Tensor, ids: torch.Tensor) -> pa.Table:
-    k = ids.shape[1]
-    ids_flat = pa.array(ids.cpu().numpy().reshape(-1), type=pa.int32())
-    acts_flat = pa.array(values.to(torch.float16).cpu().numpy().reshape(-1), type=pa.float16())
-    return pa.Table.from_arrays(
-        [
-            pa.array(seq_ids, type=pa.int64()),
-            pa.array(positions, type=pa.int32()),
-            pa.FixedSizeListArray.from_arrays(ids_flat, k),
-            pa.FixedSizeListArray.from_arrays(acts_flat, k),
-        ],
-        schema=latents_schema(k),
-    )
-
-
-# Activations are fp16 with byte-stream-split (sign/exponent bytes compress apart from
-# mantissas); ids are plain int32 under zstd. Measured by `make bench` (bytes per pair).
-LATENTS_PARQUET = {"use_dictionary": False, "use_byte_stream_split": ["acts.list.element"], "row_group_size": 1 << 17}
 
 
 class ShardWorker:
@@ -136,7 +120,8 @@ class ShardWorker:
             if os.path.exists(f.once_marker):
                 return
             open(f.once_marker, "w").close()
-        print(f"[fault] worker pid {os.getpid()} dies at shard {shard_id} ({point})", flush=True)
+        log.warning(f"[fault] worker pid {os.getpid()} dies at shard {shard_id} ({point})")
+        logging.shutdown()  # flush before the hard exit
         os._exit(17)
 
     def process(self, payload: ShardPayload) -> ShardResult:

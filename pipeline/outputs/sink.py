@@ -1,7 +1,7 @@
 """Where a run's files go: local folders or s3:// through fsspec, with the commit protocol.
 
 Every shard writes its parts to deterministic keys and then, last, its commit marker
-`_commits/shard=NNNNNN.json` listing each part's path, row count, bytes and sha256. Readers
+`_commits/shard=NNNNNN.json` (keys: pipeline/outputs/layout.py) listing each part's path, row count, bytes and sha256. Readers
 trust only committed shards, so a crash between parts and marker leaves nothing visible, and
 a redone shard overwrites the same keys with the same bytes.
 """
@@ -12,6 +12,7 @@ import glob
 import hashlib
 import io
 import json
+import logging
 import os
 import random
 import threading
@@ -25,45 +26,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.config import SinkConfig
+from pipeline.outputs.layout import COMMITS_DIR, commit_key, contexts_key, latents_key
 
 T = TypeVar("T")
-
-CONTEXTS_SCHEMA = pa.schema(
-    [
-        ("seq_id", pa.int64()),
-        ("doc_id", pa.string()),
-        ("doc_offset", pa.int32()),
-        ("token_ids", pa.list_(pa.int32())),
-    ]
-)
-
-
-def latents_schema(k: int) -> pa.Schema:
-    return pa.schema(
-        [
-            ("seq_id", pa.int64()),
-            ("pos", pa.int32()),
-            ("latent_ids", pa.list_(pa.int32(), k)),
-            ("acts", pa.list_(pa.float16(), k)),
-        ]
-    )
-
-
-def shard_name(shard_id: int) -> str:
-    return f"shard={shard_id:06d}"
-
-
-def contexts_key(shard_id: int) -> str:
-    return f"contexts/{shard_name(shard_id)}/part-0.parquet"
-
-
-def latents_key(hookpoint: str, shard_id: int) -> str:
-    return f"latents/hookpoint={hookpoint}/{shard_name(shard_id)}/part-0.parquet"
-
-
-def commit_key(shard_id: int) -> str:
-    return f"_commits/{shard_name(shard_id)}.json"
-
 
 def storage_options(cfg: SinkConfig) -> dict:
     """fsspec options for the sink. Credentials stay in the environment (boto's own lookup)."""
@@ -74,6 +39,8 @@ def storage_options(cfg: SinkConfig) -> dict:
 
 TRANSIENT_S3_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "RequestTimeTooSkewed",
                       "InternalError", "ServiceUnavailable", "503", "500"}
+
+log = logging.getLogger(__name__)
 
 
 def is_transient(err: BaseException) -> bool:
@@ -100,7 +67,7 @@ def with_retries(what: str, fn: Callable[[], T], retries: int, base_delay: float
             if attempt == retries or not is_transient(err):
                 raise
             delay = base_delay * (2**attempt) * (0.5 + random.random())
-            print(f"[sink] {what}: {type(err).__name__}: {err}; retry {attempt + 1}/{retries} in {delay:.2f}s", flush=True)
+            log.warning(f"[sink] {what}: {type(err).__name__}: {err}; retry {attempt + 1}/{retries} in {delay:.2f}s")
             time.sleep(delay)
     raise AssertionError("unreachable")
 
@@ -183,9 +150,9 @@ class RunStore:
 
     def committed_shards(self) -> list[int]:
         """Sorted shard ids that have a commit marker (one listing, no per-shard requests)."""
-        prefix = self.path("_commits")
+        prefix = self.path(COMMITS_DIR)
         try:
-            names = with_retries("list _commits", lambda: self.fs.ls(prefix, detail=False), self.cfg.retries)
+            names = with_retries(f"list {COMMITS_DIR}", lambda: self.fs.ls(prefix, detail=False), self.cfg.retries)
         except FileNotFoundError:
             return []
         self.fs.invalidate_cache(prefix)

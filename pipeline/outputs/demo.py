@@ -2,14 +2,17 @@
 that the features mean something. Reads the run's committed output like any downstream job."""
 from __future__ import annotations
 
+import logging
 import os
 import sys
 
 import numpy as np
 
 from pipeline.config import RunConfig
-from pipeline.model import load_tokenizer
-from pipeline.sink import RunStore
+from pipeline.model.loader import load_tokenizer
+from pipeline.outputs.sink import RunStore
+
+log = logging.getLogger(__name__)
 
 
 def pick_latents(ids: np.ndarray, acts: np.ndarray, n_tokens: int, how_many: int) -> list[int]:
@@ -51,13 +54,13 @@ def show_top_contexts(cfg: RunConfig, hookpoint: str | None = None) -> None:
     seq_to_row = {int(s): i for i, s in enumerate(contexts.column("seq_id").to_numpy())}
     token_lists = contexts.column("token_ids")
 
-    print(f"\nTop contexts for {demo.show_latents} latents at {hookpoint} ({len(seq):,} tokens); "
-          f"the activating token is marked [[like this]].")
+    log.info(f"\nTop contexts for {demo.show_latents} latents at {hookpoint} ({len(seq):,} tokens); "
+             f"the activating token is marked [[like this]].")
     for latent in pick_latents(ids, acts, len(seq), demo.show_latents):
         row, col = np.nonzero(ids == latent)
         a = acts[row, col]
         density = len(row) / len(seq)
-        print(f"\n=== latent {latent}: fires on {density:.2%} of tokens, max act {a.max():.2f}")
+        log.info(f"\n=== latent {latent}: fires on {density:.2%} of tokens, max act {a.max():.2f}")
         shown, seen = 0, set()
         for i in np.argsort(-a, kind="stable"):
             r = row[i]
@@ -71,10 +74,10 @@ def show_top_contexts(cfg: RunConfig, hookpoint: str | None = None) -> None:
             mid = tokenizer.decode(tokens[p:p + 1])
             right = tokenizer.decode(tokens[p + 1:p + 1 + demo.window // 3])
             text = f"{left}[[{mid}]]{right}".replace("\n", "\\n")
-            print(f"  {a[i]:6.2f}  {text}")
+            log.info(f"  {a[i]:6.2f}  {text}")
             shown += 1
             if shown == demo.show_contexts:
                 break
     python = os.path.relpath(sys.executable)
-    print(f"\nMore: {python} -m pipeline.postprocess run_id={cfg.run_id} && "
-          f"{python} -m pipeline.browser run_id={cfg.run_id} out=out/{cfg.run_id}_site  (a page per latent)")
+    log.info(f"\nMore: {python} -m pipeline.outputs.postprocess run_id={cfg.run_id} && "
+             f"{python} -m pipeline.outputs.browser run_id={cfg.run_id} out=out/{cfg.run_id}_site  (a page per latent)")

@@ -1,6 +1,6 @@
-"""Readers for third-party top-k SAE checkpoints, plus remote (s3://, any fsspec URL) fetching.
+"""Readers for every SAE checkpoint format, and `load_sae`, which picks one from the files present.
 
-Each reader maps a format onto `pipeline.sae.SAE` so that `SAE.encode` gives the same latents
+Each reader maps a format onto `pipeline.sae.sae.SAE` so that `SAE.encode` gives the same latents
 as the format's own library (DESIGN.md, "Encode semantics"):
 
 | format   | files                                    | encode                                                    |
@@ -16,7 +16,6 @@ want [L, d] contiguous rows).
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -25,7 +24,8 @@ from pathlib import Path
 
 import torch
 
-from pipeline.sae import OWN_FORMAT, SAE, sha256_of_files
+from pipeline.remote import fetch_to_cache, is_remote, sha256_of_files
+from pipeline.sae.sae import OWN_FORMAT, SAE
 
 FORMATS = ("sae-harvest", "openai", "sparsify", "saelens")
 
@@ -242,82 +242,49 @@ LOADERS = {"openai": load_openai, "sparsify": load_sparsify, "saelens": load_sae
 
 
 # ---------------------------------------------------------------------------------------------
-# Remote checkpoints: s3:// (or any fsspec URL) -> local cache, integrity-checked
+# The project's own format, and the one entry point
 
 
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("SAE_HARVEST_CACHE", "~/.cache/sae-harvest")).expanduser() / "remote"
+def load_own(path: Path) -> SAE:
+    from safetensors.torch import load_file
+
+    cfg = json.loads((path / "cfg.json").read_text())
+    tensors = load_file(str(path / "sae.safetensors"))
+    return SAE(
+        W_enc=tensors["W_enc"],
+        b_enc=tensors.get("b_enc"),
+        W_dec=tensors["W_dec"],
+        b_dec=tensors.get("b_dec"),
+        b_pre=tensors.get("b_pre"),
+        latent_scale=tensors.get("latent_scale"),
+        k=int(cfg["k"]),
+        input_norm=cfg.get("input_norm", "none"),
+        activation=cfg.get("activation", "topk_relu"),
+        hookpoint=cfg.get("hookpoint"),
+        format=OWN_FORMAT,
+        source=str(path),
+        sha256=sha256_of_files([path / "cfg.json", path / "sae.safetensors"]),
+        meta=cfg.get("meta", {}),
+    )
 
 
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
+def load_sae(path: str | os.PathLike, hookpoint: str | None = None, cache_dir: str | os.PathLike | None = None) -> SAE:
+    """Load an SAE in any supported format, detected from the files present.
 
-
-def fetch_to_cache(
-    url: str,
-    cache_dir: str | os.PathLike | None = None,
-    storage_options: dict | None = None,
-    expected_sha256: dict[str, str] | None = None,
-) -> Path:
-    """Copy a remote file or prefix to a local cache folder and return the local path.
-
-    Integrity: every file is hashed (sha256) while it streams in and checked against its size,
-    against `expected_sha256[relative path]` when given and against a `<file>.sha256` sidecar
-    when the remote has one. The digests are kept in `.sha256.json`; a later call re-hashes the
-    cached files against it, so a truncated or corrupted cache is fetched again, never used.
-    Credentials and endpoints come from `storage_options` or the environment (AWS_*).
+    `path`: a local file/folder or a remote URL (s3://..., fetched to `cache_dir` with a sha256
+    check). A folder holding one subfolder per hookpoint (sparsify's layout) needs `hookpoint`.
+    Formats: the project's own, OpenAI `sparse_autoencoder`, EleutherAI `sparsify`, SAELens
+    `topk` (the readers above).
     """
-    import fsspec
-
-    fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
-    root = root.rstrip("/")
-    key = hashlib.sha256(url.encode()).hexdigest()[:16]
-    # cache/<hash of url>/<last path part>[/<files under the prefix>]; digests in cache/<hash>/.sha256.json
-    entry = Path(cache_dir or default_cache_dir()) / key
-    name = Path(root).name or "root"
-    if fs.isdir(root):
-        remote = {Path(p).relative_to(Path(root)).as_posix(): p for p in fs.find(root) if not p.endswith(".sha256")}
-        if not remote:
-            raise FileNotFoundError(f"{url}: no files under this prefix")
-        base = entry / name
-    elif fs.exists(root):
-        remote = {name: root}
-        base = entry
-    else:
-        raise FileNotFoundError(f"{url} does not exist")
-
-    manifest_path = entry / ".sha256.json"
-    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
-    for rel, rpath in sorted(remote.items()):
-        local = base / rel
-        size = fs.size(rpath)
-        known = manifest.get(rel)
-        if local.exists() and known and known["size"] == size == local.stat().st_size and _sha256_file(local) == known["sha256"]:
-            continue
-        local.parent.mkdir(parents=True, exist_ok=True)
-        tmp = local.with_name(local.name + ".part")
-        digest = hashlib.sha256()
-        with fs.open(rpath, "rb") as src, open(tmp, "wb") as dst:
-            for block in iter(lambda: src.read(1 << 22), b""):
-                digest.update(block)
-                dst.write(block)
-        got = digest.hexdigest()
-        want = (expected_sha256 or {}).get(rel)
-        if want is None and fs.exists(rpath + ".sha256"):
-            with fs.open(rpath + ".sha256", "rb") as f:
-                want = f.read().decode().split()[0]
-        if tmp.stat().st_size != size or (want is not None and want != got):
-            tmp.unlink()
-            raise OSError(f"{url}: {rel} failed its integrity check (size {size}, sha256 {got}, expected {want})")
-        os.replace(tmp, local)
-        manifest[rel] = {"size": size, "sha256": got}
-        manifest_path.write_text(json.dumps(manifest, indent=1, sort_keys=True))
-    return entry / name
-
-
-def is_remote(path: str) -> bool:
-    return "://" in path and not path.startswith("file://")
+    source = str(path)
+    if is_remote(source):
+        path = fetch_to_cache(source, cache_dir)
+    path = Path(str(path).removeprefix("file://"))
+    if not path.exists():
+        raise FileNotFoundError(f"SAE path {source} does not exist")
+    if hookpoint is not None and path.is_dir() and (path / hookpoint).is_dir():
+        path = path / hookpoint
+    fmt = detect_format(path)
+    sae = load_own(path) if fmt == OWN_FORMAT else LOADERS[fmt](path)
+    sae.source = source if is_remote(source) else str(path)
+    return sae

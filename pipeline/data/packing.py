@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipeline.config import CorpusConfig
-from pipeline.corpus import CorpusFile, Quarantined, TextPiece, read_documents
+from pipeline.data.corpus import CorpusFile, Quarantined, TextPiece, read_documents
 
 log = logging.getLogger(__name__)
 

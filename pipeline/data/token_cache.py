@@ -1,13 +1,13 @@
 """Tokenize once: a disk cache of each corpus file's packed contexts, replayed as the same shards.
 
-    from pipeline.token_cache import cached_plan_shards as plan_shards   # drop-in for packing's
+    from pipeline.data.token_cache import cached_plan_shards as plan_shards   # drop-in for packing's
 
-`cached_plan_shards` has `pipeline.packing.plan_shards`'s signature and yields identical `Shard`
+`cached_plan_shards` has `pipeline.data.packing.plan_shards`'s signature and yields identical `Shard`
 objects (same ids, seq_ids, doc ids, offsets, tokens; quarantined records reported again). The
 cache lives under `corpus.token_cache` (default `./.cache/tokens`; null turns it off).
 
 Why per FILE, not per corpus: packing never crosses files and every file starts a new shard
-(pipeline/packing.py), so a file's local shards are a pure function of
+(pipeline/data/packing.py), so a file's local shards are a pure function of
 (file url + fingerprint, reading settings, tokenizer, ctx_len, shard_size). A nightly run that
 adds files then re-tokenizes only the new ones, and sweep members that share the corpus,
 tokenizer and ctx_len reuse every file. Shard ids are assigned at replay time
@@ -36,8 +36,8 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.config import CorpusConfig
-from pipeline.corpus import CorpusFile, Quarantined, read_documents
-from pipeline.packing import Context, Shard, _log_quarantine, pack_documents
+from pipeline.data.corpus import CorpusFile, Quarantined, read_documents
+from pipeline.data.packing import Context, Shard, _log_quarantine, pack_documents
 
 FORMAT_VERSION = 1  # bump when the entry layout or the packing rules change
 
@@ -204,7 +204,7 @@ def cached_plan_shards(files: list[CorpusFile], cfg: CorpusConfig, tokenizer, eo
                        storage_options: dict | None = None,
                        on_quarantine: Callable[[Quarantined], None] = _log_quarantine,
                        first_shard: int = 0) -> Iterator[Shard]:
-    """`pipeline.packing.plan_shards` with a per-file token cache (see module docstring)."""
+    """`pipeline.data.packing.plan_shards` with a per-file token cache (see module docstring)."""
     if cfg.shard_size <= 0:
         raise ValueError(f"corpus.shard_size={cfg.shard_size} must be positive")
     if cfg.ctx_len <= 0:

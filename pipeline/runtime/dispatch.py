@@ -1,0 +1,196 @@
+"""Getting shards done: the harvest actors and a bounded queue of shard payloads over them.
+
+`HarvestActor` is a plain class (the model, the SAEs and a `ShardWorker`); `ray_dispatcher`
+starts Ray and wraps it with `ray.remote(**HARVEST_ACTOR_OPTIONS)` when the pool starts, as
+Ray Data does with its `_MapWorker`. `RayDispatcher` keeps at most `depth` shards per actor in flight (one computing, the next
+already queued so its tokens are ready when the actor frees up), redoes a shard elsewhere when
+its actor dies, and replaces dead actors. `InlineDispatcher` runs a function in-process; the
+driver benchmark uses it with a no-op worker to measure the driver's own cost.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections import deque
+from collections.abc import Callable
+
+from pipeline.cli import setup_logging
+from pipeline.config import RunConfig
+from pipeline.outputs.sink import RunStore
+from pipeline.runtime.worker import ShardPayload, ShardResult
+
+log = logging.getLogger(__name__)
+
+# Ray restarts a dead actor and retries its task itself (max_restarts/max_task_retries); the
+# dispatcher redoes a shard elsewhere when that is exhausted. max_concurrency=2 lets the next
+# shard compute while the previous one's Parquet parts upload.
+HARVEST_ACTOR_OPTIONS = {"max_restarts": 2, "max_task_retries": 2, "max_concurrency": 2}
+
+
+class HarvestActor:
+    """Owns the model and SAEs for its whole life; one per GPU (or CPU slot)."""
+
+    def __init__(self, cfg: RunConfig, sae_by_hook: dict[str, str], quiet: bool = False):
+        import ray
+        import torch
+
+        from pipeline.model.loader import load_model
+        from pipeline.runtime.worker import ShardWorker
+        from pipeline.sae.formats import load_sae
+
+        setup_logging(quiet)  # a worker process has no Hydra logging config of its own
+        torch.set_num_threads(max(1, cfg.cluster.torch_threads))
+        device = "cuda" if torch.cuda.is_available() and ray.get_gpu_ids() else "cpu"
+        model = load_model(cfg.model, device)
+        saes = {}
+        for hook, path in sae_by_hook.items():
+            sae = load_sae(path, hookpoint=hook).to(device)
+            sae.k = cfg.sae.k or sae.k
+            sae.backend = cfg.sae.backend
+            saes[hook] = sae
+        store = RunStore(cfg.sink, cfg.run_id)
+        self.run_id = cfg.run_id
+        self.worker = ShardWorker(model, saes, store, cfg.model.batch_size, device, cfg.faults)
+
+    def process(self, payload: ShardPayload) -> ShardResult:
+        import ray
+
+        result = self.worker.process(payload)
+        result.node = ray.get_runtime_context().get_node_id()
+        what = "already committed" if result.skipped else f"{result.tokens} tokens in {result.seconds:.1f}s"
+        log.info(f"[{self.run_id}] shard {payload.shard_id:06d}: {what}")  # worker log: run + shard
+        return result
+
+
+def start_ray(cfg: RunConfig) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    env = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "TQDM_DISABLE": "1",
+           "OMP_NUM_THREADS": str(cfg.cluster.torch_threads)}
+    # Where S3 is, not who we are: keys come from each node's environment or role, since
+    # anything in a runtime_env is stored by Ray and may reach its logs.
+    for name in ("AWS_ENDPOINT_URL", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_PROFILE"):
+        if os.environ.get(name):
+            env[name] = os.environ[name]
+    if cfg.cluster.address:
+        # Inside `ray job submit` the job's runtime env already sets its env vars for the driver and
+        # every worker, and Ray refuses a driver runtime_env that sets one of them again.
+        job_env = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")).get("runtime_env", {})
+        env = {k: v for k, v in env.items() if k not in (job_env.get("env_vars") or {})}
+        ray.init(address=cfg.cluster.address, runtime_env={"env_vars": env}, log_to_driver=True)
+    else:
+        ray.init(num_cpus=max(os.cpu_count() or 1, int(cfg.cluster.cpus_per_worker * cfg.cluster.num_workers)),
+                 include_dashboard=False, runtime_env={"env_vars": env}, log_to_driver=True)
+
+
+def ray_dispatcher(cfg: RunConfig, sae_by_hook: dict[str, str]) -> RayDispatcher:
+    """Start Ray (or join cfg.cluster.address) and a pool of `cluster.num_workers` harvest actors."""
+    import ray
+
+    start_ray(cfg)
+    actor_cls = ray.remote(**HARVEST_ACTOR_OPTIONS)(HarvestActor)
+    quiet = not log.isEnabledFor(logging.INFO)
+
+    def make_actor(i: int):
+        return actor_cls.options(
+            name=f"harvest-{cfg.run_id}-{i}-{time.time_ns() % 10**9}", num_cpus=cfg.cluster.cpus_per_worker,
+            num_gpus=cfg.cluster.gpus_per_worker, resources=dict(cfg.cluster.worker_resources) or None,
+        ).remote(cfg, sae_by_hook, quiet)
+
+    return RayDispatcher(make_actor, cfg.cluster.num_workers, 1 + max(0, cfg.cluster.max_in_flight),
+                         cfg.cluster.max_shard_attempts)
+
+
+class ShardFailed(RuntimeError):
+    pass
+
+
+class InlineDispatcher:
+    def __init__(self, fn: Callable[[ShardPayload], ShardResult]):
+        self.fn = fn
+        self.done: deque[ShardResult] = deque()
+        self.retries = 0
+
+    def has_room(self) -> bool:
+        return True
+
+    def submit(self, payload: ShardPayload) -> None:
+        self.done.append(self.fn(payload))
+
+    def completed(self, block: bool) -> list[ShardResult]:
+        out = list(self.done)
+        self.done.clear()
+        return out
+
+    def pending(self) -> int:
+        return len(self.done)
+
+    def close(self) -> None:
+        pass
+
+
+class RayDispatcher:
+    def __init__(self, make_actor: Callable[[int], object], n_actors: int, depth: int, max_attempts: int):
+        self.make_actor = make_actor
+        self.actors = [make_actor(i) for i in range(n_actors)]
+        self.load = [0] * n_actors
+        self.depth = depth
+        self.max_attempts = max_attempts
+        self.inflight: dict = {}  # ObjectRef -> (actor index, payload, attempt)
+        self.retries = 0
+
+    def has_room(self) -> bool:
+        return len(self.inflight) < self.depth * len(self.actors)
+
+    def submit(self, payload: ShardPayload, attempt: int = 1) -> None:
+        i = min(range(len(self.actors)), key=lambda j: self.load[j])
+        ref = self.actors[i].process.remote(payload)
+        self.inflight[ref] = (i, payload, attempt)
+        self.load[i] += 1
+
+    def pending(self) -> int:
+        return len(self.inflight)
+
+    def completed(self, block: bool) -> list[ShardResult]:
+        import ray
+
+        if not self.inflight:
+            return []
+        ready, _ = ray.wait(list(self.inflight), num_returns=1, timeout=None if block else 0)
+        results = []
+        for ref in ready:
+            i, payload, attempt = self.inflight.pop(ref)
+            self.load[i] -= 1
+            try:
+                results.append(ray.get(ref))
+            except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError,
+                    ray.exceptions.ObjectLostError, ray.exceptions.NodeDiedError) as err:
+                # The actor (or its node) died with the shard; Ray's own retries are exhausted.
+                # Committing is idempotent (same keys, same bytes, marker last), so redo it.
+                if attempt >= self.max_attempts:
+                    raise ShardFailed(f"shard {payload.shard_id} failed {attempt} times; last: {err}") from err
+                self.retries += 1
+                log.warning(f"[dispatch] shard {payload.shard_id}: worker lost ({type(err).__name__}); "
+                         f"redoing it (attempt {attempt + 1}/{self.max_attempts})")
+                self._replace_if_dead(i)
+                self.submit(payload, attempt + 1)
+        return results
+
+    def _replace_if_dead(self, i: int) -> None:
+        import ray
+
+        try:
+            ray.get(self.actors[i].__ray_ready__.remote(), timeout=60)
+        except Exception:  # dead for good (restarts exhausted): start a fresh one in its slot
+            log.warning(f"[dispatch] replacing dead worker {i}")
+            self.actors[i] = self.make_actor(i)
+
+    def close(self) -> None:
+        import ray
+
+        for actor in self.actors:
+            ray.kill(actor)

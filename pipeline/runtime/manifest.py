@@ -1,0 +1,85 @@
+"""The run's manifest: what made it (config without secrets, model, SAEs, tokenizer, code).
+
+`manifest.json` is written with status "running" before the first shard and rewritten with
+status "complete" (plus the corpus files, their shards and quarantined documents) at the end,
+only when its content changed: a rerun with nothing to do writes nothing. A rerun of a run id
+must match its identity keys (`IDENTITY_KEYS`), else the run stops naming the difference.
+"""
+from __future__ import annotations
+
+import re
+import subprocess
+from dataclasses import asdict
+from pathlib import Path
+
+from pipeline.config import RunConfig
+from pipeline.outputs.layout import MANIFEST_KEY
+from pipeline.outputs.sink import RunStore
+
+SECRET_KEY = re.compile(r"(secret|password|passwd|credential|access_key|session_token|api_key|private_key)", re.IGNORECASE)
+# What output already written depends on: a rerun that changes any of them needs a new run id.
+IDENTITY_KEYS = ("hookpoints", "ctx_len", "shard_size", "saes", "model")
+
+
+def redact(obj):
+    """Copy of a config dict with anything that looks like a credential replaced."""
+    if isinstance(obj, dict):
+        return {k: ("***" if SECRET_KEY.search(str(k)) and v else redact(v)) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [redact(v) for v in obj]
+    return obj
+
+
+def code_version() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        pkg = version("sae-harvest")
+    except PackageNotFoundError:
+        pkg = "unknown"
+    commit = None
+    try:
+        here = Path(__file__).resolve().parent
+        commit = subprocess.run(
+            ["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=False
+        ).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return {"package": pkg, "git_commit": commit}
+
+
+def manifest_for(cfg: RunConfig, identity: dict, sae_ids: dict, tokenizer) -> dict:
+    return {
+        "run_id": cfg.run_id,
+        "config": redact(asdict(cfg)),
+        "model": identity,
+        "saes": sae_ids,
+        "hookpoints": list(cfg.sae.hookpoints),
+        "ctx_len": cfg.corpus.ctx_len,
+        "shard_size": cfg.corpus.shard_size,
+        "k": {h: s["k"] for h, s in sae_ids.items()},
+        "tokenizer": {"name": getattr(tokenizer, "name_or_path", ""), "vocab_size": len(tokenizer),
+                      "eos_token_id": tokenizer.eos_token_id, "class": type(tokenizer).__name__},
+        "code": code_version(),
+    }
+
+
+def open_run(store: RunStore, manifest: dict) -> None:
+    """Start a run: write the manifest ("running"), or check a rerun's identity against it."""
+    if not store.exists(MANIFEST_KEY):
+        store.write_json(MANIFEST_KEY, {**manifest, "status": "running"})
+        return
+    previous = store.read_json(MANIFEST_KEY)
+    for key in IDENTITY_KEYS:
+        if previous.get(key) != manifest[key]:
+            raise ValueError(
+                f"run {store.run_id!r} at {store.url} was made with a different {key} "
+                f"({previous.get(key)!r} vs now {manifest[key]!r}); use a new run_id"
+            )
+
+
+def close_run(store: RunStore, manifest: dict, files: list[dict], quarantined: list[dict]) -> None:
+    """Mark the run complete with its corpus files and quarantine; no write when nothing changed."""
+    final = {**manifest, "status": "complete", "files": files, "quarantined": quarantined}
+    if store.read_json(MANIFEST_KEY) != final:
+        store.write_json(MANIFEST_KEY, final)
