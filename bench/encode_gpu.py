@@ -9,7 +9,7 @@ For every (d, L, k, N) it times, on the same bf16 x [N, d] and weight [L, d]:
            (the ceiling: the fused kernel does this work plus the selection);
 - chunked: the usual torch loop, addmm + torch.topk per chunk, then a top-k merge.
 It prints tokens/s, fused/matmul and fused/chunked ratios, and peak memory above the
-resident weights. Targets (DESIGN.md) are printed next to d=768, L=2^24 rows:
+resident weights. Targets (docs/DESIGN.md) are printed next to d=768, L=2^24 rows:
 fused >= 0.85x matmul and >= 3.5x chunked. Without a CUDA device it prints one line and exits 0.
 """
 from __future__ import annotations

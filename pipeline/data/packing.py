@@ -6,7 +6,7 @@ cut into contexts of exactly `ctx_len` tokens; only the file's last context may 
 (ragged, never padded). A context is labelled with the document of its first token and that
 token's offset in the document (EOS counts as the document's last token).
 
-Shard plan (identity, see DESIGN.md "Identity and exactly-once"):
+Shard plan (identity, see docs/DESIGN.md "Identity and exactly-once"):
 - `seq_id` numbers contexts in corpus order and `shard = seq_id // shard_size`, always.
 - Each FILE starts a new shard: its first seq_id is the next multiple of `shard_size`, so the
   last shard of a file may be partial and seq_ids have gaps there. The point: a file appended

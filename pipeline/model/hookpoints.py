@@ -1,6 +1,6 @@
 """Hookpoint names -> modules of a Hugging Face causal LM.
 
-Names (DESIGN.md):
+Names (docs/DESIGN.md, "Hookpoints"):
     embed          the residual stream entering block 0       == hidden_states[0]
     layers.N       block N's output                           == hidden_states[N+1]
     layers.N.attn  block N's attention output (before the residual add)

@@ -1,7 +1,7 @@
 """Readers for every SAE checkpoint format, and `load_sae`, which picks one from the files present.
 
 Each reader maps a format onto `pipeline.sae.sae.SAE` so that `SAE.encode` gives the same latents
-as the format's own library (DESIGN.md, "Encode semantics"):
+as the format's own library (docs/DESIGN.md, "Encode semantics"):
 
 | format   | files                                    | encode                                                    |
 | -------- | ---------------------------------------- | --------------------------------------------------------- |

@@ -1,7 +1,7 @@
 """Top-k sparse autoencoders: one in-memory type, several on-disk formats.
 
 Every format is loaded into the same `SAE`, whose `encode` reproduces that format's own
-semantics (DESIGN.md, "Encode semantics"):
+semantics (docs/DESIGN.md, "Encode semantics"):
 
     x_n   = normalize(x)                      # per `input_norm`
     pre   = (x_n - b_pre) @ W_enc.T + b_enc   # never materialized for large L
