@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline import token_cache
 from pipeline.__main__ import member_run_id
 from pipeline.config import CorpusConfig
+from pipeline.data import token_cache
 from pipeline.data.corpus import resolve_corpus
 from pipeline.data.packing import plan_shards
 from pipeline.data.token_cache import cached_plan_shards

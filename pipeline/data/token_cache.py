@@ -1,8 +1,6 @@
 """Tokenize once: a disk cache of each corpus file's packed contexts, replayed as the same shards.
 
-    from pipeline.data.token_cache import cached_plan_shards as plan_shards   # drop-in for packing's
-
-`cached_plan_shards` has `pipeline.data.packing.plan_shards`'s signature and yields identical `Shard`
+`cached_plan_shards` (what the driver plans with) has `pipeline.data.packing.plan_shards`'s signature and yields identical `Shard`
 objects (same ids, seq_ids, doc ids, offsets, tokens; quarantined records reported again). The
 cache lives under `corpus.token_cache` (default `./.cache/tokens`; null turns it off).
 
