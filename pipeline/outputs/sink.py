@@ -1,9 +1,9 @@
 """Where a run's files go: local folders or s3:// through fsspec, with the commit protocol.
 
 Every shard writes its parts to deterministic keys and then, last, its commit marker
-`_commits/shard=NNNNNN.json` (keys: pipeline/outputs/layout.py) listing each part's path, row count, bytes and sha256. Readers
+`_commits/shard=NNNNNN.json` listing each part's path, row count, bytes and sha256. Readers
 trust only committed shards, so a crash between parts and marker leaves nothing visible, and
-a redone shard overwrites the same keys with the same bytes.
+a redone shard overwrites the same keys with the same bytes. Keys and schemas: pipeline/outputs/layout.py.
 """
 from __future__ import annotations
 
