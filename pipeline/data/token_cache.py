@@ -1,8 +1,8 @@
 """Tokenize once: a disk cache of each corpus file's packed contexts, replayed as the same shards.
 
 `cached_plan_shards` (what the driver plans with) has `pipeline.data.packing.plan_shards`'s
-signature and yields identical `Shard` objects (same ids, seq_ids, doc ids, offsets, tokens; quarantined records reported again). The
-cache lives under `corpus.token_cache` (default `./.cache/tokens`; null turns it off).
+signature and yields identical `Shard` objects (same ids, seq_ids, doc ids, offsets, tokens;
+quarantined records reported again). The cache lives under `corpus.token_cache` (default `./.cache/tokens`; null turns it off).
 
 Why per FILE, not per corpus: packing never crosses files and every file starts a new shard
 (pipeline/data/packing.py), so a file's local shards are a pure function of
