@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import require
 from test_postprocess import CFG, HOOK, make_run
 
 from pipeline.browser import build_browser
@@ -24,8 +25,7 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic
 
 def chromium() -> str:
     exe = shutil.which("chromium") or shutil.which("chromium-browser")
-    if exe is None:
-        pytest.skip("chromium is not installed (apt-get install -y chromium)")
+    require("chromium", exe is not None, "apt-get install -y chromium")
     return exe
 
 

