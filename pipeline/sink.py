@@ -76,12 +76,28 @@ TRANSIENT_S3_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestT
                       "InternalError", "ServiceUnavailable", "503", "500"}
 
 
+def _connection_errors() -> tuple[type[BaseException], ...]:
+    """Errors with no HTTP answer to classify (refused, reset, closed, timed out). The async s3fs
+    passes these through untranslated: botocore's (from aiobotocore) and aiohttp's own."""
+    types: list[type[BaseException]] = []
+    with contextlib.suppress(ImportError):
+        from botocore.exceptions import ConnectionError as BotoConnectionError
+        from botocore.exceptions import HTTPClientError, IncompleteReadError
+
+        types += [BotoConnectionError, HTTPClientError, IncompleteReadError]
+    with contextlib.suppress(ImportError):
+        import aiohttp
+
+        types.append(aiohttp.ClientError)
+    return tuple(types)
+
+
 def is_transient(err: BaseException) -> bool:
-    """Worth retrying: I/O and timeouts (s3fs maps most botocore errors to OSError), and botocore
-    ClientErrors that S3 documents as transient, which s3fs sometimes lets through as they are."""
+    """Worth retrying: I/O and timeouts (s3fs maps S3's error answers to OSError), connection-level
+    errors s3fs lets through as they are, and botocore ClientErrors S3 documents as transient."""
     if isinstance(err, (FileNotFoundError, PermissionError)):
         return False
-    if isinstance(err, (OSError, TimeoutError)):
+    if isinstance(err, (OSError, TimeoutError, *_connection_errors())):
         return True
     response = getattr(err, "response", None)
     if isinstance(response, dict):
