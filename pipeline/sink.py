@@ -8,6 +8,7 @@ a redone shard overwrites the same keys with the same bytes.
 from __future__ import annotations
 
 import contextlib
+import copy
 import glob
 import hashlib
 import io
@@ -66,10 +67,12 @@ def commit_key(shard_id: int) -> str:
 
 
 def storage_options(cfg: SinkConfig) -> dict:
-    """fsspec options for the sink. Credentials stay in the environment (boto's own lookup)."""
+    """fsspec options for the sink: `sink.storage_options` plus the endpoint. Credentials normally
+    stay in the environment (boto's own lookup)."""
+    opts = copy.deepcopy(dict(cfg.storage_options or {}))
     if cfg.root.startswith("s3://") and cfg.endpoint_url:
-        return {"client_kwargs": {"endpoint_url": cfg.endpoint_url}}
-    return {}
+        opts["client_kwargs"] = {**opts.get("client_kwargs", {}), "endpoint_url": cfg.endpoint_url}
+    return opts
 
 
 TRANSIENT_S3_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "RequestTimeTooSkewed",
