@@ -127,12 +127,33 @@ def _record_failure(cfg: RunConfig, started: datetime, err: Exception) -> None:
         print(f"[{cfg.run_id}] could not record the failure: {also}", file=sys.stderr)
 
 
+def _redact_hydra_files() -> None:
+    """Hydra saved the composed config and the command line (.hydra/*.yaml, multirun.yaml) before
+    calling us, credentials included: rewrite them masked, by the manifest's rule."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    from pipeline.run import redact
+
+    hc = HydraConfig.get()
+    files = list((Path(hc.runtime.output_dir) / hc.output_subdir).glob("*.yaml")) if hc.output_subdir else []
+    if hc.mode == RunMode.MULTIRUN:
+        files.append(Path(hc.sweep.dir) / "multirun.yaml")
+    for f in files:
+        if f.is_file():
+            data = OmegaConf.to_container(OmegaConf.load(f), resolve=False)
+            clean = redact(data)
+            if clean != data:
+                OmegaConf.save(OmegaConf.create(clean), f)
+
+
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def app(dcfg: DictConfig) -> None:
     from pipeline.run import run
     from pipeline.run_summary import summary_record, write_run_summary
     from pipeline.sink import RunStore
 
+    _redact_hydra_files()
     member_id = _sweep_member_run_id(dcfg)
     if member_id is not None:
         dcfg.run_id = member_id
