@@ -3,11 +3,11 @@ s3fs 0.4.2 (2019) because nothing put a floor on it. The floors are read from py
 this test and the pins cannot drift apart. Also: the CI guard for real components."""
 from __future__ import annotations
 
-import tomllib
 from importlib.metadata import version
 from pathlib import Path
 
 import pytest
+import tomllib
 from conftest import require
 from packaging.requirements import Requirement
 from packaging.version import Version

@@ -199,7 +199,7 @@ def test_submit_script_passes_runtime_env_and_overrides(tmp_path):
     out = subprocess.run([str(INFRA / "submit.sh"), "http://head:8265", "run_id=x"], capture_output=True, text=True,
                          env={**env, "SAE_HARVEST_PYTHON": "/opt/venv/bin/python"}, timeout=30, check=True)
     argv = json.loads(out.stdout)
-    assert argv[argv.index("--") + 4:] == ["/opt/venv/bin/python", "run_id=x"]
+    assert argv[argv.index("--") + 5:] == ["/opt/venv/bin/python", "run_id=x"]
     env["SAE_HARVEST_WORKING_DIR"] = ""
     out = subprocess.run([str(INFRA / "submit.sh"), "http://head:8265"], capture_output=True, text=True, env=env, check=False)
     argv = json.loads(out.stdout)

@@ -49,13 +49,13 @@ def test_no_credential_in_any_output_or_log(s3_server, tiny_model_dir, tiny_corp
     env = {**os.environ, **ENV_SECRETS, "AWS_ENDPOINT_URL": s3_server, "RAY_TMPDIR": ray_tmp,
            "PYTHONPATH": str(ROOT), "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)
-    opts = ",".join(f"{k}:{v}" for k, v in CONFIG_SECRETS.items())
     root = f"s3://{BUCKET}/redact"
     args = ["experiment=none", "run_id=red", f"model.path={tiny_model_dir}", "model.gguf_file=null",
             "model.dtype=float32", "model.batch_size=4", f"sae.path='{tiny_sae_dir}/{{hookpoint}}'",
             "sae.hookpoints=[layers.1]", "corpus=files", f"corpus.paths=[{tiny_corpus}]", "corpus.ctx_len=16",
             "corpus.shard_size=3", f"corpus.token_cache={tmp_path / 'tokens'}", f"sink.root={root}",
-            f"sink.endpoint_url={s3_server}", f"sink.storage_options={{{opts}}}", "cluster.num_workers=1",
+            f"sink.endpoint_url={s3_server}", *[f"+sink.storage_options.{k}={v}" for k, v in CONFIG_SECRETS.items()],
+            "cluster.num_workers=1",
             "cluster.cpus_per_worker=1", "cluster.torch_threads=1"]
     work = tmp_path / "cwd"
     work.mkdir()
