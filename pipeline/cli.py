@@ -79,11 +79,32 @@ def setup_logging(quiet: bool = False) -> None:
         root.setLevel(logging.INFO)
 
 
+def redact_hydra_files() -> None:
+    """Hydra saved the composed config and the command line (.hydra/*.yaml, multirun.yaml) before
+    calling us, credentials included: rewrite them masked, by the manifest's rule."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    from pipeline.runtime.manifest import redact
+
+    hc = HydraConfig.get()
+    files = list((Path(hc.runtime.output_dir) / hc.output_subdir).glob("*.yaml")) if hc.output_subdir else []
+    if hc.mode == RunMode.MULTIRUN:
+        files.append(Path(hc.sweep.dir) / "multirun.yaml")
+    for f in files:
+        if f.is_file():
+            data = OmegaConf.to_container(OmegaConf.load(f), resolve=False)
+            clean = redact(data)
+            if clean != data:
+                OmegaConf.save(OmegaConf.create(clean), f)
+
+
 def command(config_name: str, schema: type, body: Callable[[typing.Any], None]) -> Callable[[], None]:
     """A Hydra app over conf/<config_name>.yaml that hands `body` the typed, checked config."""
 
     @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name=config_name)
     def app(dcfg: DictConfig) -> None:
+        redact_hydra_files()
         cfg = to_typed(dcfg, schema)
         setup_logging(cfg.quiet)
         body(cfg)

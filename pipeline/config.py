@@ -8,6 +8,7 @@ A key that is not declared here, or a value of the wrong type, is a Hydra error 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass
@@ -76,6 +77,9 @@ class SinkConfig:
     # For s3://: endpoint URL (e.g. a local moto_server). Credentials come from the environment
     # (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY) and are never written anywhere.
     endpoint_url: str | None = None
+    # Extra fsspec/s3fs options, e.g. {config_kwargs: {retries: {max_attempts: 1}}, requester_pays: true}.
+    # Credentials given here (key/secret/token) work but are redacted from every file the run writes.
+    storage_options: dict[str, Any] = field(default_factory=dict)
     compression: str = "zstd"
     compression_level: int = 3
     retries: int = 5

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import require, require_module
 from test_postprocess import CFG, HOOK, make_run
 
 from pipeline.outputs.browser import build_browser
@@ -24,8 +25,7 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic
 
 def chromium() -> str:
     exe = shutil.which("chromium") or shutil.which("chromium-browser")
-    if exe is None:
-        pytest.skip("chromium is not installed (apt-get install -y chromium)")
+    require("chromium", exe is not None, "apt-get install -y chromium")
     return exe
 
 
@@ -99,3 +99,52 @@ def test_latent_page_shows_stats_and_decoded_shaded_examples(site, tmp_path, tin
     pixels = np.asarray(Image.open(shot).convert("RGB")).astype(int)
     shaded = (pixels[..., 0] > 200) & (pixels[..., 1] < 200) & (pixels[..., 2] < 170)  # orange token shading
     assert shaded.sum() > 50 and (pixels.sum(axis=2) < 200).sum() > 500
+
+
+def test_search_box_and_latent_links_work_in_a_real_browser(site):
+    """Driven through Playwright on the system Chromium (Playwright's own browser download is not
+    used): type into the search box, follow a link from the index, and no console errors."""
+    sync_api = require_module("playwright.sync_api", "playwright", "pip install -e '.[test]'")
+    _, index = site
+    ids = json.loads(index.read_text().split("var PAGES=")[1].split(";")[0])[HOOK]
+    assert len(ids) >= 3
+    missing = next(i for i in range(10**6, 10**6 + len(ids) + 1) if i not in ids)
+    errors: list[str] = []
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=chromium(), args=["--no-sandbox", "--disable-gpu"])
+        try:
+            page = browser.new_page()
+            page.on("console", lambda m: errors.append(f"console: {m.text}") if m.type == "error" else None)
+            page.on("pageerror", lambda e: errors.append(f"page error: {e}"))
+            page.goto(index.as_uri())
+            box = page.locator(f"[id='q-{HOOK}']")  # the id holds a '.', so no #css shorthand
+
+            # A latent without a page: a message, and the browser stays on the index.
+            box.type(str(missing))
+            box.press("Enter")
+            msg = page.locator(f"[id='msg-{HOOK}']")
+            sync_api.expect(msg).to_have_text(f"latent {missing} has no page (dead, no examples, or beyond the page cap)")
+            assert page.url == index.as_uri()
+
+            # A latent with a page, typed with stray spaces: Enter opens its page.
+            box.fill("")
+            box.type(f" {ids[1]} ")
+            with page.expect_navigation():
+                box.press("Enter")
+            assert page.url.endswith(f"/latents/{HOOK}/{ids[1]}.html"), page.url
+            assert page.locator("h1").inner_text() == f"{HOOK} · latent {ids[1]}"
+            assert page.get_by_text("top examples").count() > 0
+
+            # Back on the index, the `open` button works too, and so do the index's links.
+            page.go_back()
+            page.locator(f"[id='q-{HOOK}']").fill(str(ids[0]))
+            with page.expect_navigation():
+                page.get_by_role("button", name="open").first.click()
+            assert page.url.endswith(f"/latents/{HOOK}/{ids[0]}.html"), page.url
+            page.go_back()
+            with page.expect_navigation():
+                page.click(f"a[href='latents/{HOOK}/{ids[2]}.html']")
+            assert page.locator("h1").inner_text() == f"{HOOK} · latent {ids[2]}"
+        finally:
+            browser.close()
+    assert not errors, errors

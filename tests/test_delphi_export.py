@@ -15,6 +15,7 @@ import types
 
 import numpy as np
 import pytest
+from conftest import require
 from test_postprocess import CFG, HOOK, brute_force, make_run
 
 from pipeline.outputs.delphi_export import export_delphi
@@ -24,9 +25,8 @@ pytestmark = pytest.mark.slow
 
 
 def import_delphi_loader(monkeypatch):
-    if importlib.util.find_spec("delphi") is None:
-        pytest.skip("eai-delphi is not installed (pip install --no-deps eai-delphi jaxtyping wadler_lindig "
-                    "asyncer sniffio simple-parsing docstring_parser orjson)")
+    require("eai-delphi", importlib.util.find_spec("delphi") is not None,
+            "pip install --no-deps eai-delphi jaxtyping wadler_lindig asyncer sniffio simple-parsing docstring_parser orjson")
     for name in ("faiss", "sentence_transformers", "blobfile"):
         if importlib.util.find_spec(name) is None and name not in sys.modules:
             placeholder = types.ModuleType(name)

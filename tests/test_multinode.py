@@ -25,4 +25,9 @@ def test_node_removed_mid_run(tiny_model_dir, tiny_corpus, tiny_sae_dir, tmp_pat
     report = json.loads((tmp_path / "report.json").read_text())
     assert len([n for n, c in report["shards_by_node"].items() if c > 0]) >= 2, report  # spread over nodes
     assert report["removed_after_commits"] < report["shards_done"], report  # the removal happened mid-run
+    # Node 0 went with shards in flight (frozen there until it was removed), and they were redone:
+    # committed only after the removal, and never by the removed node.
+    assert report["frozen_processes"] >= 1, report
+    assert 1 <= len(report["redone"]) <= 2, report  # at most one running + max_in_flight=1 queued
+    assert report["shards_by_node"].get(report["spare_node"], 0) >= 1, report
     assert_exactly_once(tmp_path / "multi")

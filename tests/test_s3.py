@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from conftest import require
 from test_pipeline_e2e import make_cfg
 
 from pipeline.config import PostprocessConfig, SinkConfig
@@ -38,8 +39,7 @@ def free_port() -> int:
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory):
     exe = Path(sys.executable).parent / "moto_server"
-    if not exe.exists():
-        pytest.skip("moto_server not installed (pip install 'moto[server]')")
+    require("moto_server", exe.exists(), "pip install 'moto[server]'")
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     log = open(tmp_path_factory.mktemp("moto") / "moto.log", "wb")  # noqa: SIM115 - lives as long as the server

@@ -1,6 +1,7 @@
 """Transient S3 errors: a flaky proxy in front of a real moto_server answers some writes with
-503 SlowDown. The run retries (botocore/s3fs, then our own backoff in pipeline.outputs.sink) and ends
-with every (seq_id, pos) exactly once."""
+503 ServiceUnavailable. botocore's own retries are turned off (sink.storage_options) and s3fs
+retries only SlowDown by itself, so what recovers here is our backoff in pipeline.outputs.sink
+(`with_retries`): without it the run fails. It ends with every (seq_id, pos) exactly once."""
 from __future__ import annotations
 
 import http.client
@@ -15,7 +16,9 @@ from pipeline.config import SinkConfig
 
 pytestmark = pytest.mark.slow
 
-SLOW_DOWN = b"<?xml version='1.0' encoding='UTF-8'?><Error><Code>SlowDown</Code><Message>Reduce your request rate.</Message></Error>"
+UNAVAILABLE = (b"<?xml version='1.0' encoding='UTF-8'?><Error><Code>ServiceUnavailable</Code>"
+               b"<Message>Service is unable to handle the request.</Message></Error>")
+NO_BOTOCORE_RETRIES = {"config_kwargs": {"retries": {"max_attempts": 1, "mode": "standard"}}}
 
 
 class FlakyProxy(ThreadingHTTPServer):
@@ -58,9 +61,9 @@ class _Handler(BaseHTTPRequestHandler):
             if fail:
                 self.send_response(503)
                 self.send_header("Content-Type", "application/xml")
-                self.send_header("Content-Length", str(len(SLOW_DOWN)))
+                self.send_header("Content-Length", str(len(UNAVAILABLE)))
                 self.end_headers()
-                self.wfile.write(SLOW_DOWN)
+                self.wfile.write(UNAVAILABLE)
                 return
         conn = http.client.HTTPConnection("127.0.0.1", server.upstream_port, timeout=30)
         headers = {k: v for k, v in self.headers.items()
@@ -97,11 +100,13 @@ def test_transient_s3_errors_are_retried_without_loss_or_duplicates(
     try:
         endpoint = f"http://127.0.0.1:{proxy.server_address[1]}"
         cfg = make_cfg(tiny_model_dir, tiny_corpus, tiny_sae_dir, f"s3://{BUCKET}/flaky", run_id="flaky")
-        cfg.sink = SinkConfig(root=f"s3://{BUCKET}/flaky", endpoint_url=endpoint, retries=6)
+        cfg.sink = SinkConfig(root=f"s3://{BUCKET}/flaky", endpoint_url=endpoint, retries=6,
+                              storage_options=NO_BOTOCORE_RETRIES)
         summary = run(cfg)
     finally:
         proxy.shutdown()
     assert proxy.failed >= 5, f"only {proxy.failed} failures were injected"
+    assert summary.shards_done > 0 and summary.retries == 0  # recovered by the sink's retries, not by redoing shards
     store = RunStore(SinkConfig(root=f"s3://{BUCKET}/flaky", endpoint_url=s3_server), "flaky")
     ctx = store.read_committed("contexts").to_pandas()
     expected = sorted((int(s), p) for s, toks in zip(ctx.seq_id, ctx.token_ids) for p in range(len(toks)))

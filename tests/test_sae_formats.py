@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import require_module
 
 from pipeline.remote import fetch_to_cache
 from pipeline.sae.formats import SAEFormatError, load_sae, transformer_lens_hookpoint
@@ -163,7 +164,7 @@ def test_sparsify_matches_reimplementation(tmp_path, transcode):
 
 
 def test_sparsify_matches_library(tmp_path):
-    sparsify = pytest.importorskip("sparsify", reason="eai-sparsify is not installed (pip install -e '.[test]')")
+    sparsify = require_module("sparsify", "eai-sparsify", "pip install -e '.[test]'")
     torch.manual_seed(0)
     coder = sparsify.SparseCoder(D, sparsify.SparseCoderConfig(num_latents=L, k=K))
     with torch.no_grad():
@@ -275,7 +276,7 @@ def test_saelens_matches_reimplementation(tmp_path, overrides):
 
 @pytest.mark.parametrize("overrides", SAELENS_CASES, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "default")
 def test_saelens_matches_library(tmp_path, overrides):
-    sae_lens = pytest.importorskip("sae_lens", reason="sae-lens is not installed (too heavy for the test extra)")
+    sae_lens = require_module("sae_lens", "sae-lens", "make setup installs it (REFERENCE_LIBS)")
     write_saelens(tmp_path / "sae", **overrides)
     ref_sae = sae_lens.SAE.load_from_disk(str(tmp_path / "sae"))
     sae = load_sae(tmp_path / "sae")

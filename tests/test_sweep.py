@@ -99,6 +99,8 @@ def test_two_member_sweep_writes_two_runs_and_tokenizes_once(tiny_model_dir, tin
     import pipeline.__main__ as app
     import pipeline.runtime.driver
 
+    # No stand-in for the planner: the token cache's hit/miss counters below are only touched if
+    # run() really plans through the cache (pipeline.data.token_cache.cached_plan_shards).
     out, tokens = tmp_path / "out", tmp_path / "tokens"
     args = [
         "-m", "experiment=none", "run_id=sw", f"model.path={tiny_model_dir}", "model.gguf_file=null",

@@ -8,6 +8,7 @@ a redone shard overwrites the same keys with the same bytes. Keys and schemas: p
 from __future__ import annotations
 
 import contextlib
+import copy
 import glob
 import hashlib
 import io
@@ -31,10 +32,12 @@ from pipeline.outputs.layout import COMMITS_DIR, commit_key, contexts_key, laten
 T = TypeVar("T")
 
 def storage_options(cfg: SinkConfig) -> dict:
-    """fsspec options for the sink. Credentials stay in the environment (boto's own lookup)."""
+    """fsspec options for the sink: `sink.storage_options` plus the endpoint. Credentials normally
+    stay in the environment (boto's own lookup)."""
+    opts = copy.deepcopy(dict(cfg.storage_options or {}))
     if cfg.root.startswith("s3://") and cfg.endpoint_url:
-        return {"client_kwargs": {"endpoint_url": cfg.endpoint_url}}
-    return {}
+        opts["client_kwargs"] = {**opts.get("client_kwargs", {}), "endpoint_url": cfg.endpoint_url}
+    return opts
 
 
 TRANSIENT_S3_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "RequestTimeTooSkewed",
@@ -43,12 +46,28 @@ TRANSIENT_S3_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestT
 log = logging.getLogger(__name__)
 
 
+def _connection_errors() -> tuple[type[BaseException], ...]:
+    """Errors with no HTTP answer to classify (refused, reset, closed, timed out). The async s3fs
+    passes these through untranslated: botocore's (from aiobotocore) and aiohttp's own."""
+    types: list[type[BaseException]] = []
+    with contextlib.suppress(ImportError):
+        from botocore.exceptions import ConnectionError as BotoConnectionError
+        from botocore.exceptions import HTTPClientError, IncompleteReadError
+
+        types += [BotoConnectionError, HTTPClientError, IncompleteReadError]
+    with contextlib.suppress(ImportError):
+        import aiohttp
+
+        types.append(aiohttp.ClientError)
+    return tuple(types)
+
+
 def is_transient(err: BaseException) -> bool:
-    """Worth retrying: I/O and timeouts (s3fs maps most botocore errors to OSError), and botocore
-    ClientErrors that S3 documents as transient, which s3fs sometimes lets through as they are."""
+    """Worth retrying: I/O and timeouts (s3fs maps S3's error answers to OSError), connection-level
+    errors s3fs lets through as they are, and botocore ClientErrors S3 documents as transient."""
     if isinstance(err, (FileNotFoundError, PermissionError)):
         return False
-    if isinstance(err, (OSError, TimeoutError)):
+    if isinstance(err, (OSError, TimeoutError, *_connection_errors())):
         return True
     response = getattr(err, "response", None)
     if isinstance(response, dict):

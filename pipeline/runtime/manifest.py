@@ -17,16 +17,35 @@ from pipeline.outputs.layout import MANIFEST_KEY
 from pipeline.outputs.sink import RunStore
 
 SECRET_KEY = re.compile(r"(secret|password|passwd|credential|access_key|session_token|api_key|private_key)", re.IGNORECASE)
+# fsspec/s3fs spell credentials `key`, `secret`, `token` (sink.storage_options): whole names only,
+# so `max_tokens` or `token_cache` stay readable.
+SECRET_NAMES = {"key", "token", "secret"}
+# `name=value` / `name: value` inside a string: Hydra's saved overrides, `override_dirname`.
+NAME_VALUE = re.compile(r"([+~]?[A-Za-z_][\w.]*)(\s*[:=]\s*)([^,{}\[\]\s]+)")
+URL_USERINFO = re.compile(r"(\w+://)[^/@\s:]+:[^/@\s]+@")
 # What output already written depends on: a rerun that changes any of them needs a new run id.
 IDENTITY_KEYS = ("hookpoints", "ctx_len", "shard_size", "saes", "model")
 
 
+def is_secret_name(name: str) -> bool:
+    last = str(name).rsplit(".", 1)[-1].lstrip("+~").lower()
+    return bool(SECRET_KEY.search(last)) or last in SECRET_NAMES
+
+
+def redact_text(text: str) -> str:
+    """`a.secret=x` -> `a.secret=***`, `https://user:pw@host` -> `https://***@host`."""
+    text = NAME_VALUE.sub(lambda m: m[1] + m[2] + "***" if is_secret_name(m[1]) else m[0], text)
+    return URL_USERINFO.sub(r"\1***@", text)
+
+
 def redact(obj):
-    """Copy of a config dict with anything that looks like a credential replaced."""
+    """Copy of a config (dicts, lists, strings) with anything that looks like a credential replaced."""
     if isinstance(obj, dict):
-        return {k: ("***" if SECRET_KEY.search(str(k)) and v else redact(v)) for k, v in obj.items()}
-    if isinstance(obj, list):
+        return {k: ("***" if is_secret_name(k) and v else redact(v)) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
         return [redact(v) for v in obj]
+    if isinstance(obj, str):
+        return redact_text(obj)
     return obj
 
 

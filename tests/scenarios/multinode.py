@@ -5,12 +5,15 @@ removed mid-run. Runs in its own process (it owns its Ray cluster); writes OUT_D
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import signal
 import sys
 import threading
 import time
 from pathlib import Path
 
+import psutil
 import ray
 from ray.cluster_utils import Cluster
 
@@ -41,16 +44,42 @@ def main(model_dir: str, corpus_dir: str, sae_dir: str, out_dir: str) -> None:
     thread = threading.Thread(target=driver)
     thread.start()
     commits = Path(out_dir) / "multi" / "_commits"
+
+    def committed() -> set[int]:
+        return {int(p.stem.split("=")[1]) for p in commits.glob("shard=*.json")}
+
     deadline = time.time() + 300
-    while time.time() < deadline and len(list(commits.glob("*.json"))) < 4:
+    while time.time() < deadline and len(committed()) < 4:
         time.sleep(0.05)
-    removed_at = len(list(commits.glob("*.json")))
+    # Freeze node 0's worker processes (SIGSTOP): its actor keeps the shards the driver handed it
+    # but cannot finish them. The other node's actor goes on until nothing else is left; once no
+    # commit has appeared for a while and the run is still going, every uncommitted shard is in
+    # flight on node 0 (the driver refills an idle actor at once, so none waits unsubmitted).
+    frozen = [p for p in psutil.Process(workers[0].all_processes["raylet"][0].process.pid).children(recursive=True)
+              if p.name().startswith("ray::") or any("default_worker.py" in a for a in p.cmdline())]
+    for p in frozen:
+        p.send_signal(signal.SIGSTOP)
+    seen, quiet_since = committed(), time.time()
+    while thread.is_alive() and time.time() - quiet_since < 5 and time.time() < deadline:
+        time.sleep(0.1)
+        now = committed()
+        if now != seen:
+            seen, quiet_since = now, time.time()
+    if not thread.is_alive():
+        raise SystemExit("the run finished before node 0 could be removed with a shard in flight")
+    removed_with = committed()
     spare = cluster.add_node(num_cpus=1, resources={"slot": 1})  # where the lost worker can restart
     cluster.remove_node(workers[0])
+    for p in frozen:  # whatever of node 0 is still there, stopped: ours to end
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
     thread.join(timeout=600)
     summary = result["summary"]
     (Path(out_dir) / "report.json").write_text(json.dumps({
-        "removed_after_commits": removed_at,
+        "removed_after_commits": len(removed_with),
+        # Shards in flight on node 0 when it went: committed only after, so redone elsewhere.
+        "redone": sorted(committed() - removed_with),
+        "frozen_processes": len(frozen),
         "shards_done": summary.shards_done,
         "shards_by_node": summary.shards_by_node,
         "removed_node": workers[0].node_id,
