@@ -31,11 +31,11 @@ import torch
 triton = pytest.importorskip("triton")
 
 import kernels
+from kernels.binmax import _binmax_kernel, _rescore_kernel, bin_maxima, topk_encode_binmax
+from kernels.gemm_filter import _filter_kernel, topk_encode_gemm_filter
 from kernels.reference import preactivations, sparse_decode_reference, topk_encode_reference
 from kernels.sparse_decode_triton import _sparse_decode_kernel, sparse_decode_triton
 from kernels.streaming import topk_encode_streaming
-from kernels.binmax import _binmax_kernel, _rescore_kernel, bin_maxima, topk_encode_binmax
-from kernels.gemm_filter import _filter_kernel, topk_encode_gemm_filter
 from kernels.topk_encode_triton import _encode_tiles_kernel, _merge_kernel, topk_encode_triton
 
 # The kernels are built now; don't leak interpreter mode into modules collected after this
@@ -500,6 +500,8 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+import kernels.binmax as bm
+import kernels.gemm_filter as gf
 import kernels.sparse_decode_triton as dec
 import kernels.topk_encode_triton as enc
 
@@ -519,6 +521,28 @@ for use_tma in (True, False):
                         MERGE_ROWS=16, USE_TMA=use_tma, BLOCK_N=128, BLOCK_L=128, BLOCK_D=64),
                    num_warps=8, num_stages=3)
     assert "warp_group_dot" in kernel.asm["ttgir"], "encode matmul is not on Hopper tensor cores"
+# The persistent bin-max mainloop (flattened loop, TMA): wgmma with warps split along rows
+# only, so the epilogue's row max never crosses warps. Then the rescoring and the filter.
+for use_tma in (True, False):
+    cfg = bm.GPU_CONFIG
+    kernel = build(bm._binmax_kernel, {"x_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*fp32", "binmax_ptr": "*fp32"},
+                   dict(HAS_BIAS=True, DOT_FP32=False, INPUT_PRECISION="tf32", USE_TMA=use_tma, FLATTEN=True,
+                        NUM_PROGRAMS=132, BLOCK_N=cfg.block_n, BLOCK_L=cfg.block_l, BLOCK_D=cfg.block_d),
+                   num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    ttgir = kernel.asm["ttgir"]
+    assert "warp_group_dot" in ttgir, "mainloop is not on Hopper tensor cores"
+    assert "warpsPerCTA = [8, 1]" in ttgir, "mainloop tile is split across warps along latents"
+    if use_tma:
+        assert "async_tma_copy_global_to_local" in ttgir
+rescore_types = {"x_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*fp32", "binmax_ptr": "*fp32", "tau_ptr": "*fp32",
+                 "pair_rows_ptr": "*i32", "chunk_bin_ptr": "*i32", "chunk_start_ptr": "*i64", "chunk_len_ptr": "*i32",
+                 "cand_ptr": "*i64", "count_ptr": "*i32", "bad_ptr": "*i8"}
+kernel = build(bm._rescore_kernel, rescore_types,
+               dict(HAS_BIAS=True, DOT_FP32=False, INPUT_PRECISION="tf32", BLOCK_N=cfg.block_n,
+                    BLOCK_L=cfg.block_l, BLOCK_D=cfg.block_d), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+assert "warp_group_dot" in kernel.asm["ttgir"], "rescoring does not use the mainloop's dot"
+build(gf._filter_kernel, {"s_ptr": "*fp32", "b_ptr": "*fp32", "thr_ptr": "*fp32", "cand_ptr": "*i64",
+                          "count_ptr": "*i32"}, dict(HAS_BIAS=True, BLOCK_R=16, BLOCK_C=256), num_warps=4)
 build(enc._merge_kernel, {"cand_ptr": "*i64", "val_ptr": "*fp32", "idx_ptr": "*i32"},
       dict(K_PAD=256, BLOCK_N=8), num_warps=8)
 build(dec._sparse_decode_kernel, {"val_ptr": "*fp32", "idx_ptr": "*i32", "w_ptr": "*bf16", "out_ptr": "*fp32"},
