@@ -113,7 +113,9 @@ def topk_encode_gemm_filter(
         if s is not None:
             s.wait_stream(main)
     width0 = min(chunk, n_latents)
-    buffers = [torch.empty(n_rows, width0, dtype=torch.float32, device=device) for _ in range(2)]
+    # Flat storage: every chunk, the ragged last one too, gets a contiguous [N, width] view
+    # (cuBLAS writes `out=` in place only when it is contiguous).
+    buffers = [torch.empty(n_rows * width0, dtype=torch.float32, device=device) for _ in range(2)]
     cands = [torch.empty(n_rows, cap, dtype=torch.int64, device=device) for _ in range(2)]
     counts = [torch.empty(n_rows, dtype=torch.int32, device=device) for _ in range(2)]
     overflow = torch.zeros(n_rows, dtype=torch.bool, device=device)
@@ -124,7 +126,7 @@ def topk_encode_gemm_filter(
         width = stop - start
         stream = streams[j]
         with torch.cuda.stream(stream) if cuda else contextlib.nullcontext():
-            buf = buffers[j][:, :width]
+            buf = buffers[j][: n_rows * width].view(n_rows, width)
             mm_fp32(x, weight[start:stop], buf)  # overlaps the other stream's filter + merge
             if ready is not None:
                 stream.wait_event(ready)
