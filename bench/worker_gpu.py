@@ -145,12 +145,12 @@ class ParquetWriter(threading.Thread):
             pa.FixedSizeListArray.from_arrays(pa.array(ids[:n_tokens].numpy().reshape(-1)), self.k),
             pa.FixedSizeListArray.from_arrays(pa.array(acts[:n_tokens].numpy().reshape(-1)), self.k),
         ], schema=schema)
-        self.pool.put(buffers)
         if self._writer is None:
             self._sink = io.BytesIO()
             options = {key: value for key, value in PARQUET_OPTIONS.items() if key != "row_group_size"}
             self._writer = pq.ParquetWriter(self._sink, schema, **options)
         self._writer.write_table(table, row_group_size=PARQUET_OPTIONS["row_group_size"])
+        self.pool.put(buffers)  # only now: pa.array may share the pinned buffers' memory
 
 
 def main() -> int:
