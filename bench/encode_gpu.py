@@ -197,17 +197,22 @@ def main() -> int:
                 best = min(results, key=results.get)
                 if results[best] < float("inf"):
                     winners.append((d, n_latents, k, best, n_rows / results[best] * 1e3))
+                    if args.write_table:  # after every shape: a stage timeout keeps what was measured
+                        write_table(args.write_table, winners, card, args.quick)
             del x, w, b
             torch.cuda.empty_cache()
     if args.write_table:
-        from kernels.tuning import render_table
-
-        today = datetime.date.today().isoformat()
-        provenance = f"measured: bench/encode_gpu.py {'--quick ' if args.quick else ''}on {card}, {today}"
-        with open(args.write_table, "w") as f:
-            f.write(render_table(winners, card, provenance))
         print(f"wrote {args.write_table} ({len(winners)} shapes)")
     return 0
+
+
+def write_table(path: str, winners: list, card: str, quick: bool) -> None:
+    from kernels.tuning import render_table
+
+    today = datetime.date.today().isoformat()
+    provenance = f"measured: bench/encode_gpu.py {'--quick ' if quick else ''}on {card}, {today}"
+    with open(path, "w") as f:
+        f.write(render_table(winners, card, provenance))
 
 
 if __name__ == "__main__":
