@@ -17,7 +17,9 @@ PY="${PYTHON:-python3}"
 DEST="${OUT:-$ROOT/bench/results}"
 mkdir -p "$DEST"
 CARD="$($PY -c 'import torch; print(torch.cuda.get_device_name().replace(" ", "-") if torch.cuda.is_available() else "no-gpu")' 2>/dev/null || echo unknown)"
-LOG="$DEST/gpu-$CARD-$(date +%Y-%m-%d-%H%M).log"
+# The run's record (issue 12: bench/results/gpu-<card>-<date>.md): its command, then the output.
+LOG="$DEST/gpu-$CARD-$(date +%Y-%m-%d-%H%M).md"
+printf '# GPU run on %s\n\nCommand: `bash bench/gpu_run.sh` (`make bench-gpu`)\n\n```\n' "$CARD" > "$LOG"
 status=0
 
 stage() {  # stage <name> <timeout seconds> <command...>
@@ -41,5 +43,6 @@ stage exactness 130 $PY bench/gpu_exact.py
 stage mainloop-gate 60 $PY bench/encode_gpu.py --mainloop-only --rep 50
 stage quick-bench 190 $PY bench/encode_gpu.py --quick --rep 50 --write-table "$DEST/tuning_table.py"
 stage worker 90 $PY bench/worker_gpu.py --shards 2
-echo "log: $LOG (measured table, if any: $DEST/tuning_table.py; copy it to kernels/ to commit it)" | tee -a "$LOG"
+echo '```' >> "$LOG"
+echo "record: $LOG (measured table, if any: $DEST/tuning_table.py; copy it to kernels/ to commit it)"
 exit $status
