@@ -52,8 +52,10 @@ bench: setup
 	$(PY) bench/driver.py --shards 1000000 | tee bench/results/driver.txt
 	$(PY) bench/encode_gpu.py --quick
 
-bench-gpu: setup
-	$(PY) bench/encode_gpu.py
+# On a GPU box (python3 with torch, triton, transformers, pyarrow; no venv, no network): exactness,
+# mainloop gate, quick encode bench, worker bench, within 8 minutes, teed to $OUT or bench/results/.
+bench-gpu:
+	bash bench/gpu_run.sh
 
 lint: setup
 	$(VENV)/bin/ruff check pipeline kernels tests bench

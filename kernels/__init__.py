@@ -4,9 +4,14 @@
 per row, values descending with ties to the lower id, without materializing the N x L
 matrix. Backends:
 - "torch": streaming chunked matmul + exact top-k merge (`kernels.streaming`), any device;
-- "triton": the fused kernel (`kernels.topk_encode_triton`); on CPU tensors it runs only
-  under TRITON_INTERPRET=1 (tests);
-- "auto": Triton on CUDA, torch otherwise.
+- "fused" (alias "triton"): the fused kernel (`kernels.topk_encode_triton`);
+- "binmax": persistent matmul writing per-tile row maxima, then exact rescoring of the
+  candidate tiles only (`kernels.binmax`);
+- "gemm_filter": cuBLAS GEMM into fp32 chunks + threshold filter + exact merge
+  (`kernels.gemm_filter`);
+- "auto": on CUDA the backend `kernels.tuning_table` lists for the nearest measured shape
+  (see its PROVENANCE), torch otherwise.
+Triton backends run on CPU tensors only under TRITON_INTERPRET=1 (tests).
 
 This package imports torch (and triton lazily) only: no Ray, Hydra or I/O. It deliberately
 has no `__version__`: transformers probes an importable `kernels` for Hugging Face's hub
@@ -29,16 +34,26 @@ __all__ = [
     "resolve_backend",
 ]
 
-BACKENDS = ("auto", "torch", "triton")
+BACKENDS = ("auto", "torch", "triton", "fused", "binmax", "gemm_filter")
+TRITON_BACKENDS = ("fused", "binmax", "gemm_filter")
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
+def resolve_backend(backend: str, device: torch.device, shape: tuple[int, int, int] | None = None) -> str:
+    """The concrete backend for `backend` on `device`; `shape` = (d, L, k) lets `auto` use the tuning table."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown encode backend {backend!r}; choose one of {BACKENDS}")
+    if backend == "triton":
+        backend = "fused"
     if backend == "auto":
-        return "triton" if device.type == "cuda" else "torch"
-    if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError("backend='triton' on CPU tensors needs TRITON_INTERPRET=1 (tests only)")
+        if device.type != "cuda":
+            return "torch"
+        if shape is None:
+            return "fused"
+        from kernels.tuning import pick_backend
+
+        return pick_backend(*shape)
+    if backend in TRITON_BACKENDS and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(f"backend={backend!r} on CPU tensors needs TRITON_INTERPRET=1 (tests only)")
     return backend
 
 
@@ -62,10 +77,19 @@ def topk_encode(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k of `x @ weight.T + bias`: (values fp32 [N, k] descending, indices int32 [N, k])."""
     _check_encode_args(x, weight, bias, k)
-    if resolve_backend(backend, x.device) == "triton":
+    chosen = resolve_backend(backend, x.device, (x.shape[1], weight.shape[0], k))
+    if chosen == "fused":
         from kernels.topk_encode_triton import topk_encode_triton
 
         return topk_encode_triton(x, weight, bias, k)
+    if chosen == "binmax":
+        from kernels.binmax import topk_encode_binmax
+
+        return topk_encode_binmax(x, weight, bias, k)
+    if chosen == "gemm_filter":
+        from kernels.gemm_filter import topk_encode_gemm_filter
+
+        return topk_encode_gemm_filter(x, weight, bias, k)
     return topk_encode_streaming(x, weight, bias, k)
 
 
@@ -75,7 +99,7 @@ def sparse_decode(
     """out[n] = sum_j values[n, j] * w_dec[indices[n, j]] in fp32: [N, d]."""
     if values.shape != indices.shape:
         raise ValueError(f"values {tuple(values.shape)} and indices {tuple(indices.shape)} differ in shape")
-    if resolve_backend(backend, values.device) == "triton":
+    if resolve_backend(backend, values.device) in TRITON_BACKENDS:
         from kernels.sparse_decode_triton import sparse_decode_triton
 
         return sparse_decode_triton(values, indices, w_dec)

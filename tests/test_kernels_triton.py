@@ -31,6 +31,8 @@ import torch
 triton = pytest.importorskip("triton")
 
 import kernels
+from kernels.binmax import _binmax_kernel, _rescore_kernel, bin_maxima, topk_encode_binmax
+from kernels.gemm_filter import _filter_kernel, topk_encode_gemm_filter
 from kernels.reference import preactivations, sparse_decode_reference, topk_encode_reference
 from kernels.sparse_decode_triton import _sparse_decode_kernel, sparse_decode_triton
 from kernels.streaming import topk_encode_streaming
@@ -47,7 +49,8 @@ else:
 def _built_for_interpreter() -> bool:
     from triton.runtime.interpreter import InterpretedFunction
 
-    kernels_ = (_encode_tiles_kernel.fn, _merge_kernel, _sparse_decode_kernel)
+    kernels_ = (_encode_tiles_kernel.fn, _merge_kernel, _sparse_decode_kernel, _binmax_kernel, _rescore_kernel,
+                _filter_kernel)
     return all(isinstance(fn, InterpretedFunction) for fn in kernels_)
 
 
@@ -304,6 +307,191 @@ def test_sparse_decode_repeated_ids_and_non_contiguous():
     torch.testing.assert_close(out, sparse_decode_reference(values, ids, w_dec), atol=1e-5, rtol=1e-5)
 
 
+# ----------------------------------------------------------------------------- binmax / gemm_filter backends
+#
+# Both are exact by construction (candidate bounds + int64 order keys); on small-integer inputs
+# every dot is exact, so values and ids must equal the float reference bit for bit. Shapes are
+# small (interpreter), with tiny bins / chunks so ties straddle bins, chunks and the k-th place.
+
+NEW_BACKENDS = {
+    "binmax": topk_encode_binmax,
+    "gemm_filter": lambda x, w, b, k, **kw: topk_encode_gemm_filter(x, w, b, k, chunk=kw.pop("chunk", 96), **kw),
+}
+
+BACKEND_CASES = [
+    # N, d, L, k, bias
+    (1, 32, 40, 1, True),  # one row, two bins
+    (7, 64, 100, 3, False),  # ragged last bin / chunk
+    (37, 80, 600, 7, True),  # ragged N and d, 19 bins
+    (20, 48, 513, 16, True),  # ragged everything
+    (9, 32, 300, 40, False),  # k > number of bins (10): every entry is a candidate
+]
+
+
+def _stable_sort_reference(x, w, b, k):
+    """Float64 stable sort: the independent definition the GPU check uses too."""
+    pre = x.double() @ w.double().T
+    if b is not None:
+        pre = pre + b.double()
+    values, ids = torch.sort(pre, dim=1, descending=True, stable=True)
+    return values[:, :k].float(), ids[:, :k].to(torch.int32)
+
+
+@interpreted
+@pytest.mark.parametrize("backend", sorted(NEW_BACKENDS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n, d, n_latents, k, with_bias", BACKEND_CASES)
+def test_backend_exact_integer_inputs(backend, n, d, n_latents, k, with_bias, dtype):
+    seed = n * 1000 + n_latents + k
+    x = _ints((n, d), -3, 4, dtype, seed)
+    w = _ints((n_latents, d), -2, 3, dtype, seed + 1)
+    b = _ints((n_latents,), -6, 7, torch.float32, seed + 2) if with_bias else None
+    values, ids = NEW_BACKENDS[backend](x, w, b, k)
+    ref_values, ref_ids = _stable_sort_reference(x, w, b, k)
+    assert values.dtype == torch.float32 and ids.dtype == torch.int32
+    assert torch.equal(values, ref_values)
+    assert torch.equal(ids, ref_ids)
+
+
+@interpreted
+@pytest.mark.parametrize("backend", sorted(NEW_BACKENDS))
+def test_backend_ties_at_kth_place_across_bins(backend):
+    # Bias-only pre-activations from a few values: the k-th value repeats in many bins and
+    # chunks, and the lower ids must win. Also the special floats of the key map.
+    specials = torch.tensor([float("-inf"), -3.0e38, -2.5, -1.0e-45, -0.0, 0.0, 1.0e-45, 2.5, 3.0e38, float("inf")])
+    g = torch.Generator().manual_seed(9)
+    n_latents = 320
+    bias = specials[torch.randint(0, len(specials), (n_latents,), generator=g)]
+    x, w = torch.zeros(3, 32), torch.zeros(n_latents, 32)
+    for k in (1, 5, 33, 64):
+        ref_values, ref_ids = topk_encode_reference(x, w, bias, k)
+        assert _has_straddling_tie(x, w, bias, k)
+        values, ids = NEW_BACKENDS[backend](x, w, bias, k)
+        assert torch.equal(values, ref_values), k
+        assert torch.equal(ids, ref_ids), k
+
+
+@interpreted
+@pytest.mark.parametrize("use_tma", [True, False])
+@pytest.mark.parametrize("num_programs", [1, 2, 5])
+def test_persistent_mainloop_bin_maxima(use_tma, num_programs):
+    # Every program count walks the same tiles (stride = grid size); maxima are per bin of BLOCK_L.
+    x = _ints((37, 64), -3, 4, torch.bfloat16, 41)
+    w = _ints((300, 64), -2, 3, torch.bfloat16, 42)
+    b = _ints((300,), -5, 6, torch.float32, 43)
+    maxima = bin_maxima(x, w, b, use_tma=use_tma, num_programs=num_programs)
+    pre = preactivations(x, w, b)
+    block_l = 32  # kernels.binmax.INTERPRET_CONFIG
+    padded = torch.full((37, maxima.shape[0] * block_l), float("-inf"))
+    padded[:, :300] = pre
+    assert torch.equal(maxima, padded.view(37, -1, block_l).amax(dim=2).T)
+
+
+@interpreted
+def test_binmax_rows_that_explode_or_overflow_go_to_fallback():
+    x = _ints((24, 64), -3, 4, torch.float32, 51)
+    x[3] = 0  # all-zero row, no bias: every bin max ties at 0 -> exploded
+    w = _ints((640, 64), -2, 3, torch.float32, 52)
+    stats = {}
+    values, ids = topk_encode_binmax(x, w, None, 6, stats=stats)
+    ref_values, ref_ids = topk_encode_reference(x, w, None, 6)
+    assert torch.equal(values, ref_values) and torch.equal(ids, ref_ids)
+    assert stats["exploded_rows"] >= 1 and stats["fallback_rows"] < 24
+    stats = {}
+    values, ids = topk_encode_binmax(x, w, None, 6, max_candidates=6, stats=stats)  # tiny lists overflow
+    assert torch.equal(values, ref_values) and torch.equal(ids, ref_ids)
+    assert stats["overflow_rows"] >= 1
+
+
+def _corrupt_row(row, k):
+    """Stored maxima of `row`: the k bins with the lowest true maxima become the top k. The
+    rescoring then sees maxima that differ from the stored ones (and no entry >= tau)."""
+    def corrupt(maxima):
+        lowest = torch.argsort(maxima[:, row], stable=True)[:k]
+        maxima[:, row] = -1.0e6
+        maxima[lowest, row] = 1.0e6
+    return corrupt
+
+
+@interpreted
+def test_binmax_runtime_check_catches_mismatch_and_falls_back():
+    x = _ints((10, 64), -3, 4, torch.float32, 61)
+    w = _ints((1024, 64), -2, 3, torch.float32, 62)  # 32 bins of 32
+    b = _ints((1024,), -5, 6, torch.float32, 63)
+    k, row = 4, 6
+    ref_values, ref_ids = topk_encode_reference(x, w, b, k)
+    stats = {}
+    values, ids = topk_encode_binmax(x, w, b, k, stats=stats, _after_mainloop=_corrupt_row(row, k))
+    assert stats["mismatch_rows"] == 1 and stats["fallback_rows"] == 1
+    assert torch.equal(values, ref_values) and torch.equal(ids, ref_ids)
+    # Without the check the corrupted row comes out wrong: the check is what saved it.
+    values, ids = topk_encode_binmax(x, w, b, k, verify=False, _after_mainloop=_corrupt_row(row, k))
+    assert not torch.equal(ids[row], ref_ids[row])
+    others = torch.arange(10) != row
+    assert torch.equal(ids[others], ref_ids[others])
+
+
+@interpreted
+def test_gemm_filter_overflow_rows_fall_back():
+    x = _ints((30, 64), -3, 4, torch.float32, 71)
+    w = _ints((900, 64), -2, 3, torch.float32, 72)
+    b = _ints((900,), -5, 6, torch.float32, 73)
+    ref_values, ref_ids = topk_encode_reference(x, w, b, 10)
+    stats = {}
+    values, ids = topk_encode_gemm_filter(x, w, b, 10, chunk=128, cap=4, stats=stats)
+    assert stats["overflow_rows"] >= 1
+    assert torch.equal(values, ref_values) and torch.equal(ids, ref_ids)
+
+
+@interpreted
+@pytest.mark.parametrize("backend", ["auto", "torch", "triton", "fused", "binmax", "gemm_filter"])
+def test_public_dispatch_every_backend(backend):
+    x = _ints((9, 64), -3, 4, torch.bfloat16, 81)
+    w = _ints((400, 64), -2, 3, torch.bfloat16, 82)
+    b = _ints((400,), -5, 6, torch.float32, 83)
+    values, ids = kernels.topk_encode(x, w, b, 12, backend=backend)
+    ref_values, ref_ids = _stable_sort_reference(x, w, b, 12)
+    assert torch.equal(values, ref_values) and torch.equal(ids, ref_ids)
+
+
+def test_auto_backend_table():
+    from kernels import tuning, tuning_table
+
+    assert "unmeasured" in tuning_table.PROVENANCE and not tuning_table.ENTRIES
+    assert kernels.resolve_backend("auto", torch.device("cpu"), (768, 2**20, 32)) == "torch"
+    assert tuning.pick_backend(768, 2**24, 32) == tuning_table.DEFAULT
+    # A rendered table is valid Python and its nearest measured shape wins.
+    text = tuning.render_table([(768, 2**20, 32, "binmax", 1e5), (4096, 2**22, 64, "gemm_filter", 2e4)],
+                               "NVIDIA H100", "measured: test")
+    namespace: dict = {}
+    exec(text, namespace)
+    assert namespace["CARD"] == "NVIDIA H100" and len(namespace["ENTRIES"]) == 2
+    original = tuning_table.ENTRIES
+    try:
+        tuning_table.ENTRIES = namespace["ENTRIES"]
+        assert tuning.pick_backend(768, 2**21, 64) == "binmax"
+        assert tuning.pick_backend(2048, 2**22, 64) == "gemm_filter"
+    finally:
+        tuning_table.ENTRIES = original
+    with pytest.raises(ValueError):
+        kernels.resolve_backend("cutlass", torch.device("cpu"))
+
+
+@pytest.mark.parametrize("script", ["bench/encode_gpu.py", "bench/worker_gpu.py"])
+def test_gpu_benches_help_and_skip_without_cuda(script):
+    # They must import with torch/triton/transformers/pyarrow only, and exit 0 without a GPU.
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    env["PYTHONPATH"] = root
+    for args in (["--help"], []):
+        proc = subprocess.run([sys.executable, script, *args], cwd=root, env=env, capture_output=True, text=True,
+                              timeout=300, check=False)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert ("usage" in proc.stdout) if args else ("skipped" in proc.stdout)
+
+
+
 # ----------------------------------------------------------------------------- GPU codegen, no GPU
 
 _SM90_COMPILE = r"""
@@ -312,6 +500,8 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+import kernels.binmax as bm
+import kernels.gemm_filter as gf
 import kernels.sparse_decode_triton as dec
 import kernels.topk_encode_triton as enc
 
@@ -331,6 +521,28 @@ for use_tma in (True, False):
                         MERGE_ROWS=16, USE_TMA=use_tma, BLOCK_N=128, BLOCK_L=128, BLOCK_D=64),
                    num_warps=8, num_stages=3)
     assert "warp_group_dot" in kernel.asm["ttgir"], "encode matmul is not on Hopper tensor cores"
+# The persistent bin-max mainloop (flattened loop, TMA): wgmma with warps split along rows
+# only, so the epilogue's row max never crosses warps. Then the rescoring and the filter.
+for use_tma in (True, False):
+    cfg = bm.GPU_CONFIG
+    kernel = build(bm._binmax_kernel, {"x_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*fp32", "binmax_ptr": "*fp32"},
+                   dict(HAS_BIAS=True, DOT_FP32=False, INPUT_PRECISION="tf32", USE_TMA=use_tma, FLATTEN=True,
+                        NUM_PROGRAMS=132, BLOCK_N=cfg.block_n, BLOCK_L=cfg.block_l, BLOCK_D=cfg.block_d),
+                   num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    ttgir = kernel.asm["ttgir"]
+    assert "warp_group_dot" in ttgir, "mainloop is not on Hopper tensor cores"
+    assert "warpsPerCTA = [8, 1]" in ttgir, "mainloop tile is split across warps along latents"
+    if use_tma:
+        assert "async_tma_copy_global_to_local" in ttgir
+rescore_types = {"x_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*fp32", "binmax_ptr": "*fp32", "tau_ptr": "*fp32",
+                 "pair_rows_ptr": "*i32", "chunk_bin_ptr": "*i32", "chunk_start_ptr": "*i64", "chunk_len_ptr": "*i32",
+                 "cand_ptr": "*i64", "count_ptr": "*i32", "bad_ptr": "*i8"}
+kernel = build(bm._rescore_kernel, rescore_types,
+               dict(HAS_BIAS=True, DOT_FP32=False, INPUT_PRECISION="tf32", BLOCK_N=cfg.block_n,
+                    BLOCK_L=cfg.block_l, BLOCK_D=cfg.block_d), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+assert "warp_group_dot" in kernel.asm["ttgir"], "rescoring does not use the mainloop's dot"
+build(gf._filter_kernel, {"s_ptr": "*fp32", "b_ptr": "*fp32", "thr_ptr": "*fp32", "cand_ptr": "*i64",
+                          "count_ptr": "*i32"}, dict(HAS_BIAS=True, BLOCK_R=16, BLOCK_C=256), num_warps=4)
 build(enc._merge_kernel, {"cand_ptr": "*i64", "val_ptr": "*fp32", "idx_ptr": "*i32"},
       dict(K_PAD=256, BLOCK_N=8), num_warps=8)
 build(dec._sparse_decode_kernel, {"val_ptr": "*fp32", "idx_ptr": "*i32", "w_ptr": "*bf16", "out_ptr": "*fp32"},
