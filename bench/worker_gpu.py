@@ -48,9 +48,8 @@ def latents_schema(k: int):
     ])
 
 
-# Mirrors pipeline.worker.LATENTS_PARQUET (+ zstd, the sink's default compression).
-PARQUET_OPTIONS = {"compression": "zstd", "use_dictionary": False,
-                   "use_byte_stream_split": ["acts.list.element"], "row_group_size": 1 << 17}
+# Mirrors pipeline.outputs.layout.LATENTS_PARQUET (+ zstd, the sink's default compression).
+PARQUET_OPTIONS = {"compression": "zstd", "use_dictionary": True, "row_group_size": 1 << 17}
 
 
 def build_model(layer: int, device: torch.device):

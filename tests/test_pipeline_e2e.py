@@ -151,16 +151,39 @@ def test_same_config_twice_gives_identical_latents(first_run):
             assert pq.read_table(pa_).equals(pq.read_table(pb)), pa_
 
 
+def readme_committed_latents_sql() -> str:
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    return next(b for b in readme.split("```sql\n")[1:] if "_commits" in b).split("```")[0]
+
+
 def test_uncommitted_parts_are_ignored_by_readers(first_run):
+    """A complete, readable part without its commit marker (a worker died between writing its
+    parts and committing) is seen by a plain glob, and by neither read_committed nor the
+    README's DuckDB recipe."""
+    import shutil
+
+    import duckdb
+
     from pipeline.outputs.sink import RunStore
 
     cfg, summary, root = first_run
-    stray = root / "latents" / "hookpoint=layers.1" / "shard=999999"
+    hook_dir = root / "latents" / "hookpoint=layers.1"
+    stray = hook_dir / "shard=999999"
     stray.mkdir(parents=True)
-    (stray / "part-0.parquet").write_bytes(b"partial garbage from a crashed worker")
+    shutil.copy(hook_dir / "shard=000000" / "part-0.parquet", stray / "part-0.parquet")
+    stray_rows = pq.read_metadata(stray / "part-0.parquet").num_rows
     try:
-        table = RunStore(cfg.sink, cfg.run_id).read_committed("latents", "layers.1")
-        assert table.num_rows == summary.tokens
+        committed = RunStore(cfg.sink, cfg.run_id).read_committed("latents", "layers.1")
+        assert committed.num_rows == summary.tokens
+        con = duckdb.connect()
+        glob = f"{root}/latents/hookpoint=layers.1/*/*.parquet"
+        (naive,) = con.sql(f"select count(*) from read_parquet('{glob}')").fetchall()[0]
+        assert naive == summary.tokens + stray_rows  # the hazard the recipe exists for
+        sql = readme_committed_latents_sql().replace("out/demo", str(root)).replace("layers.12", "layers.1")
+        got = con.sql(f"select * from ({sql}) order by seq_id, pos").to_arrow_table()
+        want = committed.sort_by([("seq_id", "ascending"), ("pos", "ascending")])
+        assert got.column_names == want.column_names + ["hookpoint", "shard"]  # DuckDB adds hive partitions
+        assert got.select(want.column_names).to_pylist() == want.to_pylist()
+        assert set(got.column("shard").to_pylist()) == {f"{s:06d}" for s in range(summary.shards_done)}
     finally:
-        (stray / "part-0.parquet").unlink()
-        stray.rmdir()
+        shutil.rmtree(stray)
