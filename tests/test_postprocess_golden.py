@@ -1,0 +1,142 @@
+"""Post-processing of a REAL tiny run (corpus -> local Ray actors -> Parquet) against an
+independent plain numpy/pandas reference computed in this file from the committed parts.
+
+Pinned exactly: latent_stats (every column), by_latent (rows and order) and the top examples.
+Quantile examples: rank, group membership and distinctness; random examples: inactive windows
+from committed contexts.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+from test_pipeline_e2e import HOOKS, make_cfg
+
+from pipeline.config import PostprocessConfig
+from pipeline.postprocess import postprocess
+from pipeline.sink import RunStore
+
+pytestmark = pytest.mark.slow
+
+CFG = PostprocessConfig(bucket_size=40, top_n=3, n_quantiles=3, per_quantile=2, n_random=4, window=6,
+                        random_pool_shards=2, seed=7)
+N_LATENTS = 96
+
+
+@pytest.fixture(scope="module")
+def real_run(tiny_model_dir, tiny_corpus, tiny_sae_dir, tmp_path_factory, ray_local):
+    from pipeline.run import run
+
+    out = tmp_path_factory.mktemp("golden")
+    cfg = make_cfg(tiny_model_dir, tiny_corpus, tiny_sae_dir, out, run_id="g")
+    run(cfg)
+    store = RunStore(cfg.sink, cfg.run_id)
+    summary = postprocess(store, CFG)
+    return out / "g", summary
+
+
+def reference(run, hook):
+    """Active pairs, contexts by seq_id and the token count, straight from the committed parts."""
+    import json
+
+    shards = sorted(int(p.stem.split("=")[1]) for p in (run / "_commits").glob("shard=*.json"))
+    lat, ctx = [], []
+    for s in shards:
+        files = {f["path"] for f in json.loads((run / "_commits" / f"shard={s:06d}.json").read_text())["files"]}
+        lat.append(pq.read_table(run / next(f for f in files if f.startswith(f"latents/hookpoint={hook}/"))).to_pandas())
+        ctx.append(pq.read_table(run / next(f for f in files if f.startswith("contexts/"))).to_pandas())
+    lat, ctx = pd.concat(lat), pd.concat(ctx)
+    k = len(lat.latent_ids.iloc[0])
+    pairs = pd.DataFrame({"latent_id": np.concatenate(lat.latent_ids.to_numpy()).astype(np.int64),
+                          "seq_id": np.repeat(lat.seq_id.to_numpy(), k), "pos": np.repeat(lat.pos.to_numpy(), k),
+                          "act": np.concatenate(lat.acts.to_numpy()).astype(np.float32)})
+    pairs = pairs[pairs.act > 0]
+    pairs = pairs.sort_values(["latent_id", "act", "seq_id", "pos"], ascending=[True, False, True, True],
+                              kind="mergesort").reset_index(drop=True)
+    tokens = {int(s): np.asarray(t, np.int64) for s, t in zip(ctx.seq_id, ctx.token_ids)}
+    return pairs, tokens, len(lat), shards
+
+
+def window(tokens, seq_id, pos, w):
+    toks = tokens[seq_id]
+    start = min(max(pos - w // 2, 0), max(len(toks) - w, 0))
+    return start, toks[start:start + w]
+
+
+@pytest.mark.parametrize("hook", HOOKS)
+def test_latent_stats_equal_reference(real_run, hook):
+    run, summary = real_run
+    pairs, _, n_tokens, shards = reference(run, hook)
+    got = pq.read_table(run / "latent_stats" / f"hookpoint={hook}" / "part-0.parquet")
+    assert got.schema.metadata[b"total_tokens"] == str(n_tokens).encode()
+    got = got.to_pandas()
+    assert got.latent_id.tolist() == list(range(N_LATENTS)) and summary["shards"] == len(shards)
+    g = pairs.groupby("latent_id").act
+    idx = range(N_LATENTS)
+    n = g.size().reindex(idx, fill_value=0)
+    assert got.n_active.tolist() == n.tolist()
+    assert got.is_dead.tolist() == (n == 0).tolist()
+    np.testing.assert_array_equal(got.density, n.to_numpy() / n_tokens)
+    np.testing.assert_array_equal(got.max_act, g.max().reindex(idx, fill_value=0).astype(np.float32))
+    # Sums of float16 values: exact up to float64 rounding whatever the summation order.
+    s = pairs.act.astype(np.float64).groupby(pairs.latent_id).sum().reindex(idx, fill_value=0)
+    sq = (pairs.act.astype(np.float64) ** 2).groupby(pairs.latent_id).sum().reindex(idx, fill_value=0)
+    np.testing.assert_allclose(got.sum_act, s, rtol=1e-13)
+    np.testing.assert_allclose(got.sum_sq_act, sq, rtol=1e-13)
+    np.testing.assert_allclose(got.mean_act, (s / n.where(n > 0, 1)).astype(np.float32), rtol=1e-6)
+    edges = 2.0 ** np.linspace(CFG.hist_log2_min, CFG.hist_log2_max, CFG.hist_bins + 1)
+    probs = np.linspace(0, 1, CFG.n_quantiles + 1)
+    for row in got.itertuples():
+        acts = pairs.act[pairs.latent_id == row.latent_id].to_numpy()
+        bins = np.clip(np.searchsorted(edges[1:-1], acts, side="right"), 0, CFG.hist_bins - 1)
+        assert list(row.histogram) == np.bincount(bins, minlength=CFG.hist_bins).tolist()
+        expect_q = np.quantile(acts, probs).astype(np.float32) if len(acts) else np.zeros(0, np.float32)
+        np.testing.assert_array_equal(np.asarray(row.quantiles, np.float32), expect_q)
+
+
+@pytest.mark.parametrize("hook", HOOKS)
+def test_by_latent_equals_reference(real_run, hook):
+    run, _ = real_run
+    pairs, _, _, _ = reference(run, hook)
+    parts = sorted((run / "by_latent" / f"hookpoint={hook}").rglob("part-*.parquet"))
+    assert [int(p.parent.name.split("=")[1]) for p in parts] == list(range(-(-N_LATENTS // CFG.bucket_size)))
+    got = pd.concat([pq.read_table(p).to_pandas() for p in parts]).reset_index(drop=True)
+    assert str(got.act.dtype) == "float16"
+    got = got.astype({"act": np.float32, "latent_id": np.int64, "pos": np.int64})
+    pd.testing.assert_frame_equal(got, pairs.astype({"pos": np.int64}), check_dtype=False)
+
+
+@pytest.mark.parametrize("hook", HOOKS)
+def test_examples_equal_reference(real_run, hook):
+    run, _ = real_run
+    pairs, tokens, _, shards = reference(run, hook)
+    ex = pq.read_table(run / "examples" / f"hookpoint={hook}").to_pandas()
+    active = {(int(r.latent_id), int(r.seq_id), int(r.pos)): float(r.act) for r in pairs.itertuples()}
+    W = CFG.window
+    for r in ex.itertuples():  # every window's tokens and this latent's activations in it
+        start, toks = window(tokens, r.seq_id, r.pos, W)
+        assert list(r.token_ids) == toks.tolist()
+        np.testing.assert_array_equal(r.acts, [active.get((r.latent_id, r.seq_id, start + i), 0.0)
+                                               for i in range(len(toks))])
+    for latent, grp in pairs.groupby("latent_id"):
+        mine = ex[ex.latent_id == latent]
+        top = mine[mine.kind == "top"].sort_values("rank")
+        assert top["rank"].tolist() == list(range(min(CFG.top_n, len(grp))))
+        assert list(zip(top.seq_id, top.pos)) == list(zip(grp.seq_id, grp.pos))[:CFG.top_n]
+        # Quantile q: the q-th of n_quantiles equal-count groups (np.array_split) of the pairs in
+        # descending act order; min(per_quantile, group size) picks from it, ranked q * per_quantile + j.
+        quant = mine[mine.kind == "quantile"].sort_values("rank")
+        expect_ranks, where = [], {}
+        for q, members in enumerate(np.array_split(np.arange(len(grp)), CFG.n_quantiles)):
+            expect_ranks += [q * CFG.per_quantile + j for j in range(min(CFG.per_quantile, len(members)))]
+            where.update({(int(grp.seq_id.iloc[i]), int(grp.pos.iloc[i])): q for i in members})
+        assert quant["rank"].tolist() == expect_ranks
+        assert [where[(s, p)] for s, p in zip(quant.seq_id, quant.pos)] == [r // CFG.per_quantile for r in expect_ranks]
+        assert len(set(zip(quant.seq_id, quant.pos))) == len(quant)
+        rand = mine[mine.kind == "random"]
+        assert rand["rank"].tolist() == list(range(len(rand))) and len(rand) <= CFG.n_random
+        for r in rand.itertuples():
+            assert not any(r.acts) and r.seq_id // 3 in shards
+    assert set(ex.latent_id) == set(pairs.latent_id)
+    assert (ex[ex.kind == "random"].groupby("latent_id").size() > 0).any()
