@@ -2,8 +2,10 @@
 independent plain numpy/pandas reference computed in this file from the committed parts.
 
 Pinned exactly: latent_stats (every column), by_latent (rows and order) and the top examples.
-Quantile examples: rank, group membership and distinctness; random examples: inactive windows
-from committed contexts.
+Quantile examples are pinned to the hash selection spec (pipeline/post_engine.py docstring), which
+replaced the seeded-RNG loop: before the rewrite this test checked rank, group membership and
+distinctness only (the RNG draw order was a Python loop). Random examples: inactive windows from
+committed contexts, distinct, ranked 0..n-1.
 """
 from __future__ import annotations
 
@@ -56,6 +58,14 @@ def reference(run, hook):
                               kind="mergesort").reset_index(drop=True)
     tokens = {int(s): np.asarray(t, np.int64) for s, t in zip(ctx.seq_id, ctx.token_ids)}
     return pairs, tokens, len(lat), shards
+
+
+def mix64(v: int) -> int:
+    """splitmix64's finaliser on Python ints (the selection spec's hash)."""
+    v = (v + 0x9E3779B97F4A7C15) & (2**64 - 1)
+    v = ((v ^ (v >> 30)) * 0xBF58476D1CE4E5B9) & (2**64 - 1)
+    v = ((v ^ (v >> 27)) * 0x94D049BB133111EB) & (2**64 - 1)
+    return v ^ (v >> 31)
 
 
 def window(tokens, seq_id, pos, w):
@@ -125,15 +135,18 @@ def test_examples_equal_reference(real_run, hook):
         assert top["rank"].tolist() == list(range(min(CFG.top_n, len(grp))))
         assert list(zip(top.seq_id, top.pos)) == list(zip(grp.seq_id, grp.pos))[:CFG.top_n]
         # Quantile q: the q-th of n_quantiles equal-count groups (np.array_split) of the pairs in
-        # descending act order; min(per_quantile, group size) picks from it, ranked q * per_quantile + j.
+        # descending act order; m = min(per_quantile, size) picks, evenly spaced from a hashed offset.
         quant = mine[mine.kind == "quantile"].sort_values("rank")
-        expect_ranks, where = [], {}
+        expect = []
         for q, members in enumerate(np.array_split(np.arange(len(grp)), CFG.n_quantiles)):
-            expect_ranks += [q * CFG.per_quantile + j for j in range(min(CFG.per_quantile, len(members)))]
-            where.update({(int(grp.seq_id.iloc[i]), int(grp.pos.iloc[i])): q for i in members})
-        assert quant["rank"].tolist() == expect_ranks
-        assert [where[(s, p)] for s, p in zip(quant.seq_id, quant.pos)] == [r // CFG.per_quantile for r in expect_ranks]
-        assert len(set(zip(quant.seq_id, quant.pos))) == len(quant)
+            size, m = len(members), min(CFG.per_quantile, len(members))
+            if size == 0:
+                continue
+            u = mix64(mix64(CFG.seed) ^ (int(latent) << 16 | q)) % size
+            picks = sorted(int(members[0]) + (u + j * size // m) % size for j in range(m))
+            expect += [(q * CFG.per_quantile + j, int(grp.seq_id.iloc[i]), int(grp.pos.iloc[i]))
+                       for j, i in enumerate(picks)]
+        assert list(zip(quant["rank"], quant.seq_id, quant.pos)) == expect
         rand = mine[mine.kind == "random"]
         assert rand["rank"].tolist() == list(range(len(rand))) and len(rand) <= CFG.n_random
         for r in rand.itertuples():
