@@ -412,7 +412,8 @@ def write_examples(con, store: RunStore, contexts: ContextsLRU, key: str, scratc
     kinds = pa.array(list(KIND_CODES), pa.string())
     with local_output(store, key, scratch) as path, \
             pq.ParquetWriter(path, EXAMPLES_SCHEMA, compression=store.cfg.compression,
-                             compression_level=store.cfg.compression_level) as writer:
+                             compression_level=store.cfg.compression_level,
+                             use_dictionary=["latent_id", "kind"]) as writer:  # token lists: dictionaries cost, save little
         for c0 in range(0, len(lat), chunk):
             sl = slice(c0, c0 + chunk)
             e_lat, e_kind, e_rank, e_seq, e_pos = lat[sl], kind[sl], rank[sl], seq[sl], pos[sl]

@@ -2,24 +2,26 @@
 
     python -m pipeline.postprocess run_id=demo [sink.root=s3://bucket/runs] [bucket_size=65536] ...
 
-Two passes over COMMITTED shards only, both Ray tasks, so no process ever holds every latent:
+A map / shuffle / reduce over COMMITTED shards only, as Ray tasks (the engine: post_engine.py):
 
-1. scatter, one task per (hookpoint, shard): read the shard's latents part once (column
-   projected), drop zero activations, and write its pairs split by bucket
-   (bucket = latent_id // bucket_size) to `_post/spill/hookpoint=H/bucket=B/shard=S.parquet`,
-   then `_post/scatter/hookpoint=H/shard=S.json` (written last: lists the buckets it touched
-   and the shard's token count). A scattered shard is never read again.
-   We chose scatter over "every bucket task scans everything": that costs n_buckets full scans
-   of latents/, this costs one scan plus one write of the pairs.
-2. bucket, one task per (hookpoint, bucket): read that bucket's spill files, sort, and write
-   `by_latent/.../bucket=B/part-0.parquet`, `examples/.../bucket=B/part-0.parquet`, the
-   bucket's statistics (`_post/stats/...`), and last `_post/hookpoint=H/bucket=B.json`, which
-   records the shards that contributed pairs and the settings. A bucket whose contributing
-   shards and settings are unchanged is skipped, so a nightly run redoes only touched buckets.
+1. scatter, one task per new (hookpoint, shard): read the shard's latents part once (column
+   projected), drop zero activations and split its pairs by bucket (bucket = latent_id //
+   bucket_size), vectorised, into `_post/spill/hookpoint=H/bucket=B/shard=S.parquet`, then
+   `_post/scatter/hookpoint=H/shard=S.json` (written last: the buckets it touched, its token
+   count and the spill settings). A scattered shard is never read again.
+2. bucket, one task per touched (hookpoint, bucket): the task lists its own spill folder (its
+   contributors), skips itself if `_post/hookpoint=H/bucket=B.json` already records exactly those
+   shards and settings, else runs DuckDB over the spill parts with a memory limit (out of core),
+   writing `by_latent/.../bucket=B/part-0.parquet`, `examples/.../bucket=B/part-0.parquet`, the
+   bucket's statistics (`_post/stats/...`) and last the bucket marker.
 
-Then the driver streams the per-bucket statistics, one bucket at a time, into
-`latent_stats/hookpoint=H/part-0.parquet` (density needs the total token count, which any new
-shard changes). Output is deterministic: sorted pairs and per-bucket seeded sampling.
+The driver holds the committed shard ids, one bool per bucket and a bounded window of task refs;
+it never reads a per-shard marker itself. `_post/hookpoint=H/stats.json` records the shards and
+settings of the last complete pass: a rerun with nothing new starts no task, and a new shard
+marks dirty only the buckets it touched. Then the driver streams the per-bucket statistics, one
+bucket at a time, into `latent_stats/hookpoint=H/part-0.parquet` (density needs the total
+token count, which any new shard changes). Output is deterministic: a total sort order, exact
+integer sums, and example selection by rank and hash (post_engine's docstring has the spec).
 
 Example windows: `token_ids` are context tokens [start, start + window) with
 start = clamp(pos - window // 2, 0, len - window); `acts` are this latent's activations at
