@@ -143,8 +143,10 @@ def local_output(store: RunStore, key: str, scratch: str) -> Iterator[str]:
 def duckdb_connect(scratch: str, memory_mb: int, threads: int):
     import duckdb
 
-    return duckdb.connect(config={"memory_limit": f"{memory_mb}MB", "temp_directory": os.path.join(scratch, "duck"),
-                                  "threads": max(1, threads), "preserve_insertion_order": False})
+    con = duckdb.connect(config={"memory_limit": f"{memory_mb}MB", "temp_directory": os.path.join(scratch, "duck"),
+                                 "threads": max(1, threads), "preserve_insertion_order": False})
+    con.execute("SET enable_progress_bar = false")  # it would print to the task's stdout
+    return con
 
 
 class ContextsLRU:
@@ -421,8 +423,9 @@ def write_examples(con, store: RunStore, contexts: ContextsLRU, key: str, scratc
             start, wlen = np.zeros(m, np.int64), np.zeros(m, np.int64)
             window = np.zeros((m, W), np.int32)  # one chunk of windows; one contexts shard at a time
             shard_of = e_seq // shard_size
-            for shard in np.unique(shard_of).tolist():
-                sel = np.flatnonzero(shard_of == shard)
+            by_shard = np.argsort(shard_of, kind="stable")
+            shards, cuts = np.unique(shard_of[by_shard], return_index=True)
+            for shard, sel in zip(shards.tolist(), np.split(by_shard, cuts[1:])):
                 cseq, offsets, values = contexts.get(shard)
                 row = np.searchsorted(cseq, e_seq[sel])
                 if np.any(row >= len(cseq)) or np.any(cseq[np.minimum(row, len(cseq) - 1)] != e_seq[sel]):
