@@ -6,11 +6,11 @@ map (one committed shard): arrow -> numpy, drop zero activations, compute each p
 reduce (one latent bucket): DuckDB over that bucket's spill parts, with `memory_limit` and a
     `temp_directory`, so sorts and aggregates go out of core: memory is bounded whatever the
     corpus size (a Zipf-hot latent with 1e8 pairs only costs disk).
-    1. one GROUP BY (latent, bin): counts, exact sums (activations are float16, so act * 2^24
-       is an integer and the sums are int128: order-independent and deterministic), max, histogram;
+    1. one GROUP BY latent: counts, exact sums (activations are float16, so act * 2^24 is an
+       integer and the sums are int128: order-independent and deterministic), max;
     2. one ORDER BY (latent, act desc, seq, pos) streamed in record batches: written straight to
-       by_latent, and the few rows at precomputed ranks (top-n, quantile picks, the order
-       statistics of the quantiles) are kept as they pass;
+       by_latent, histogram bins counted (np.bincount per batch), and the few rows at precomputed
+       ranks (top-n, quantile picks, the order statistics of the quantiles) kept as they pass;
     3. two hash joins against small tables: the window activations of the chosen examples and the
        (latent, candidate window) hits that rule out random examples;
     4. windows' tokens from the contexts, grouped by contexts shard, a bounded LRU of shards.
@@ -39,7 +39,6 @@ from collections.abc import Iterator
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.config import PostprocessConfig
@@ -248,24 +247,19 @@ def _reduce(store, hook, bucket, lo, hi, spill_keys, committed, shard_size, cfg,
         con.register("pairs", SPILL_SCHEMA.empty_table())
     lap("fetch")
 
-    # 1. statistics: one scan grouped by (latent, bin), then per latent; exact int128 sums.
+    # 1. statistics: one scan grouped by latent; exact int128 sums. The histogram is counted in 3.
     g = con.sql(f"""
-        WITH g AS (SELECT latent_id, bin, count(*) AS n, sum(v) AS s, sum(CAST(v AS HUGEINT) * v) AS sq, max(act) AS mx
-                   FROM (SELECT latent_id, bin, act, CAST(act * {SCALE} AS BIGINT) AS v FROM pairs) GROUP BY latent_id, bin)
-        SELECT latent_id, list(bin ORDER BY bin) AS bins, list(n ORDER BY bin) AS ns,
-               CAST(sum(s) AS DOUBLE) AS s, CAST(sum(sq) AS DOUBLE) AS sq, max(mx) AS mx
-        FROM g GROUP BY latent_id ORDER BY latent_id""").to_arrow_table()
+        SELECT latent_id, count(*) AS n, CAST(sum(v) AS DOUBLE) AS s, CAST(sum(CAST(v AS HUGEINT) * v) AS DOUBLE) AS sq,
+               max(act) AS mx
+        FROM (SELECT latent_id, act, CAST(act * {SCALE} AS BIGINT) AS v FROM pairs) GROUP BY latent_id""").to_arrow_table()
     local = g["latent_id"].to_numpy().astype(np.int64) - lo
-    hist = np.zeros((n_lat, cfg.hist_bins), np.int64)
-    counts_per = pc.list_value_length(g["bins"]).to_numpy(zero_copy_only=False).astype(np.int64)
-    hist[np.repeat(local, counts_per), pc.list_flatten(g["bins"]).to_numpy().astype(np.int64)] = \
-        pc.list_flatten(g["ns"]).to_numpy()
-    n = hist.sum(axis=1)
+    n = np.zeros(n_lat, np.int64)
+    n[local] = g["n"].to_numpy()
     sum_act, sum_sq, max_act = np.zeros(n_lat), np.zeros(n_lat), np.zeros(n_lat, np.float32)
     sum_act[local] = g["s"].to_numpy() / SCALE
     sum_sq[local] = g["sq"].to_numpy() / (SCALE * SCALE)
     max_act[local] = g["mx"].to_numpy()
-
+    hist = np.zeros((n_lat, cfg.hist_bins), np.int64)
     lap("stats")
     # 2. the ranks whose rows we need from the sorted stream.
     active = np.flatnonzero(n)
@@ -282,7 +276,7 @@ def _reduce(store, hook, bucket, lo, hi, spill_keys, committed, shard_size, cfg,
     got_seq, got_pos, got_act = np.zeros(len(need), np.int64), np.zeros(len(need), np.int64), np.zeros(len(need), np.float32)
 
     # 3. the sorted stream -> by_latent, keeping the needed rows.
-    reader = con.sql("SELECT latent_id, seq_id, pos, act FROM pairs ORDER BY latent_id, act DESC, seq_id, pos") \
+    reader = con.sql("SELECT latent_id, seq_id, pos, act, bin FROM pairs ORDER BY latent_id, act DESC, seq_id, pos") \
         .to_arrow_reader(1 << 20)
     from pipeline.postprocess import BY_LATENT_SCHEMA
 
@@ -295,6 +289,10 @@ def _reduce(store, hook, bucket, lo, hi, spill_keys, committed, shard_size, cfg,
             writer.write_table(pa.Table.from_arrays(
                 [batch.column("latent_id"), batch.column("seq_id"), batch.column("pos"), act.cast(pa.float16())],
                 schema=BY_LATENT_SCHEMA))
+            lat = batch.column("latent_id").to_numpy().astype(np.int64) - lo  # sorted: a short latent range
+            cell = (lat - lat[0]) * cfg.hist_bins + batch.column("bin").to_numpy()
+            hist.reshape(-1)[lat[0] * cfg.hist_bins:(lat[-1] + 1) * cfg.hist_bins] += \
+                np.bincount(cell, minlength=(lat[-1] - lat[0] + 1) * cfg.hist_bins)
             a, b = np.searchsorted(need, [offset, offset + batch.num_rows])
             idx = need[a:b] - offset
             got_seq[a:b] = batch.column("seq_id").to_numpy()[idx]
