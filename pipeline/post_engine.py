@@ -405,51 +405,71 @@ def window_start(pos, length, window: int):
 
 def write_examples(con, store: RunStore, contexts: ContextsLRU, key: str, scratch: str, lat, kind, rank, seq, pos,
                    shard_size: int, cfg: PostprocessConfig, chunk: int = 1 << 16) -> None:
-    """Token windows and this latent's activations in them, written in chunks of examples."""
+    """Token windows and this latent's activations in them. Windows are cut in contexts-shard order
+    (each shard read once) into a disk-backed array; activations come from one DuckDB join streamed
+    in example order; the part is written in chunks of examples."""
     from pipeline.postprocess import EXAMPLES_SCHEMA
 
-    W = cfg.window
+    W, m = cfg.window, len(lat)
     kinds = pa.array(list(KIND_CODES), pa.string())
+    start, wlen = np.zeros(m, np.int64), np.zeros(m, np.int64)
+    windows = np.lib.format.open_memmap(os.path.join(scratch, "windows.npy"), mode="w+", dtype=np.int32,
+                                        shape=(max(m, 1), W))
+    shard_of = seq // shard_size
+    by_shard = np.argsort(shard_of, kind="stable")
+    shards, cuts = np.unique(shard_of[by_shard], return_index=True)
+    for shard, members in zip(shards.tolist(), np.split(by_shard, cuts[1:])):
+        cseq, offsets, values = contexts.get(shard)
+        for c0 in range(0, len(members), chunk):
+            sel = members[c0:c0 + chunk]
+            row = np.searchsorted(cseq, seq[sel])
+            if np.any(row >= len(cseq)) or np.any(cseq[np.minimum(row, len(cseq) - 1)] != seq[sel]):
+                raise OSError(f"{store.path(contexts_key(shard))} lacks a context that latents refer to")
+            length = offsets[row + 1] - offsets[row]
+            start[sel] = window_start(pos[sel], length, W)
+            wlen[sel] = np.minimum(W, length)
+            idx = offsets[row][:, None] + start[sel][:, None] + np.arange(W)[None, :]
+            windows[sel] = values[np.minimum(idx, max(len(values) - 1, 0))] if len(values) else 0
+
+    nr = np.flatnonzero(kind != 2)  # random windows have no activations by construction
+    con.register("ex", pa.table({"ex": nr, "latent_id": lat[nr].astype(np.int32), "seq_id": seq[nr],
+                                 "lo": start[nr], "hi": start[nr] + wlen[nr]}))
+    hits = con.sql("""SELECT e.ex, p.pos - e.lo AS off, p.act FROM ex e JOIN pairs p
+                      ON p.latent_id = e.latent_id AND p.seq_id = e.seq_id AND p.pos >= e.lo AND p.pos < e.hi
+                      ORDER BY e.ex, off""").to_arrow_reader(1 << 20)
+    pending = [np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)]
+    exhausted = False
+
     with local_output(store, key, scratch) as path, \
             pq.ParquetWriter(path, EXAMPLES_SCHEMA, compression=store.cfg.compression,
                              compression_level=store.cfg.compression_level,
                              use_dictionary=["latent_id", "kind"]) as writer:  # token lists: dictionaries cost, save little
-        for c0 in range(0, len(lat), chunk):
-            sl = slice(c0, c0 + chunk)
-            e_lat, e_kind, e_rank, e_seq, e_pos = lat[sl], kind[sl], rank[sl], seq[sl], pos[sl]
-            m = len(e_lat)
-            start, wlen = np.zeros(m, np.int64), np.zeros(m, np.int64)
-            window = np.zeros((m, W), np.int32)  # one chunk of windows; one contexts shard at a time
-            shard_of = e_seq // shard_size
-            by_shard = np.argsort(shard_of, kind="stable")
-            shards, cuts = np.unique(shard_of[by_shard], return_index=True)
-            for shard, sel in zip(shards.tolist(), np.split(by_shard, cuts[1:])):
-                cseq, offsets, values = contexts.get(shard)
-                row = np.searchsorted(cseq, e_seq[sel])
-                if np.any(row >= len(cseq)) or np.any(cseq[np.minimum(row, len(cseq) - 1)] != e_seq[sel]):
-                    raise OSError(f"{store.path(contexts_key(shard))} lacks a context that latents refer to")
-                length = offsets[row + 1] - offsets[row]
-                start[sel] = window_start(e_pos[sel], length, W)
-                wlen[sel] = np.minimum(W, length)
-                idx = offsets[row][:, None] + start[sel][:, None] + np.arange(W)[None, :]
-                window[sel] = values[np.minimum(idx, max(len(values) - 1, 0))] if len(values) else 0
-            out_off = np.concatenate([[0], np.cumsum(wlen)])
-            tokens = window[np.arange(W)[None, :] < wlen[:, None]]
+        for c0 in range(0, m, chunk):
+            c1 = min(m, c0 + chunk)
+            while not exhausted and (len(pending[0]) == 0 or pending[0][-1] < c1):
+                try:
+                    b = next(hits)
+                except StopIteration:
+                    exhausted = True
+                    break
+                pending = [np.concatenate([pending[0], b.column("ex").to_numpy()]),
+                           np.concatenate([pending[1], b.column("off").to_numpy()]),
+                           np.concatenate([pending[2], b.column("act").to_numpy()])]
+            cut = np.searchsorted(pending[0], c1)
+            h_ex, h_off, h_act = (x[:cut] for x in pending)
+            pending = [x[cut:] for x in pending]
+            wl = wlen[c0:c1]
+            out_off = np.concatenate([[0], np.cumsum(wl)])
+            tokens = np.asarray(windows[c0:c1])[np.arange(W)[None, :] < wl[:, None]]
             acts = np.zeros(out_off[-1], np.float32)
-            nr = np.flatnonzero(e_kind != 2)  # random windows have no activations by construction
-            if len(nr):
-                con.register("ex", pa.table({"ex": nr, "latent_id": e_lat[nr].astype(np.int32), "seq_id": e_seq[nr],
-                                             "lo": start[nr], "hi": start[nr] + wlen[nr]}))
-                hits = con.execute("""SELECT e.ex, p.pos - e.lo AS off, p.act FROM ex e JOIN pairs p
-                                      ON p.latent_id = e.latent_id AND p.seq_id = e.seq_id
-                                      AND p.pos >= e.lo AND p.pos < e.hi""").fetchnumpy()
-                con.unregister("ex")
-                acts[out_off[hits["ex"]] + hits["off"]] = hits["act"]
+            acts[out_off[h_ex - c0] + h_off] = h_act
             off32 = pa.array(out_off.astype(np.int32))
             writer.write_table(pa.Table.from_arrays([
-                pa.array(e_lat.astype(np.int32)), kinds.take(pa.array(e_kind)), pa.array(e_rank, pa.int32()),
-                pa.array(e_seq.astype(np.int64)), pa.array(e_pos.astype(np.int32)),
+                pa.array(lat[c0:c1].astype(np.int32)), kinds.take(pa.array(kind[c0:c1])), pa.array(rank[c0:c1], pa.int32()),
+                pa.array(seq[c0:c1].astype(np.int64)), pa.array(pos[c0:c1].astype(np.int32)),
                 pa.ListArray.from_arrays(off32, pa.array(tokens)).cast(pa.list_(pa.int32())),
                 pa.ListArray.from_arrays(off32, pa.array(acts)).cast(pa.list_(pa.float32()))], schema=EXAMPLES_SCHEMA))
-        if len(lat) == 0:
+        if m == 0:
             writer.write_table(EXAMPLES_SCHEMA.empty_table())
+    con.unregister("ex")
+    del windows

@@ -153,3 +153,34 @@ def test_examples_equal_reference(real_run, hook):
             assert not any(r.acts) and r.seq_id // 3 in shards
     assert set(ex.latent_id) == set(pairs.latent_id)
     assert (ex[ex.kind == "random"].groupby("latent_id").size() > 0).any()
+
+
+def test_demo_streams_the_run_and_shows_the_in_memory_choice(real_run, tiny_model_dir, tiny_corpus, tiny_sae_dir,
+                                                             capsys):
+    """The demo reads one committed shard at a time (iter_committed); its latents and top contexts
+    equal what the whole run, concatenated in memory, gives."""
+    from pipeline.config import DemoConfig
+    from pipeline.demo import show_top_contexts
+
+    run, _ = real_run
+    cfg = make_cfg(tiny_model_dir, tiny_corpus, tiny_sae_dir, run.parent, run_id="g")
+    cfg.demo = DemoConfig(show_latents=3, show_contexts=2, window=4)
+    show_top_contexts(cfg, HOOKS[0])
+    printed = capsys.readouterr().out
+    lat = RunStore(cfg.sink, "g").read_committed("latents", HOOKS[0]).to_pandas()
+    lat = lat[lat.pos > 0]
+    k = len(lat.latent_ids.iloc[0])
+    ids = np.concatenate(lat.latent_ids.to_numpy())
+    acts = np.concatenate(lat.acts.to_numpy()).astype(np.float32)
+    counts = np.bincount(ids, minlength=N_LATENTS)
+    max_act = pd.Series(acts).groupby(ids).max().reindex(range(N_LATENTS), fill_value=0).to_numpy()
+    from pipeline.demo import pick_latents
+
+    chosen = pick_latents(counts, max_act, len(lat), 3)
+    shown = [int(line.split()[2].rstrip(":")) for line in printed.splitlines() if line.startswith("=== latent")]
+    assert shown == chosen and len(shown) == 3
+    for latent in chosen:  # the strongest activation of each latent is the first context line
+        block = printed.split(f"=== latent {latent}:")[1].splitlines()
+        assert f"max act {acts[ids == latent].max():.2f}" in block[0]
+        assert float(block[1].split()[0]) == pytest.approx(acts[ids == latent].max(), abs=5e-3)
+    assert k == 8
