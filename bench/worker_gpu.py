@@ -36,7 +36,7 @@ TARGET = 0.8
 
 
 def latents_schema(k: int):
-    """Mirrors pipeline.sink.latents_schema (the pipeline's `latents/` Parquet schema); kept
+    """Mirrors pipeline.outputs.layout.latents_schema (the pipeline's `latents/` Parquet schema); kept
     here because pipeline/ imports Ray and Hydra, which the GPU box does not have."""
     import pyarrow as pa
 

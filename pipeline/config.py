@@ -154,6 +154,8 @@ class PostprocessConfig:
     random_pool_shards: int = 4  # context shards a bucket draws its random (non-activating) windows from
     seed: int = 0
     num_cpus: float = 1.0  # per Ray task
+    # DuckDB's memory_limit inside each bucket task: sorts and aggregates beyond it spill to local disk.
+    task_memory_mb: int = 1024
     quiet: bool = False
 
 

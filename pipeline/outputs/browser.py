@@ -4,7 +4,8 @@
 
 index.html: per hookpoint a density histogram (inline SVG) and a search box (latent id -> page).
 latents/<hookpoint>/<id>.html: statistics, the activation histogram over the fixed bins, and the
-top / quantile / random examples with tokens shaded by that latent's activation. Only latents
+top / quantile / random examples with tokens shaded by that latent's activation. Statistics and
+examples are streamed (row group by row group, bucket by bucket); only the pages' rows are kept. Only latents
 with examples get a page, at most `max_latents` per hookpoint (most active first). Tokens are
 decoded with the run's tokenizer (ModelConfig from the manifest) when it loads, else shown as ids.
 """
@@ -19,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from pipeline.cli import command
 from pipeline.config import BrowserConfig, ModelConfig
@@ -96,13 +98,51 @@ def latent_page(hook: str, stats: dict, examples, tokenizer, edges_log2: tuple[f
             f"<h2>activation histogram</h2>{hist}{''.join(sections)}</body></html>")
 
 
-def read_examples(store: RunStore, hook: str) -> pa.Table:
-    """Every bucket's examples of one hookpoint (buckets are those with a completion marker)."""
+def read_examples(store: RunStore, hook: str, latents: np.ndarray | None = None) -> pa.Table:
+    """Examples of one hookpoint (buckets with a completion marker), bucket by bucket; with `latents`,
+    only those latents' rows are kept, so memory is one bucket's part plus what is kept."""
     tables, bucket = [], 0
+    wanted = None if latents is None else pa.array(np.asarray(latents, np.int32))
     while read_json_or_none(store, bucket_marker_key(hook, bucket)) is not None:
-        tables.append(store.read_part(examples_key(hook, bucket)))
+        t = store.read_part(examples_key(hook, bucket))
+        tables.append(t if wanted is None else t.filter(pc.is_in(t["latent_id"], value_set=wanted)))
         bucket += 1
     return pa.concat_tables(tables) if tables else EXAMPLES_SCHEMA.empty_table()
+
+
+def latents_with_examples(store: RunStore, hook: str, n_latents: int) -> np.ndarray:
+    """A bool per latent: has at least one example. Reads only the latent_id column, bucket by bucket."""
+    has, bucket = np.zeros(n_latents, bool), 0
+    while read_json_or_none(store, bucket_marker_key(hook, bucket)) is not None:
+        has[store.read_part(examples_key(hook, bucket), ["latent_id"])["latent_id"].to_numpy()] = True
+        bucket += 1
+    return has
+
+
+def iter_stats(store: RunStore, hook: str, columns: list[str]):
+    """latent_stats of one hookpoint, one row group at a time."""
+    with store.fs.open(store.path(stats_key(hook)), "rb") as f:
+        yield from pq.ParquetFile(f).iter_batches(columns=columns)
+
+
+def scan_stats(store: RunStore, hook: str, has_examples: np.ndarray, max_latents: int):
+    """One streamed pass: counts, the log10-density range of live latents, and the page latents
+    (with examples, most active first, then by id), keeping at most max_latents candidates."""
+    n_total, n_dead, lo, hi = 0, 0, np.inf, -np.inf
+    best_id, best_n = np.zeros(0, np.int64), np.zeros(0, np.int64)
+    for batch in iter_stats(store, hook, ["latent_id", "n_active", "density", "is_dead"]):
+        ids, n = batch.column("latent_id").to_numpy().astype(np.int64), batch.column("n_active").to_numpy()
+        density = batch.column("density").to_numpy()
+        n_total += len(ids)
+        n_dead += int(np.asarray(batch.column("is_dead").to_numpy(zero_copy_only=False)).sum())
+        live = density[density > 0]
+        if len(live):
+            lo, hi = min(lo, float(np.log10(live).min())), max(hi, float(np.log10(live).max()))
+        keep = has_examples[ids]
+        best_id, best_n = np.concatenate([best_id, ids[keep]]), np.concatenate([best_n, n[keep]])
+        order = np.lexsort((best_id, -best_n))[:max_latents]
+        best_id, best_n = best_id[order], best_n[order]
+    return n_total, n_dead, (lo, hi), best_id
 
 
 SEARCH_JS = """function go(hook){var v=document.getElementById('q-'+hook).value.trim();
@@ -119,16 +159,17 @@ def build_browser(store: RunStore, out: str | Path, max_latents: int = 200, toke
     pages: dict[str, list[int]] = {}
     sections = []
     for hook in manifest["hookpoints"]:
-        table = store.read_part(stats_key(hook))
-        meta = table.schema.metadata or {}
+        with store.fs.open(store.path(stats_key(hook)), "rb") as f:
+            meta = pq.ParquetFile(f).schema_arrow.metadata or {}
         lo2, hi2, _ = (float(x) for x in meta.get(b"histogram_edges_log2", b"-8,8,32").decode().split(","))
-        stats = table.to_pandas()
-        ex_table = read_examples(store, hook)
-        with_examples = set(pc.unique(ex_table["latent_id"]).to_pylist())
-        chosen = stats[stats.latent_id.isin(with_examples)].sort_values(["n_active", "latent_id"], ascending=[False, True])
-        chosen = chosen.head(max_latents)
-        wanted = pa.array(chosen.latent_id.tolist(), type=pa.int32())
-        examples = ex_table.filter(pc.is_in(ex_table["latent_id"], value_set=wanted)).to_pandas()
+        has = latents_with_examples(store, hook, int(manifest["saes"][hook]["n_latents"]))
+        n_total, n_dead, (dmin, dmax), chosen_ids = scan_stats(store, hook, has, max_latents)
+        wanted = pa.array(chosen_ids.astype(np.int32))
+        chosen = pa.concat_tables(
+            [pa.Table.from_batches([b]).filter(pc.is_in(b.column("latent_id"), value_set=wanted))
+             for b in iter_stats(store, hook, None)]).to_pandas()
+        chosen = chosen.set_index("latent_id").loc[chosen_ids.tolist()].reset_index()  # page order
+        examples = read_examples(store, hook, chosen_ids).to_pandas()
         folder = out / "latents" / hook
         folder.mkdir(parents=True, exist_ok=True)
         for row in chosen.to_dict("records"):
@@ -137,18 +178,18 @@ def build_browser(store: RunStore, out: str | Path, max_latents: int = 200, toke
                    for k, v in row.items()}
             page = latent_page(hook, row, examples[examples.latent_id == row["latent_id"]], tokenizer, (lo2, hi2))
             (folder / f"{row['latent_id']}.html").write_text(page, encoding="utf-8")
-        pages[hook] = sorted(int(i) for i in chosen.latent_id)
+        pages[hook] = sorted(int(i) for i in chosen_ids)
 
-        # Density histogram over log10(density) of the live latents; dead ones counted apart.
-        live = stats.density[stats.density > 0].to_numpy()
-        logd = np.log10(live) if len(live) else np.zeros(0)
-        lo, hi = (math.floor(logd.min()), math.ceil(logd.max()) or 0) if len(logd) else (-6, 0)
-        counts, _ = np.histogram(logd, bins=30, range=(lo, max(hi, lo + 1)))
+        # Density histogram over log10(density) of the live latents (a second streamed pass); dead ones counted apart.
+        lo, hi = (math.floor(dmin), math.ceil(dmax) or 0) if np.isfinite(dmin) else (-6, 0)
+        counts = np.zeros(30, np.int64)
+        for batch in iter_stats(store, hook, ["density"]):
+            d = batch.column("density").to_numpy()
+            counts += np.histogram(np.log10(d[d > 0]), bins=30, range=(lo, max(hi, lo + 1)))[0]
         svg = svg_bars(counts.tolist(), (f"1e{lo}", f"1e{max(hi, lo + 1)}"), title=f"density histogram {hook}")
         links = " ".join(f"<a href='latents/{hook}/{i}.html'>{i}</a>" for i in pages[hook])
-        n_dead = int(stats.is_dead.sum())
         sections.append(
-            f"<h2>{html.escape(hook)}</h2><p>{len(stats)} latents, {n_dead} dead, {len(pages[hook])} pages</p>"
+            f"<h2>{html.escape(hook)}</h2><p>{n_total} latents, {n_dead} dead, {len(pages[hook])} pages</p>"
             f"<p>latent density (log10, live latents)</p>{svg}"
             f"<form onsubmit=\"return go('{hook}')\"><input id='q-{hook}' placeholder='latent id'>"
             f"<button>open</button> <span id='msg-{hook}'></span></form><p>{links}</p>")

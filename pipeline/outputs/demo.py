@@ -1,5 +1,6 @@
 """Print a few latents' top contexts with the activating token marked, so a person can see
-that the features mean something. Reads the run's committed output like any downstream job."""
+that the features mean something. Reads the run's committed output like any downstream job,
+one committed shard at a time (RunStore.iter_committed)."""
 from __future__ import annotations
 
 import logging
@@ -7,6 +8,7 @@ import os
 import sys
 
 import numpy as np
+import pyarrow as pa
 
 from pipeline.config import RunConfig
 from pipeline.model.loader import load_tokenizer
@@ -15,11 +17,8 @@ from pipeline.outputs.sink import RunStore
 log = logging.getLogger(__name__)
 
 
-def pick_latents(ids: np.ndarray, acts: np.ndarray, n_tokens: int, how_many: int) -> list[int]:
+def pick_latents(counts: np.ndarray, max_act: np.ndarray, n_tokens: int, how_many: int) -> list[int]:
     """Latents worth looking at: neither rare flukes nor always-on (density 1e-3..2e-2), by max act."""
-    counts = np.bincount(ids.reshape(-1), minlength=int(ids.max()) + 1)
-    max_act = np.zeros_like(counts, dtype=np.float32)
-    np.maximum.at(max_act, ids.reshape(-1), acts.reshape(-1))
     density = counts / max(1, n_tokens)
     candidates = np.nonzero((density >= 1e-3) & (density <= 2e-2) & (max_act > 0))[0]
     if len(candidates) < how_many:
@@ -35,41 +34,62 @@ def pick_latents(ids: np.ndarray, acts: np.ndarray, n_tokens: int, how_many: int
     return [int(x) for x in ranked[::step][:how_many]]
 
 
+def shard_pairs(latents) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(ids [rows, k], acts [rows, k], seq, pos) of one latents part, position 0 left out: it is the
+    attention sink (residual norm ~100x the others'), whose latents say nothing about the text."""
+    k = latents.schema.field("latent_ids").type.list_size
+    ids = latents.column("latent_ids").combine_chunks().flatten().to_numpy().reshape(-1, k)
+    acts = latents.column("acts").combine_chunks().flatten().to_numpy().astype(np.float32).reshape(-1, k)
+    seq, pos = latents.column("seq_id").to_numpy(), latents.column("pos").to_numpy()
+    keep = pos > 0
+    return ids[keep], acts[keep], seq[keep], pos[keep]
+
+
 def show_top_contexts(cfg: RunConfig, hookpoint: str | None = None) -> None:
     hookpoint = hookpoint or cfg.sae.hookpoints[0]
     demo = cfg.demo
     store = RunStore(cfg.sink, cfg.run_id)
-    latents = store.read_committed("latents", hookpoint)
-    contexts = store.read_committed("contexts")
     tokenizer = load_tokenizer(cfg.model)
-    k = latents.schema.field("latent_ids").type.list_size
-    ids = latents.column("latent_ids").combine_chunks().flatten().to_numpy().reshape(-1, k)
-    acts = latents.column("acts").combine_chunks().flatten().to_numpy().astype(np.float32).reshape(-1, k)
-    seq = latents.column("seq_id").to_numpy()
-    pos = latents.column("pos").to_numpy()
-    # Position 0 is the attention sink: its residual norm is ~100x the others', so latents that
-    # fire there would crowd the display without saying anything about the text.
-    keep = pos > 0
-    ids, acts, seq, pos = ids[keep], acts[keep], seq[keep], pos[keep]
-    seq_to_row = {int(s): i for i, s in enumerate(contexts.column("seq_id").to_numpy())}
-    token_lists = contexts.column("token_ids")
+    # Pass 1, one committed shard at a time: per-latent counts and max activation.
+    counts, max_act, n_tokens = np.zeros(0, np.int64), np.zeros(0, np.float32), 0
+    for part in store.iter_committed("latents", hookpoint):
+        ids, acts, _, _ = shard_pairs(part)
+        size = max(len(counts), int(ids.max(initial=-1)) + 1)
+        counts, max_act = np.pad(counts, (0, size - len(counts))), np.pad(max_act, (0, size - len(max_act)))
+        counts += np.bincount(ids.reshape(-1), minlength=size)
+        np.maximum.at(max_act, ids.reshape(-1), acts.reshape(-1))
+        n_tokens += len(ids)
+    chosen = pick_latents(counts, max_act, n_tokens, demo.show_latents)
+    # Pass 2: each chosen latent's strongest (act, seq, pos), a bounded list per latent.
+    keep_n = 8 * demo.show_contexts
+    best = {latent: (np.zeros(0, np.float32), np.zeros(0, np.int64), np.zeros(0, np.int64)) for latent in chosen}
+    for part in store.iter_committed("latents", hookpoint):
+        ids, acts, seq, pos = shard_pairs(part)
+        for latent in chosen:
+            row, col = np.nonzero(ids == latent)
+            a, s, p = (np.concatenate([x, y]) for x, y in zip(best[latent], (acts[row, col], seq[row], pos[row])))
+            order = np.lexsort((p, s, -a))[:keep_n]
+            best[latent] = (a[order], s[order], p[order])
+    # Only the contexts those rows need, read one shard at a time.
+    wanted = np.unique(np.concatenate([b[1] for b in best.values()] or [np.zeros(0, np.int64)]))
+    tokens_of: dict[int, list[int]] = {}
+    for ctx in store.iter_committed("contexts", columns=["seq_id", "token_ids"]):
+        hit = np.isin(ctx.column("seq_id").to_numpy(), wanted)
+        for s, toks in zip(ctx.column("seq_id").to_numpy()[hit].tolist(), ctx.column("token_ids").filter(pa.array(hit)).to_pylist()):
+            tokens_of[s] = toks
 
-    log.info(f"\nTop contexts for {demo.show_latents} latents at {hookpoint} ({len(seq):,} tokens); "
+    log.info(f"\nTop contexts for {demo.show_latents} latents at {hookpoint} ({n_tokens:,} tokens); "
              f"the activating token is marked [[like this]].")
-    for latent in pick_latents(ids, acts, len(seq), demo.show_latents):
-        row, col = np.nonzero(ids == latent)
-        a = acts[row, col]
-        density = len(row) / len(seq)
-        log.info(f"\n=== latent {latent}: fires on {density:.2%} of tokens, max act {a.max():.2f}")
+    for latent in chosen:
+        a, seqs, poss = best[latent]
+        log.info(f"\n=== latent {latent}: fires on {counts[latent] / n_tokens:.2%} of tokens, max act {a.max():.2f}")
         shown, seen = 0, set()
-        for i in np.argsort(-a, kind="stable"):
-            r = row[i]
-            key = (int(seq[r]), int(pos[r]) // demo.window)
+        for i in range(len(a)):
+            key = (int(seqs[i]), int(poss[i]) // demo.window)
             if key in seen:
                 continue
             seen.add(key)
-            tokens = token_lists[seq_to_row[int(seq[r])]].as_py()
-            p = int(pos[r])
+            tokens, p = tokens_of[int(seqs[i])], int(poss[i])
             left = tokenizer.decode(tokens[max(0, p - demo.window):p])
             mid = tokenizer.decode(tokens[p:p + 1])
             right = tokenizer.decode(tokens[p + 1:p + 1 + demo.window // 3])

@@ -130,12 +130,20 @@ STATS_SCHEMA = pa.schema(
 )
 
 
+def spill_dir(hook: str) -> str:
+    return f"_post/spill/hookpoint={hook}"
+
+
 def spill_key(hook: str, bucket: int, shard: int) -> str:
-    return f"_post/spill/hookpoint={hook}/bucket={bucket:06d}/shard={shard:06d}.parquet"
+    return f"{spill_dir(hook)}/bucket={bucket:06d}/shard={shard:06d}.parquet"
+
+
+def scatter_dir(hook: str) -> str:
+    return f"_post/scatter/hookpoint={hook}"
 
 
 def scatter_marker_key(hook: str, shard: int) -> str:
-    return f"_post/scatter/hookpoint={hook}/shard={shard:06d}.json"
+    return f"{scatter_dir(hook)}/shard={shard:06d}.json"
 
 
 def bucket_marker_key(hook: str, bucket: int) -> str:

@@ -2,24 +2,26 @@
 
     python -m pipeline.outputs.postprocess run_id=demo [sink=s3] [sink.root=s3://bucket/runs] [bucket_size=65536] ...
 
-Two passes over COMMITTED shards only, both Ray tasks, so no process ever holds every latent:
+A map / shuffle / reduce over COMMITTED shards only, as Ray tasks (the engine: pipeline/outputs/post_engine.py):
 
-1. scatter, one task per (hookpoint, shard): read the shard's latents part once (column
-   projected), drop zero activations, and write its pairs split by bucket
-   (bucket = latent_id // bucket_size) to `_post/spill/hookpoint=H/bucket=B/shard=S.parquet`,
-   then `_post/scatter/hookpoint=H/shard=S.json` (written last: lists the buckets it touched
-   and the shard's token count). A scattered shard is never read again.
-   We chose scatter over "every bucket task scans everything": that costs n_buckets full scans
-   of latents/, this costs one scan plus one write of the pairs.
-2. bucket, one task per (hookpoint, bucket): read that bucket's spill files, sort, and write
-   `by_latent/.../bucket=B/part-0.parquet`, `examples/.../bucket=B/part-0.parquet`, the
-   bucket's statistics (`_post/stats/...`), and last `_post/hookpoint=H/bucket=B.json`, which
-   records the shards that contributed pairs and the settings. A bucket whose contributing
-   shards and settings are unchanged is skipped, so a nightly run redoes only touched buckets.
+1. scatter, one task per new (hookpoint, shard): read the shard's latents part once (column
+   projected), drop zero activations and split its pairs by bucket (bucket = latent_id //
+   bucket_size), vectorised, into `_post/spill/hookpoint=H/bucket=B/shard=S.parquet`, then
+   `_post/scatter/hookpoint=H/shard=S.json` (written last: the buckets it touched, its token
+   count and the spill settings). A scattered shard is never read again.
+2. bucket, one task per touched (hookpoint, bucket): the task lists its own spill folder (its
+   contributors), skips itself if `_post/hookpoint=H/bucket=B.json` already records exactly those
+   shards and settings, else runs DuckDB over the spill parts with a memory limit (out of core),
+   writing `by_latent/.../bucket=B/part-0.parquet`, `examples/.../bucket=B/part-0.parquet`, the
+   bucket's statistics (`_post/stats/...`) and last the bucket marker.
 
-Then the driver streams the per-bucket statistics, one bucket at a time, into
-`latent_stats/hookpoint=H/part-0.parquet` (density needs the total token count, which any new
-shard changes). Output is deterministic: sorted pairs and per-bucket seeded sampling.
+The driver holds the committed shard ids, one bool per bucket and a bounded window of task refs;
+it never reads a per-shard marker itself. `_post/hookpoint=H/stats.json` records the shards and
+settings of the last complete pass: a rerun with nothing new starts no task, and a new shard
+marks dirty only the buckets it touched. Then the driver streams the per-bucket statistics, one
+bucket at a time, into `latent_stats/hookpoint=H/part-0.parquet` (density needs the total
+token count, which any new shard changes). Output is deterministic: a total sort order, exact
+integer sums, and example selection by rank and hash (post_engine's docstring has the spec).
 
 Example windows: `token_ids` are context tokens [start, start + window) with
 start = clamp(pos - window // 2, 0, len - window); `acts` are this latent's activations at
@@ -30,7 +32,6 @@ kind=random: windows where the latent is active nowhere.
 from __future__ import annotations
 
 import logging
-import zlib
 from dataclasses import asdict
 
 import numpy as np
@@ -40,30 +41,39 @@ import pyarrow.parquet as pq
 from pipeline.cli import command
 from pipeline.config import PostprocessConfig, SinkConfig
 from pipeline.outputs.layout import (
-    BY_LATENT_SCHEMA,
-    EXAMPLES_SCHEMA,
     MANIFEST_KEY,
     STATS_SCHEMA,
     bucket_marker_key,
     bucket_stats_key,
     by_latent_key,
-    contexts_key,
     examples_key,
     latents_key,
+    scatter_dir,
     scatter_marker_key,
+    spill_dir,
     spill_key,
     stats_dir,
     stats_key,
     stats_state_key,
 )
-from pipeline.outputs.sink import RunStore
+from pipeline.outputs.post_engine import (
+    ContextsLRU,
+    expand_ranges,
+    reduce_bucket,
+    spill_settings,
+    split_pairs,
+    write_spill,
+)
+from pipeline.outputs.sink import RunStore, with_retries
 
 log = logging.getLogger(__name__)
+
 
 KINDS = ("top", "quantile", "random")
 POS_BITS = 24  # (seq_id, pos) packed into one int64 key: seq_id << POS_BITS | pos
 
 
+# -- keys ---------------------------------------------------------------------------------
 def hist_edges(cfg: PostprocessConfig) -> np.ndarray:
     """The fixed histogram bin edges shared by every latent (inner edges; outer bins are open)."""
     return np.exp2(np.linspace(cfg.hist_log2_min, cfg.hist_log2_max, cfg.hist_bins + 1))
@@ -93,183 +103,77 @@ def read_json_or_none(store: RunStore, key: str) -> dict | None:
 
 
 class Contexts:
-    """Token ids by seq_id, reading (and keeping) one contexts shard at a time as needed."""
+    """Token ids by seq_id, reading contexts shards as needed and keeping at most `capacity` of them."""
 
-    def __init__(self, store: RunStore, shard_size: int):
-        self.store, self.shard_size = store, shard_size
-        self.shards: dict[int, dict[int, np.ndarray]] = {}
-
-    def shard(self, shard_id: int) -> dict[int, np.ndarray]:
-        if shard_id not in self.shards:
-            t = self.store.read_committed_part(shard_id, contexts_key(shard_id), ["seq_id", "token_ids"])
-            flat = t["token_ids"].combine_chunks()
-            values = flat.values.to_numpy()
-            offsets = flat.offsets.to_numpy()
-            self.shards[shard_id] = {
-                int(s): values[offsets[i]:offsets[i + 1]] for i, s in enumerate(t["seq_id"].to_numpy())
-            }
-        return self.shards[shard_id]
+    def __init__(self, store: RunStore, shard_size: int, capacity: int = 4):
+        self.lru, self.shard_size = ContextsLRU(store, capacity), shard_size
 
     def tokens(self, seq_id: int) -> np.ndarray:
-        return self.shard(int(seq_id) // self.shard_size)[int(seq_id)]
+        seq, offsets, values = self.lru.get(int(seq_id) // self.shard_size)
+        row = int(np.searchsorted(seq, seq_id))
+        return values[offsets[row]:offsets[row + 1]]
 
 
 # -- pass 1: scatter -------------------------------------------------------------------------
-def scatter_shard(store: RunStore, hook: str, shard: int, bucket_size: int) -> dict:
+def scatter_shard(store: RunStore, hook: str, shard: int, bucket_size: int, cfg: PostprocessConfig | None = None) -> dict:
+    """Split one committed shard's active pairs by bucket (vectorised, see post_engine); marker last.
+    An existing marker with the same spill settings means the shard is already scattered: returned as is."""
+    cfg = cfg or PostprocessConfig(bucket_size=bucket_size)
+    settings = spill_settings(cfg)
+    done = read_json_or_none(store, scatter_marker_key(hook, shard))
+    if done is not None and done.get("settings") == settings:
+        return {**done, "scattered": False}
     t = store.read_committed_part(shard, latents_key(hook, shard), ["seq_id", "pos", "latent_ids", "acts"])
-    ids_col, acts_col = t["latent_ids"].combine_chunks(), t["acts"].combine_chunks()
-    k = ids_col.type.list_size
-    ids = ids_col.flatten().to_numpy().astype(np.int32)
-    acts = acts_col.flatten().to_numpy(zero_copy_only=False).astype(np.float16)
-    seq = np.repeat(t["seq_id"].to_numpy(), k)
-    pos = np.repeat(t["pos"].to_numpy(), k)
-    keep = acts > 0  # top-k keeps k values even where ReLU made them 0: those are not active
-    ids, acts, seq, pos = ids[keep], acts[keep], seq[keep], pos[keep]
-    order = np.lexsort((pos, seq, -acts.astype(np.float32), ids))
-    ids, acts, seq, pos = ids[order], acts[order], seq[order], pos[order]
-    buckets = ids // bucket_size
-    touched, starts = np.unique(buckets, return_index=True)
-    ends = np.append(starts[1:], len(ids))
-    for b, s, e in zip(touched.tolist(), starts.tolist(), ends.tolist()):
-        part = pa.Table.from_arrays(
-            [pa.array(ids[s:e]), pa.array(seq[s:e]), pa.array(pos[s:e]), pa.array(acts[s:e], type=pa.float16())],
-            schema=BY_LATENT_SCHEMA,
-        )
-        store.write_table(spill_key(hook, b, shard), part)
-    marker = {"shard": shard, "tokens": int(t.num_rows), "pairs": len(ids), "buckets": touched.tolist()}
+    pairs, parts = split_pairs(t, cfg)
+    touched = []
+    for b, part in parts:
+        write_spill(store, spill_key(hook, b, shard), part)
+        touched.append(b)
+    marker = {"shard": shard, "tokens": int(t.num_rows), "pairs": pairs, "buckets": touched, "settings": settings}
     store.write_json(scatter_marker_key(hook, shard), marker)  # last: the spill files are complete
-    return marker
+    return {**marker, "scattered": True}
 
 
 # -- pass 2: one bucket -------------------------------------------------------------------------
 def bucket_settings(cfg: PostprocessConfig) -> dict:
     """The settings a bucket's outputs depend on: a change reruns the bucket."""
-    skip = {"run_id", "sink", "hookpoints", "num_cpus", "quiet"}
+    skip = {"run_id", "sink", "hookpoints", "num_cpus", "task_memory_mb", "quiet"}
     return {k: v for k, v in asdict(cfg).items() if k not in skip}
 
 
-def _stats_table(lo: int, hi: int, ids, acts32, cfg: PostprocessConfig) -> pa.Table:
-    """Per-latent sums, max, quantiles and fixed-bin histogram for latents [lo, hi)."""
-    n = hi - lo
-    local = ids.astype(np.int64) - lo
-    n_active = np.bincount(local, minlength=n)
-    sum_act = np.bincount(local, weights=acts32, minlength=n)
-    sum_sq = np.bincount(local, weights=acts32.astype(np.float64) ** 2, minlength=n)
-    max_act = np.zeros(n, np.float32)
-    np.maximum.at(max_act, local, acts32)
-    edges = hist_edges(cfg)
-    bins = np.clip(np.searchsorted(edges[1:-1], acts32, side="right"), 0, cfg.hist_bins - 1)
-    hist = np.bincount(local * cfg.hist_bins + bins, minlength=n * cfg.hist_bins).reshape(n, cfg.hist_bins)
-    probs = np.linspace(0, 1, cfg.n_quantiles + 1)
-    starts = np.concatenate([[0], np.cumsum(n_active)])
-    quantiles = [
-        np.quantile(acts32[starts[i]:starts[i + 1]], probs).astype(np.float32) if n_active[i] else np.zeros(0, np.float32)
-        for i in range(n)
-    ]
-    return pa.table(
-        {
-            "latent_id": pa.array(np.arange(lo, hi, dtype=np.int32)),
-            "n_active": pa.array(n_active.astype(np.int64)),
-            "max_act": pa.array(max_act),
-            "sum_act": pa.array(sum_act),
-            "sum_sq_act": pa.array(sum_sq),
-            "quantiles": pa.array(quantiles, type=pa.list_(pa.float32())),
-            "histogram": pa.array(list(hist), type=pa.list_(pa.int64())),
-        }
-    )
+def spilled_shards(store: RunStore, hook: str, bucket: int, committed: np.ndarray) -> list[int]:
+    """Committed shards with a spill part in this bucket: one listing, in the bucket's own task."""
+    folder = store.path(spill_key(hook, bucket, 0).rsplit("/", 1)[0])
+    try:
+        names = with_retries(f"list {folder}", lambda: store.fs.ls(folder, detail=False), store.cfg.retries)
+    except FileNotFoundError:
+        return []
+    store.fs.invalidate_cache(folder)
+    ids = [int(n.rsplit("/", 1)[-1][len("shard="):-len(".parquet")]) for n in names
+           if n.rsplit("/", 1)[-1].startswith("shard=") and n.endswith(".parquet")]
+    ids = np.asarray(sorted(ids), np.int64)
+    return ids[np.isin(ids, committed)].tolist()
 
 
-def process_bucket(store: RunStore, hook: str, bucket: int, shards: list[int], n_latents: int,
-                   committed: list[int], shard_size: int, cfg: PostprocessConfig) -> dict:
+def process_bucket(store: RunStore, hook: str, bucket: int, shards: list[int] | None, n_latents: int,
+                   committed, shard_size: int, cfg: PostprocessConfig) -> dict:
+    """Rebuild one bucket with DuckDB (post_engine.reduce_bucket) unless its marker says it is current.
+    shards=None: the contributors are the committed shards with a spill part here (listed by this task)."""
+    committed = np.asarray(committed, np.int64)
     lo, hi = bucket * cfg.bucket_size, min((bucket + 1) * cfg.bucket_size, n_latents)
-    parts = [store.read_part(spill_key(hook, bucket, s)) for s in shards]
-    pairs = pa.concat_tables(parts) if parts else BY_LATENT_SCHEMA.empty_table()
-    ids = pairs["latent_id"].to_numpy()
-    seq = pairs["seq_id"].to_numpy()
-    pos = pairs["pos"].to_numpy()
-    acts = pairs["act"].to_numpy(zero_copy_only=False)
-    acts32 = acts.astype(np.float32)
-    order = np.lexsort((pos, seq, -acts32, ids))  # by latent, act desc; ties by (seq, pos)
-    ids, seq, pos, acts, acts32 = ids[order], seq[order], pos[order], acts[order], acts32[order]
-
-    by_latent = pa.Table.from_arrays(
-        [pa.array(ids, pa.int32()), pa.array(seq, pa.int64()), pa.array(pos, pa.int32()),
-         pa.array(acts, pa.float16())], schema=BY_LATENT_SCHEMA)
-    store.write_table(by_latent_key(hook, bucket), by_latent)
-    store.write_table(bucket_stats_key(hook, bucket), _stats_table(lo, hi, ids, acts32, cfg))
-    examples = bucket_examples(store, hook, bucket, ids, seq, pos, acts32, committed, shard_size, cfg)
-    store.write_table(examples_key(hook, bucket), examples)
-    marker = {"hookpoint": hook, "bucket": bucket, "latents": [lo, hi], "pairs": len(ids),
+    if shards is None:
+        shards = spilled_shards(store, hook, bucket, committed)
+    done = read_json_or_none(store, bucket_marker_key(hook, bucket))
+    if done and done["shards"] == to_ranges(shards) and done["settings"] == bucket_settings(cfg):
+        return {**done, "skipped": True}
+    keys = [spill_key(hook, bucket, s) for s in shards]
+    pairs, stats, timings = reduce_bucket(store, hook, bucket, lo, hi, keys, committed, shard_size, cfg,
+                                 by_latent_key(hook, bucket), examples_key(hook, bucket))
+    store.write_table(bucket_stats_key(hook, bucket), stats)
+    marker = {"hookpoint": hook, "bucket": bucket, "latents": [lo, hi], "pairs": pairs,
               "shards": to_ranges(shards), "settings": bucket_settings(cfg)}
     store.write_json(bucket_marker_key(hook, bucket), marker)  # last
-    return marker
-
-
-def bucket_examples(store: RunStore, hook: str, bucket: int, ids, seq, pos, acts32, committed: list[int],
-                    shard_size: int, cfg: PostprocessConfig) -> pa.Table:
-    """top / quantile / random windows for every active latent of the bucket (pairs sorted by latent, act desc)."""
-    contexts = Contexts(store, shard_size)
-    rng = np.random.default_rng([cfg.seed, zlib.crc32(hook.encode()), bucket])
-    keys = (seq.astype(np.int64) << POS_BITS) | pos.astype(np.int64)
-    latents, starts, counts = np.unique(ids, return_index=True, return_counts=True)
-    pool = sorted(rng.choice(committed, size=min(cfg.random_pool_shards, len(committed)), replace=False).tolist()) \
-        if committed else []
-    rows: dict[str, list] = {name: [] for name in EXAMPLES_SCHEMA.names}
-    W = cfg.window
-
-    for latent, s, c in zip(latents.tolist(), starts.tolist(), counts.tolist()):
-        lkeys = np.sort(keys[s:s + c])
-        lacts = acts32[s:s + c][np.argsort(keys[s:s + c], kind="stable")]
-
-        def add(kind: str, rank: int, seq_id: int, p: int, latent=latent, lkeys=lkeys, lacts=lacts) -> None:
-            toks = contexts.tokens(seq_id)
-            start = int(window_start(p, len(toks), W))
-            window = toks[start:start + W]
-            lo_i, hi_i = np.searchsorted(lkeys, [(seq_id << POS_BITS) | start, (seq_id << POS_BITS) | (start + len(window))])
-            win_acts = np.zeros(len(window), np.float32)
-            win_acts[(lkeys[lo_i:hi_i] & ((1 << POS_BITS) - 1)) - start] = lacts[lo_i:hi_i]
-            for name, value in zip(EXAMPLES_SCHEMA.names, (latent, kind, rank, seq_id, p, window, win_acts)):
-                rows[name].append(value)
-
-        for r in range(min(cfg.top_n, c)):
-            add("top", r, int(seq[s + r]), int(pos[s + r]))
-        for q, group in enumerate(np.array_split(np.arange(c), cfg.n_quantiles)):
-            if len(group) == 0:
-                continue
-            picks = np.sort(rng.choice(group, size=min(cfg.per_quantile, len(group)), replace=False))
-            for j, i in enumerate(picks.tolist()):
-                add("quantile", q * cfg.per_quantile + j, int(seq[s + i]), int(pos[s + i]))
-        # Random non-activating windows: draw (seq_id, pos) from a few context shards, keep those
-        # where this latent is active nowhere in the window.
-        taken: set[tuple[int, int]] = set()
-        for _ in range(cfg.n_random * 10):
-            if len(taken) >= cfg.n_random or not pool:
-                break
-            shard_ctx = contexts.shard(int(pool[rng.integers(len(pool))]))
-            seq_ids = sorted(shard_ctx)
-            seq_id = int(seq_ids[rng.integers(len(seq_ids))])
-            n_tok = len(shard_ctx[seq_id])
-            p = int(rng.integers(n_tok)) if n_tok else 0
-            start = int(window_start(p, n_tok, W))
-            if (seq_id, start) in taken or n_tok == 0:
-                continue
-            lo_i, hi_i = np.searchsorted(lkeys, [(seq_id << POS_BITS) | start, (seq_id << POS_BITS) | (start + W)])
-            if hi_i > lo_i:
-                continue
-            taken.add((seq_id, start))
-            add("random", len(taken) - 1, seq_id, p)
-    return pa.table(
-        {
-            "latent_id": pa.array(rows["latent_id"], pa.int32()),
-            "kind": pa.array(rows["kind"], pa.string()),
-            "rank": pa.array(rows["rank"], pa.int32()),
-            "seq_id": pa.array(rows["seq_id"], pa.int64()),
-            "pos": pa.array(rows["pos"], pa.int32()),
-            "token_ids": pa.array(rows["token_ids"], pa.list_(pa.int32())),
-            "acts": pa.array(rows["acts"], pa.list_(pa.float32())),
-        },
-        schema=EXAMPLES_SCHEMA,
-    )
+    return {**marker, "skipped": False, "seconds": timings}
 
 
 # -- latent_stats assembly -----------------------------------------------------------------------
@@ -313,65 +217,100 @@ def _remote(fn, num_cpus: float):
     return submit
 
 
-def _gather(refs: list) -> list:
+def _bounded(submit, items, max_in_flight: int):
+    """Submit one task per item with at most max_in_flight outstanding; yield results as they come."""
     import ray
 
-    return ray.get(refs) if refs else []
+    pending = []
+    for item in items:
+        pending.append(submit(*item))
+        if len(pending) >= max_in_flight:
+            ready, pending = ray.wait(pending, num_returns=1)
+            yield from ray.get(ready)
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=1)
+        yield from ray.get(ready)
 
 
-def _scatter_task(sink: SinkConfig, run_id: str, hook: str, shard: int, bucket_size: int) -> dict:
-    return scatter_shard(RunStore(sink, run_id), hook, shard, bucket_size)
+def _scatter_task(sink: SinkConfig, run_id: str, hook: str, shard: int, cfg: PostprocessConfig) -> dict:
+    import time
+
+    t0 = time.perf_counter()
+    m = scatter_shard(RunStore(sink, run_id), hook, shard, cfg.bucket_size, cfg)
+    return {"shard": m["shard"], "tokens": m["tokens"], "buckets": m["buckets"], "scattered": m["scattered"],
+            "seconds": time.perf_counter() - t0}
 
 
 def _bucket_task(sink: SinkConfig, run_id: str, *args) -> dict:
-    return process_bucket(RunStore(sink, run_id), *args)
+    m = process_bucket(RunStore(sink, run_id), *args)
+    return {"pairs": m["pairs"], "skipped": m["skipped"], "seconds": m.get("seconds", {})}
 
 
 def postprocess(store: RunStore, cfg: PostprocessConfig) -> dict:
-    """Scatter new committed shards, rebuild touched buckets, refresh latent_stats. Returns counts."""
+    """Scatter new committed shards, rebuild touched buckets, refresh latent_stats. Returns counts.
+
+    The driver holds the committed shard ids, one bool per bucket and the in-flight refs: scatter
+    markers are read by the tasks, and each bucket task lists its own contributors."""
     manifest = store.read_json(MANIFEST_KEY)
     hooks = cfg.hookpoints or manifest["hookpoints"]
     shard_size = int(manifest["shard_size"])
-    committed = store.committed_shards()
+    committed = np.asarray(store.committed_shards(), np.int64)
     scatter_fn = _remote(_scatter_task, cfg.num_cpus)
     bucket_fn = _remote(_bucket_task, cfg.num_cpus)
-    summary = {"shards": len(committed), "scattered": 0, "buckets_run": 0, "buckets_skipped": 0, "pairs": 0}
+    in_flight = max(4, 4 * int(max(1.0, cfg.num_cpus)) * 8)
+    summary = {"shards": len(committed), "scattered": 0, "buckets_run": 0, "buckets_skipped": 0, "pairs": 0,
+               "task_seconds": {}}  # summed over tasks, per stage: scatter, fetch, stats, sort, examples
+    settings = bucket_settings(cfg)
 
     for hook in hooks:
         n_latents = int(manifest["saes"][hook]["n_latents"])
         n_buckets = -(-n_latents // cfg.bucket_size)
-        # Pass 1: scatter committed shards that have no scatter marker yet.
-        markers = {s: read_json_or_none(store, scatter_marker_key(hook, s)) for s in committed}
-        todo = [s for s, m in markers.items() if m is None]
-        refs = [scatter_fn(store.cfg, store.run_id, hook, s, cfg.bucket_size) for s in todo]
-        for m in _gather(refs):
-            markers[m["shard"]] = m
-        summary["scattered"] += len(todo)
-        contributors: list[list[int]] = [[] for _ in range(n_buckets)]
-        for s in committed:
-            for b in markers[s]["buckets"]:
-                contributors[b].append(s)
-        total_tokens = sum(markers[s]["tokens"] for s in committed)
+        state_key = stats_state_key(hook)
+        prev = read_json_or_none(store, state_key)
+        ranges = to_ranges(committed.tolist())
+        if prev and prev["settings"] == settings and prev["shards"] == ranges:
+            summary["buckets_skipped"] += n_buckets
+            log.info(f"[{store.run_id}] post-processed {hook}: up to date ({prev['tokens']:,} tokens)")
+            continue
+        if prev and prev["settings"] == settings:  # incremental: only shards new since the last full pass
+            new = committed[~np.isin(committed, expand_ranges(prev["shards"]))]
+            total_tokens, dirty = int(prev["tokens"]), np.zeros(n_buckets, bool)
+        else:
+            if prev and prev.get("spill") != spill_settings(cfg):
+                for folder in (spill_dir(hook), scatter_dir(hook)):
+                    if store.exists(folder):  # another bucket layout: old spill parts would be misread
+                        store.fs.rm(store.path(folder), recursive=True)
+            new, total_tokens, dirty = committed, 0, np.ones(n_buckets, bool)
 
-        # Pass 2: buckets whose contributing shards or settings changed.
-        refs = []
-        for b in range(n_buckets):
-            done = read_json_or_none(store, bucket_marker_key(hook, b))
-            if done and done["shards"] == to_ranges(contributors[b]) and done["settings"] == bucket_settings(cfg):
-                summary["buckets_skipped"] += 1
-                continue
-            refs.append(bucket_fn(store.cfg, store.run_id, hook, b, contributors[b], n_latents,
-                                         committed, shard_size, cfg))
-        for m in _gather(refs):
-            summary["pairs"] += m["pairs"]
-        summary["buckets_run"] += len(refs)
+        # Pass 1: every new shard through a task, which scatters it or reads its existing marker.
+        scattered = 0
+        for m in _bounded(scatter_fn, ((store.cfg, store.run_id, hook, int(s), cfg) for s in new), in_flight):
+            total_tokens += m["tokens"]
+            dirty[np.asarray(m["buckets"], np.int64)] = True
+            scattered += m["scattered"]
+            summary["task_seconds"]["scatter"] = summary["task_seconds"].get("scatter", 0.0) + m["seconds"]
+        summary["scattered"] += scattered
 
-        state = {"tokens": total_tokens, "shards": to_ranges(committed), "settings": bucket_settings(cfg)}
-        if refs or read_json_or_none(store, stats_state_key(hook)) != state:
-            write_latent_stats(store, hook, n_buckets, total_tokens, cfg)
-            store.write_json(stats_state_key(hook), state)
-        log.info(f"[{store.run_id}] post-processed {hook}: {len(todo)} shard(s) scattered, "
-                 f"{len(refs)} of {n_buckets} bucket(s) rebuilt, {total_tokens:,} tokens")
+        # Pass 2: dirty buckets; each lists its contributors and skips itself if its marker is current.
+        run = 0
+        if dirty.any():
+            import ray
+
+            committed_ref = ray.put(committed)
+            todo = ((store.cfg, store.run_id, hook, int(b), None, n_latents, committed_ref, shard_size, cfg)
+                    for b in np.flatnonzero(dirty))
+            for m in _bounded(bucket_fn, todo, in_flight):
+                summary["pairs"] += 0 if m["skipped"] else m["pairs"]
+                run += not m["skipped"]
+                for stage, sec in m["seconds"].items():
+                    summary["task_seconds"][stage] = summary["task_seconds"].get(stage, 0.0) + sec
+        summary["buckets_run"] += run
+        summary["buckets_skipped"] += n_buckets - run
+        write_latent_stats(store, hook, n_buckets, total_tokens, cfg)
+        store.write_json(state_key, {"tokens": total_tokens, "shards": ranges, "settings": settings,
+                                     "spill": spill_settings(cfg)})
+        log.info(f"[{store.run_id}] post-processed {hook}: {scattered} shard(s) scattered, "
+                 f"{run} of {n_buckets} bucket(s) rebuilt, {total_tokens:,} tokens")
     return summary
 
 

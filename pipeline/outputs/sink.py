@@ -18,7 +18,7 @@ import os
 import random
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -201,12 +201,18 @@ class RunStore:
             raise FileNotFoundError(f"{self.path(commit_key(shard_id))} lists no file {key}")
         return self.read_part(key, columns, entry["rows"])
 
+    def iter_committed(self, kind: str, hookpoint: str | None = None, columns: list[str] | None = None,
+                       shards: list[int] | None = None) -> Iterator[pa.Table]:
+        """One committed shard's part of `contexts` or `latents` (one hookpoint) at a time, in shard
+        order; each checked against its commit marker. Memory: one part."""
+        if kind not in ("contexts", "latents") or (kind == "latents" and not hookpoint):
+            raise ValueError(f"kind={kind!r} hookpoint={hookpoint!r}: want 'contexts', or 'latents' with a hookpoint")
+        for s in self.committed_shards() if shards is None else shards:
+            yield self.read_committed_part(s, contexts_key(s) if kind == "contexts" else latents_key(hookpoint, s), columns)
+
     def read_committed(self, kind: str, hookpoint: str | None = None, columns: list[str] | None = None) -> pa.Table:
-        """Concatenate the committed parts of `contexts` or `latents` (one hookpoint); checks sizes."""
-        tables = [
-            self.read_committed_part(s, contexts_key(s) if kind == "contexts" else latents_key(hookpoint, s), columns)
-            for s in self.committed_shards()
-        ]
+        """Concatenate the committed parts (iter_committed) into one table: only for runs that fit in memory."""
+        tables = list(self.iter_committed(kind, hookpoint, columns))
         if not tables:
             raise FileNotFoundError(f"run {self.url} has no committed shards")
         return pa.concat_tables(tables)

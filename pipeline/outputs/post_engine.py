@@ -1,0 +1,476 @@
+"""The post-processing engine: a vectorised map per shard and a DuckDB reduce per latent bucket.
+
+map (one committed shard): arrow -> numpy, drop zero activations, compute each pair's bucket
+    and histogram bin, split by bucket with one stable radix argsort, write one spill part per
+    touched bucket. No per-row Python; memory is one shard.
+reduce (one latent bucket): DuckDB over that bucket's spill parts, with `memory_limit` and a
+    `temp_directory`, so sorts and aggregates go out of core: memory is bounded whatever the
+    corpus size (a Zipf-hot latent with 1e8 pairs only costs disk).
+    1. one GROUP BY latent: counts, exact sums (activations are float16, so act * 2^24 is an
+       integer and the sums are int128: order-independent and deterministic), max;
+    2. one ORDER BY (latent, act desc, seq, pos) streamed in record batches: written straight to
+       by_latent, histogram bins counted (np.bincount per batch), and the few rows at precomputed
+       ranks (top-n, quantile picks, the order statistics of the quantiles) kept as they pass;
+    3. two hash joins against small tables: the window activations of the chosen examples and the
+       (latent, candidate window) hits that rule out random examples;
+    4. windows' tokens from the contexts, grouped by contexts shard, a bounded LRU of shards.
+
+Example selection is by rank and by a deterministic hash (splitmix64 of the seed and ids), so
+reruns give the same set and nothing depends on the order of Python loops:
+- top: ranks 0..top_n-1 in (act desc, seq, pos) order.
+- quantile q: the q-th of n_quantiles equal-count groups (np.array_split sizes) of that order;
+  m = min(per_quantile, size) picks at group_start + (u + j * size // m) % size, j < m, with
+  u = mix64(mix64(seed) ^ (latent << 16 | q)) % size; ranked q * per_quantile + (order of the picks).
+- random: from the random_pool_shards committed contexts shards with the smallest
+  mix64(mix64(seed ^ bucket) ^ shard), the 10 * n_random token positions with the smallest
+  mix64(mix64(seed ^ bucket) ^ (seq << 24 | pos)) give candidate windows (distinct starts); each
+  latent takes, in mix64(candidate hash ^ latent) order, the first n_random where it is active
+  nowhere in the window.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+import time
+from collections import OrderedDict
+from collections.abc import Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.config import PostprocessConfig
+from pipeline.outputs.layout import contexts_key
+from pipeline.outputs.sink import RunStore, with_retries
+
+SPILL_SCHEMA = pa.schema([("latent_id", pa.int32()), ("seq_id", pa.int64()), ("pos", pa.int32()),
+                          ("act", pa.float16()), ("bin", pa.uint8())])
+SPILL_VERSION = 2
+POS_BITS = 24
+SCALE = 2.0 ** 24  # float16 values are integer multiples of 2^-24
+KIND_CODES = ("top", "quantile", "random")
+_M1, _M2, _GOLDEN = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB), np.uint64(0x9E3779B97F4A7C15)
+
+
+def mix64(x) -> np.ndarray:
+    """splitmix64's finaliser, vectorised (uint64 arithmetic wraps)."""
+    with np.errstate(over="ignore"):
+        z = np.asarray(x, dtype=np.uint64) + _GOLDEN
+        z = (z ^ (z >> np.uint64(30))) * _M1
+        z = (z ^ (z >> np.uint64(27))) * _M2
+        return z ^ (z >> np.uint64(31))
+
+
+def expand_ranges(ranges: list[list[int]]) -> np.ndarray:
+    """[[0,2],[5,6]] -> [0,1,2,5,6] (int64)."""
+    if not ranges:
+        return np.zeros(0, np.int64)
+    r = np.asarray(ranges, np.int64)
+    lens = r[:, 1] - r[:, 0] + 1
+    return np.repeat(r[:, 0] - np.cumsum(lens) + lens, lens) + np.arange(lens.sum())
+
+
+def spill_settings(cfg: PostprocessConfig) -> dict:
+    """What a spill part depends on: a change re-scatters."""
+    return {"version": SPILL_VERSION, "bucket_size": cfg.bucket_size, "hist_bins": cfg.hist_bins,
+            "hist_log2_min": cfg.hist_log2_min, "hist_log2_max": cfg.hist_log2_max}
+
+
+def hist_bin(acts32: np.ndarray, cfg: PostprocessConfig) -> np.ndarray:
+    edges = np.exp2(np.linspace(cfg.hist_log2_min, cfg.hist_log2_max, cfg.hist_bins + 1))
+    return np.clip(np.searchsorted(edges[1:-1], acts32, side="right"), 0, cfg.hist_bins - 1).astype(np.uint8)
+
+
+# -- map ------------------------------------------------------------------------------------------
+def split_pairs(latents: pa.Table, cfg: PostprocessConfig) -> tuple[int, Iterator[tuple[int, pa.Table]]]:
+    """(active pairs, (bucket, spill table) per touched bucket) of one shard's latents part."""
+    if cfg.hist_bins > 256:
+        raise ValueError(f"hist_bins={cfg.hist_bins}: at most 256")
+    ids_col, acts_col = latents["latent_ids"].combine_chunks(), latents["acts"].combine_chunks()
+    k = ids_col.type.list_size
+    ids = ids_col.flatten().to_numpy()
+    acts = acts_col.flatten().to_numpy(zero_copy_only=False)
+    keep = np.flatnonzero(acts > 0)  # top-k keeps k values even where ReLU made them 0
+    row = keep // k
+    ids, acts = ids[keep].astype(np.int32, copy=False), acts[keep]
+    seq = latents["seq_id"].to_numpy()[row]
+    pos = latents["pos"].to_numpy()[row].astype(np.int32, copy=False)
+    bucket = ids // cfg.bucket_size
+    small = bucket.astype(np.uint16) if bucket.size == 0 or bucket.max() < 1 << 16 else bucket
+    order = np.argsort(small, kind="stable")  # radix sort on uint16
+    bucket = bucket[order]
+    touched, starts = np.unique(bucket, return_index=True) if bucket.size else (np.zeros(0, np.int32), np.zeros(0, np.int64))
+    ends = np.append(starts[1:], len(bucket))
+    ids, seq, pos, acts = ids[order], seq[order], pos[order], acts[order]
+    bins = hist_bin(acts.astype(np.float32), cfg)
+
+    def parts() -> Iterator[tuple[int, pa.Table]]:
+        for b, s, e in zip(touched.tolist(), starts.tolist(), ends.tolist()):
+            yield b, pa.Table.from_arrays([pa.array(ids[s:e]), pa.array(seq[s:e]), pa.array(pos[s:e]),
+                                           pa.array(acts[s:e], pa.float16()), pa.array(bins[s:e])],
+                                          schema=SPILL_SCHEMA)
+
+    return len(ids), parts()
+
+
+def write_spill(store: RunStore, key: str, table: pa.Table) -> None:
+    """Spill parts are ours and read once: lz4, fast to write and read back."""
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression="lz4", use_dictionary=False)
+    store.write_bytes(key, sink.getvalue().to_pybytes())
+
+
+# -- reduce ---------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def local_output(store: RunStore, key: str, scratch: str) -> Iterator[str]:
+    """A local path to write `key` to; renamed (local store) or uploaded (object store) on success."""
+    full = store.path(key)
+    if store.is_local:
+        folder, name = os.path.split(full)
+        os.makedirs(folder, exist_ok=True)
+        tmp = os.path.join(folder, f".{name}.tmp-{os.getpid()}")
+        yield tmp
+        os.replace(tmp, full)
+    else:
+        tmp = os.path.join(scratch, key.replace("/", "_"))
+        yield tmp
+        with_retries(f"upload {key}", lambda: store.fs.put_file(tmp, full), store.cfg.retries)
+        os.remove(tmp)
+
+
+def duckdb_connect(scratch: str, memory_mb: int, threads: int):
+    import duckdb
+
+    con = duckdb.connect(config={"memory_limit": f"{memory_mb}MB", "temp_directory": os.path.join(scratch, "duck"),
+                                 "threads": max(1, threads), "preserve_insertion_order": False})
+    con.execute("SET enable_progress_bar = false")  # it would print to the task's stdout
+    return con
+
+
+class ContextsLRU:
+    """(seq_ids, offsets, values) of contexts shards, at most `capacity` held at once."""
+
+    def __init__(self, store: RunStore, capacity: int = 4):
+        self.store, self.capacity = store, capacity
+        self.cache: OrderedDict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = OrderedDict()
+
+    def get(self, shard: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        if shard in self.cache:
+            self.cache.move_to_end(shard)
+            return self.cache[shard]
+        t = self.store.read_committed_part(shard, contexts_key(shard), ["seq_id", "token_ids"])
+        tok = t["token_ids"].combine_chunks()
+        offsets = tok.offsets.to_numpy().astype(np.int64)
+        values = tok.values.to_numpy()[offsets[0]:offsets[-1]] if len(tok) else np.zeros(0, np.int32)
+        offsets = offsets - offsets[0]
+        seq = t["seq_id"].to_numpy()
+        if not np.all(seq[1:] > seq[:-1]):  # rows in seq_id order (the writer's order; checked)
+            order = np.argsort(seq)
+            lens = np.diff(offsets)[order]
+            starts = offsets[:-1][order]
+            values = np.concatenate([values[s:s + n] for s, n in zip(starts, lens)]) if len(lens) else values
+            seq, offsets = seq[order], np.concatenate([[0], np.cumsum(lens)])
+        self.cache[shard] = (seq, offsets, values)
+        while len(self.cache) > self.capacity:
+            self.cache.popitem(last=False)
+        return self.cache[shard]
+
+
+def quantile_ranks(n: np.ndarray, cfg: PostprocessConfig):
+    """Per latent: descending ranks of the two order statistics of each quantile, and np.quantile's gamma."""
+    probs = np.linspace(0, 1, cfg.n_quantiles + 1)
+    virtual = (n[:, None] - 1) * probs[None, :]  # numpy's 'linear' method
+    prev = np.floor(virtual)
+    above = virtual >= (n[:, None] - 1)
+    gamma = virtual - np.where(above, -1, prev)
+    prev = np.where(above, n[:, None] - 1, prev).astype(np.int64)
+    nxt = np.where(above, n[:, None] - 1, prev + 1).astype(np.int64)
+    return n[:, None] - 1 - prev, n[:, None] - 1 - nxt, gamma  # descending rank = n - 1 - ascending
+
+
+def quantile_picks(latent_ids: np.ndarray, n: np.ndarray, cfg: PostprocessConfig):
+    """(latent index, rank in act-desc order, example rank) of every quantile pick (see module doc)."""
+    Q, P = cfg.n_quantiles, cfg.per_quantile
+    q = np.arange(Q)[None, :]
+    base, extra = (n // Q)[:, None], (n % Q)[:, None]
+    size = base + (q < extra)
+    gstart = q * base + np.minimum(q, extra)
+    m = np.minimum(P, size)
+    u = mix64(mix64(np.uint64(cfg.seed)) ^ ((latent_ids.astype(np.uint64)[:, None] << np.uint64(16)) | q.astype(np.uint64)))
+    u = (u % np.maximum(size, 1).astype(np.uint64)).astype(np.int64)
+    j = np.arange(P)[None, None, :]
+    valid = j < m[:, :, None]
+    pick = gstart[:, :, None] + (u[:, :, None] + j * size[:, :, None] // np.maximum(m, 1)[:, :, None]) % np.maximum(size, 1)[:, :, None]
+    pick = np.sort(np.where(valid, pick, np.iinfo(np.int64).max), axis=2)
+    li, qi, ji = np.nonzero(valid)  # valid picks are the first m after sorting
+    return li, pick[li, qi, ji], qi * P + ji
+
+
+def reduce_bucket(store: RunStore, hook: str, bucket: int, lo: int, hi: int, spill_keys: list[str],
+                  committed: np.ndarray, shard_size: int, cfg: PostprocessConfig,
+                  by_latent_key: str, examples_key: str) -> tuple[int, pa.Table, dict]:
+    """Write by_latent and examples for latents [lo, hi) from the given spill parts; return (pairs, stats, seconds per stage)."""
+    scratch = tempfile.mkdtemp(prefix=f"sae-post-{bucket}-")
+    try:
+        return _reduce(store, hook, bucket, lo, hi, spill_keys, committed, shard_size, cfg,
+                       by_latent_key, examples_key, scratch)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _spill_paths(store: RunStore, keys: list[str], scratch: str) -> list[str]:
+    if store.is_local:
+        return [store.path(k) for k in keys]
+    local = [os.path.join(scratch, "in", k.replace("/", "_")) for k in keys]
+    os.makedirs(os.path.join(scratch, "in"), exist_ok=True)
+    for k, p in zip(keys, local):  # one at a time: disk, not memory, holds the bucket
+        with_retries(f"download {k}", lambda k=k, p=p: store.fs.get_file(store.path(k), p), store.cfg.retries)
+    return local
+
+
+def _reduce(store, hook, bucket, lo, hi, spill_keys, committed, shard_size, cfg, by_latent_key, examples_key, scratch):
+    n_lat = hi - lo
+    clock = [time.perf_counter()]
+    timings: dict[str, float] = {}
+
+    def lap(name: str) -> None:
+        now = time.perf_counter()
+        timings[name] = now - clock[0]
+        clock[0] = now
+
+    con = duckdb_connect(scratch, cfg.task_memory_mb, int(max(1, cfg.num_cpus)))
+    paths = _spill_paths(store, spill_keys, scratch)
+    if paths:
+        con.read_parquet(paths).create_view("pairs")
+    else:
+        con.register("pairs", SPILL_SCHEMA.empty_table())
+    lap("fetch")
+
+    # 1. statistics: one scan grouped by latent; exact int128 sums. The histogram is counted in 3.
+    g = con.sql(f"""
+        SELECT latent_id, count(*) AS n, CAST(sum(v) AS DOUBLE) AS s, CAST(sum(CAST(v AS HUGEINT) * v) AS DOUBLE) AS sq,
+               max(act) AS mx
+        FROM (SELECT latent_id, act, CAST(act * {SCALE} AS BIGINT) AS v FROM pairs) GROUP BY latent_id""").to_arrow_table()
+    local = g["latent_id"].to_numpy().astype(np.int64) - lo
+    n = np.zeros(n_lat, np.int64)
+    n[local] = g["n"].to_numpy()
+    sum_act, sum_sq, max_act = np.zeros(n_lat), np.zeros(n_lat), np.zeros(n_lat, np.float32)
+    sum_act[local] = g["s"].to_numpy() / SCALE
+    sum_sq[local] = g["sq"].to_numpy() / (SCALE * SCALE)
+    max_act[local] = g["mx"].to_numpy()
+    hist = np.zeros((n_lat, cfg.hist_bins), np.int64)
+    lap("stats")
+    # 2. the ranks whose rows we need from the sorted stream.
+    active = np.flatnonzero(n)
+    na = n[active]
+    first = np.concatenate([[0], np.cumsum(n)])[:-1]  # global index of each latent's first pair
+    q_hi, q_lo, gamma = quantile_ranks(na, cfg)  # [active, Q+1]; desc ranks of the two order statistics
+    top_cnt = np.minimum(cfg.top_n, na)
+    top_li = np.repeat(np.arange(len(active)), top_cnt)
+    top_rank = np.arange(top_cnt.sum()) - np.repeat(np.cumsum(top_cnt) - top_cnt, top_cnt)
+    q_li, q_row, q_rank = quantile_picks(active + lo, na, cfg)
+    need = np.unique(np.concatenate([
+        (first[active][:, None] + q_hi).ravel(), (first[active][:, None] + q_lo).ravel(),
+        first[active][top_li] + top_rank, first[active][q_li] + q_row]))
+    got_seq, got_pos, got_act = np.zeros(len(need), np.int64), np.zeros(len(need), np.int64), np.zeros(len(need), np.float32)
+
+    # 3. the sorted stream -> by_latent, keeping the needed rows.
+    reader = con.sql("SELECT latent_id, seq_id, pos, act, bin FROM pairs ORDER BY latent_id, act DESC, seq_id, pos") \
+        .to_arrow_reader(1 << 20)
+    from pipeline.postprocess import BY_LATENT_SCHEMA
+
+    offset = 0
+    with local_output(store, by_latent_key, scratch) as path, \
+            pq.ParquetWriter(path, BY_LATENT_SCHEMA, compression=store.cfg.compression,
+                             compression_level=store.cfg.compression_level) as writer:
+        for batch in reader:
+            act = batch.column("act")
+            writer.write_table(pa.Table.from_arrays(
+                [batch.column("latent_id"), batch.column("seq_id"), batch.column("pos"), act.cast(pa.float16())],
+                schema=BY_LATENT_SCHEMA))
+            lat = batch.column("latent_id").to_numpy().astype(np.int64) - lo  # sorted: a short latent range
+            cell = (lat - lat[0]) * cfg.hist_bins + batch.column("bin").to_numpy()
+            hist.reshape(-1)[lat[0] * cfg.hist_bins:(lat[-1] + 1) * cfg.hist_bins] += \
+                np.bincount(cell, minlength=(lat[-1] - lat[0] + 1) * cfg.hist_bins)
+            a, b = np.searchsorted(need, [offset, offset + batch.num_rows])
+            idx = need[a:b] - offset
+            got_seq[a:b] = batch.column("seq_id").to_numpy()[idx]
+            got_pos[a:b] = batch.column("pos").to_numpy()[idx]
+            got_act[a:b] = act.to_numpy()[idx]
+            offset += batch.num_rows
+        if offset == 0:
+            writer.write_table(BY_LATENT_SCHEMA.empty_table())
+
+    lap("sort")
+
+    def at(global_idx):
+        return np.searchsorted(need, global_idx)
+
+    # quantiles exactly as np.quantile(acts, linspace(0, 1, Q + 1)) ('linear') computes them
+    a_val = got_act[at(first[active][:, None] + q_hi)]
+    b_val = got_act[at(first[active][:, None] + q_lo)]
+    diff = b_val - a_val
+    quant = np.where(gamma >= 0.5, b_val - diff * (1 - gamma), a_val + diff * gamma).astype(np.float32)
+    quantiles = np.zeros((n_lat, cfg.n_quantiles + 1), np.float32)
+    quantiles[active] = quant
+    stats = _stats_table(lo, hi, n, max_act, sum_act, sum_sq, quantiles, hist)
+
+    # 4. examples: top and quantile rows, then random candidates.
+    ti, qi = at(first[active][top_li] + top_rank), at(first[active][q_li] + q_row)
+    ex_lat = np.concatenate([active[top_li], active[q_li]]) + lo
+    ex_kind = np.concatenate([np.zeros(len(ti), np.int8), np.ones(len(qi), np.int8)])
+    ex_rank = np.concatenate([top_rank, q_rank]).astype(np.int32)
+    ex_seq = np.concatenate([got_seq[ti], got_seq[qi]])
+    ex_pos = np.concatenate([got_pos[ti], got_pos[qi]])
+    contexts = ContextsLRU(store)
+    r_lat, r_rank, r_seq, r_pos = random_examples(con, store, contexts, hook, bucket, active + lo, committed, shard_size, cfg)
+    ex_lat = np.concatenate([ex_lat, r_lat])
+    ex_kind = np.concatenate([ex_kind, np.full(len(r_lat), 2, np.int8)])
+    ex_rank = np.concatenate([ex_rank, r_rank]).astype(np.int32)
+    ex_seq = np.concatenate([ex_seq, r_seq])
+    ex_pos = np.concatenate([ex_pos, r_pos])
+    order = np.lexsort((ex_rank, ex_kind, ex_lat))
+    ex_lat, ex_kind, ex_rank, ex_seq, ex_pos = ex_lat[order], ex_kind[order], ex_rank[order], ex_seq[order], ex_pos[order]
+    write_examples(con, store, contexts, examples_key, scratch, ex_lat, ex_kind, ex_rank, ex_seq, ex_pos,
+                   shard_size, cfg)
+    con.close()
+    lap("examples")
+    return int(n.sum()), stats, timings
+
+
+def _stats_table(lo, hi, n, max_act, sum_act, sum_sq, quantiles, hist) -> pa.Table:
+    nq = quantiles.shape[1]
+    q_off = np.concatenate([[0], np.cumsum(np.where(n > 0, nq, 0))]).astype(np.int32)
+    quant = pa.ListArray.from_arrays(pa.array(q_off), pa.array(quantiles[n > 0].ravel(), pa.float32()))
+    h_off = (np.arange(len(n) + 1) * hist.shape[1]).astype(np.int32)
+    histogram = pa.ListArray.from_arrays(pa.array(h_off), pa.array(hist.ravel(), pa.int64()))
+    return pa.table({"latent_id": pa.array(np.arange(lo, hi, dtype=np.int32)), "n_active": pa.array(n.astype(np.int64)),
+                     "max_act": pa.array(max_act), "sum_act": pa.array(sum_act), "sum_sq_act": pa.array(sum_sq),
+                     "quantiles": quant.cast(pa.list_(pa.float32())), "histogram": histogram.cast(pa.list_(pa.int64()))})
+
+
+def random_examples(con, store: RunStore, contexts: ContextsLRU, hook: str, bucket: int, latents: np.ndarray,
+                    committed: np.ndarray, shard_size: int, cfg: PostprocessConfig):
+    """(latent, rank, seq_id, pos) of random windows where the latent is active nowhere (module doc)."""
+    empty = (np.zeros(0, np.int64), np.zeros(0, np.int32), np.zeros(0, np.int64), np.zeros(0, np.int64))
+    if not len(committed) or not len(latents) or cfg.n_random <= 0:
+        return empty
+    salt = mix64(np.uint64(cfg.seed) ^ np.uint64(bucket))
+    pool = np.sort(committed[np.argsort(mix64(salt ^ committed.astype(np.uint64)), kind="stable")[:cfg.random_pool_shards]])
+    seqs, poss, lens = [], [], []
+    for shard in pool.tolist():
+        seq, offsets, _ = contexts.get(shard)
+        ln = np.diff(offsets)
+        seqs.append(np.repeat(seq, ln))
+        poss.append(np.arange(ln.sum()) - np.repeat(offsets[:-1], ln))
+        lens.append(np.repeat(ln, ln))
+    seq, pos, ln = np.concatenate(seqs), np.concatenate(poss), np.concatenate(lens)
+    if not len(seq):
+        return empty
+    h = mix64(salt ^ ((seq.astype(np.uint64) << np.uint64(POS_BITS)) | pos.astype(np.uint64)))
+    take = np.argsort(h, kind="stable")[: 10 * cfg.n_random]
+    seq, pos, ln, h = seq[take], pos[take], ln[take], h[take]
+    start = window_start(pos, ln, cfg.window)
+    _, uniq = np.unique((seq << POS_BITS) | start, return_index=True)  # distinct windows; smallest hash kept
+    uniq = np.sort(uniq)
+    seq, pos, start, stop, h = seq[uniq], pos[uniq], start[uniq], np.minimum(start[uniq] + cfg.window, ln[uniq]), h[uniq]
+    cands = pa.table({"cand": np.arange(len(seq)), "seq_id": seq, "lo": start, "hi": stop})
+    con.register("cands", cands)
+    hits = con.execute("""SELECT DISTINCT p.latent_id, c.cand FROM pairs p JOIN cands c
+                          ON p.seq_id = c.seq_id AND p.pos >= c.lo AND p.pos < c.hi""").fetchnumpy()
+    con.unregister("cands")
+    lat_index = np.searchsorted(latents, hits["latent_id"].astype(np.int64))
+    out = ([], [], [], [])
+    for c0 in range(0, len(latents), 4096):  # chunks of latents bound the [latents, candidates] matrix
+        lat = latents[c0:c0 + 4096]
+        key = mix64(h[None, :] ^ lat.astype(np.uint64)[:, None])
+        blocked = np.zeros(key.shape, bool)
+        sel = (lat_index >= c0) & (lat_index < c0 + len(lat))
+        blocked[lat_index[sel] - c0, hits["cand"][sel]] = True
+        key[blocked] = np.iinfo(np.uint64).max
+        order = np.argsort(key, axis=1, kind="stable")[:, :cfg.n_random]
+        ok = ~np.take_along_axis(blocked, order, axis=1)
+        li, j = np.nonzero(ok)  # unblocked come first in each row, so j is the rank
+        out[0].append(lat[li])
+        out[1].append(j.astype(np.int32))
+        out[2].append(seq[order[li, j]])
+        out[3].append(pos[order[li, j]])
+    return tuple(np.concatenate(x) for x in out)
+
+
+def window_start(pos, length, window: int):
+    return np.clip(np.asarray(pos) - window // 2, 0, np.maximum(np.asarray(length) - window, 0))
+
+
+def write_examples(con, store: RunStore, contexts: ContextsLRU, key: str, scratch: str, lat, kind, rank, seq, pos,
+                   shard_size: int, cfg: PostprocessConfig, chunk: int = 1 << 16) -> None:
+    """Token windows and this latent's activations in them. Windows are cut in contexts-shard order
+    (each shard read once) into a disk-backed array; activations come from one DuckDB join streamed
+    in example order; the part is written in chunks of examples."""
+    from pipeline.postprocess import EXAMPLES_SCHEMA
+
+    W, m = cfg.window, len(lat)
+    kinds = pa.array(list(KIND_CODES), pa.string())
+    start, wlen = np.zeros(m, np.int64), np.zeros(m, np.int64)
+    windows = np.lib.format.open_memmap(os.path.join(scratch, "windows.npy"), mode="w+", dtype=np.int32,
+                                        shape=(max(m, 1), W))
+    shard_of = seq // shard_size
+    by_shard = np.argsort(shard_of, kind="stable")
+    shards, cuts = np.unique(shard_of[by_shard], return_index=True)
+    for shard, members in zip(shards.tolist(), np.split(by_shard, cuts[1:])):
+        cseq, offsets, values = contexts.get(shard)
+        for c0 in range(0, len(members), chunk):
+            sel = members[c0:c0 + chunk]
+            row = np.searchsorted(cseq, seq[sel])
+            if np.any(row >= len(cseq)) or np.any(cseq[np.minimum(row, len(cseq) - 1)] != seq[sel]):
+                raise OSError(f"{store.path(contexts_key(shard))} lacks a context that latents refer to")
+            length = offsets[row + 1] - offsets[row]
+            start[sel] = window_start(pos[sel], length, W)
+            wlen[sel] = np.minimum(W, length)
+            idx = offsets[row][:, None] + start[sel][:, None] + np.arange(W)[None, :]
+            windows[sel] = values[np.minimum(idx, max(len(values) - 1, 0))] if len(values) else 0
+
+    nr = np.flatnonzero(kind != 2)  # random windows have no activations by construction
+    con.register("ex", pa.table({"ex": nr, "latent_id": lat[nr].astype(np.int32), "seq_id": seq[nr],
+                                 "lo": start[nr], "hi": start[nr] + wlen[nr]}))
+    hits = con.sql("""SELECT e.ex, p.pos - e.lo AS off, p.act FROM ex e JOIN pairs p
+                      ON p.latent_id = e.latent_id AND p.seq_id = e.seq_id AND p.pos >= e.lo AND p.pos < e.hi
+                      ORDER BY e.ex, off""").to_arrow_reader(1 << 20)
+    pending = [np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)]
+    exhausted = False
+
+    with local_output(store, key, scratch) as path, \
+            pq.ParquetWriter(path, EXAMPLES_SCHEMA, compression=store.cfg.compression,
+                             compression_level=store.cfg.compression_level,
+                             use_dictionary=["latent_id", "kind"]) as writer:  # token lists: dictionaries cost, save little
+        for c0 in range(0, m, chunk):
+            c1 = min(m, c0 + chunk)
+            while not exhausted and (len(pending[0]) == 0 or pending[0][-1] < c1):
+                try:
+                    b = next(hits)
+                except StopIteration:
+                    exhausted = True
+                    break
+                pending = [np.concatenate([pending[0], b.column("ex").to_numpy()]),
+                           np.concatenate([pending[1], b.column("off").to_numpy()]),
+                           np.concatenate([pending[2], b.column("act").to_numpy()])]
+            cut = np.searchsorted(pending[0], c1)
+            h_ex, h_off, h_act = (x[:cut] for x in pending)
+            pending = [x[cut:] for x in pending]
+            wl = wlen[c0:c1]
+            out_off = np.concatenate([[0], np.cumsum(wl)])
+            tokens = np.asarray(windows[c0:c1])[np.arange(W)[None, :] < wl[:, None]]
+            acts = np.zeros(out_off[-1], np.float32)
+            acts[out_off[h_ex - c0] + h_off] = h_act
+            off32 = pa.array(out_off.astype(np.int32))
+            writer.write_table(pa.Table.from_arrays([
+                pa.array(lat[c0:c1].astype(np.int32)), kinds.take(pa.array(kind[c0:c1])), pa.array(rank[c0:c1], pa.int32()),
+                pa.array(seq[c0:c1].astype(np.int64)), pa.array(pos[c0:c1].astype(np.int32)),
+                pa.ListArray.from_arrays(off32, pa.array(tokens)).cast(pa.list_(pa.int32())),
+                pa.ListArray.from_arrays(off32, pa.array(acts)).cast(pa.list_(pa.float32()))], schema=EXAMPLES_SCHEMA))
+        if m == 0:
+            writer.write_table(EXAMPLES_SCHEMA.empty_table())
+    con.unregister("ex")
+    del windows
