@@ -139,7 +139,7 @@ def test_huge_single_document_is_streamed(tiny_model_dir, tiny_sae_dir, tmp_path
     size = doc.stat().st_size
     assert size >= 1000 << 20
     out = subprocess.run([sys.executable, "-c", _STREAM_ONE_DOC, str(corpus), str(tiny_model_dir)],
-                         capture_output=True, text=True, timeout=120, env=dict(os.environ, PYTHONPATH=os.getcwd()))
+                         capture_output=True, text=True, timeout=120, env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1])))
     assert out.returncode == 0, out.stderr[-3000:]
     got = json.loads(out.stdout.strip().splitlines()[-1])
     assert got["doc_ids"] == [str(doc)] and got["tokens"] >= 50_000
