@@ -63,6 +63,9 @@ class CorpusConfig:
     # A text document is read in pieces of this many characters, so one huge document never
     # has to fit in memory.
     read_chars: int = 1 << 20
+    # A JSONL line (one document) longer than this many bytes is quarantined (file, line, reason)
+    # and skipped without ever being held whole; the rest of the file is kept.
+    max_doc_bytes: int = 64 << 20
     # A known corpus file whose fingerprint changed since an earlier run of the same run id:
     # "error" stops the run naming the file; "skip" keeps its earlier output and ignores the change.
     on_changed_file: str = "error"

@@ -3,6 +3,7 @@ single unreadable document, quarantines it (recorded in the manifest) and loses 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -91,22 +92,214 @@ def test_non_utf8_document_is_quarantined_and_the_rest_is_kept(tiny_model_dir, t
     assert any(d.endswith("ok.txt") for d in docs)
 
 
+# Run in a fresh process so VmHWM (peak RSS) measures only this: plan shards (the driver's own
+# path, pipeline.data.token_cache) from one document, stopping at corpus.max_tokens.
+_STREAM_ONE_DOC = """
+import json, sys
+from transformers import AutoTokenizer
+from pipeline.config import CorpusConfig
+from pipeline.data.corpus import resolve_corpus
+from pipeline.data.token_cache import cached_plan_shards
+
+def hwm():
+    return next(int(l.split()[1]) << 10 for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+
+corpus, model_dir = sys.argv[1], sys.argv[2]
+tok = AutoTokenizer.from_pretrained(model_dir)
+cfg = CorpusConfig(paths=[corpus], ctx_len=16, shard_size=64, read_chars=1 << 16, max_tokens=50_000, token_cache=None)
+files = resolve_corpus(cfg)
+before = hwm()
+doc_ids, tokens = set(), 0
+for shard in cached_plan_shards(files, cfg, tok, tok.eos_token_id):
+    doc_ids |= {c.doc_id for c in shard.contexts}
+    tokens += sum(len(c.token_ids) for c in shard.contexts)
+print(json.dumps({"before": before, "after": hwm(), "doc_ids": sorted(doc_ids), "tokens": tokens}))
+"""
+
+
 @pytest.mark.slow
 def test_huge_single_document_is_streamed(tiny_model_dir, tiny_sae_dir, tmp_path, ray_local):
+    import os
+    import subprocess
+    import sys
+
     import pyarrow.parquet as pq
 
     from pipeline.runtime.driver import run
 
+    # 1. Memory: a 1 GiB single-document file (one 1 MiB block of whole words, repeated; ~2 s).
     corpus = tmp_path / "huge"
     corpus.mkdir()
-    (corpus / "one.txt").write_text("all work and no play makes a dull model " * 20_000)  # ~800 kB, one document
+    doc = corpus / "one.txt"
+    phrase = "all work and no play makes a dull model "
+    block = (phrase * ((1 << 20) // len(phrase))).encode()
+    with open(doc, "wb") as f:
+        for _ in range(1024):
+            f.write(block)
+    size = doc.stat().st_size
+    assert size >= 1000 << 20
+    out = subprocess.run([sys.executable, "-c", _STREAM_ONE_DOC, str(corpus), str(tiny_model_dir)],
+                         capture_output=True, text=True, timeout=120, env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1])))
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["doc_ids"] == [str(doc)] and got["tokens"] >= 50_000
+    # Bound: streaming may raise the process's peak RSS by at most 160 MiB. Measured: ~101 MiB,
+    # the same for an 8 MiB and a 1 GiB document (one tokenizer batch of 1 Mi chars with its
+    # fast-tokenizer encodings, a 1 MiB raw chunk, one shard). A reader that held the 1 GiB
+    # document (as bytes or str) would add >= 1024 MiB: 6.4x the bound.
+    growth = got["after"] - got["before"]
+    assert growth < 160 << 20, f"peak RSS grew by {growth >> 20} MiB streaming a {size >> 20} MiB document"
+    # The whole process (~360 MiB measured, most of it torch/transformers imports) stays below
+    # half the document's size.
+    assert got["after"] < size / 2, got
+    doc.unlink()
+
+    # 2. End to end: a document far larger than a piece, through the real run.
+    doc.write_text(phrase * 20_000)  # ~800 kB, one document
     cfg = cfg_for(tiny_model_dir, [corpus], tiny_sae_dir / "layers.1", tmp_path / "out", run_id="huge")
     cfg.corpus.read_chars = 4096  # pieces far smaller than the document
     cfg.corpus.max_tokens = 3000
     summary = run(cfg)
     ctx = pq.read_table(tmp_path / "out" / "huge" / "contexts").to_pandas()
-    assert set(ctx.doc_id) == {str(corpus / "one.txt")}  # one document, every context from it
+    assert set(ctx.doc_id) == {str(doc)}  # one document, every context from it
     assert summary.tokens >= 3000 and ctx.doc_offset.is_monotonic_increasing
+
+
+# ---------------------------------------------------------------------------------------------
+# Corpus files that cannot be read as configured, and over-long documents
+
+
+def test_corrupt_parquet_file_stops_before_work(tiny_model_dir, tiny_sae_dir, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.data.corpus import CorpusError
+    from pipeline.runtime.driver import run
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    pq.write_table(pa.table({"text": ["a fine document"] * 3}), corpus / "good.parquet")
+    blob = (corpus / "good.parquet").read_bytes()
+    (corpus / "broken.parquet").write_bytes(blob[: len(blob) // 2])  # footer gone: truncated upload
+    with pytest.raises(CorpusError, match=r"broken\.parquet is not a readable Parquet file"):
+        run(cfg_for(tiny_model_dir, [corpus], tiny_sae_dir / "layers.1", tmp_path / "out"))
+    assert_no_output(tmp_path / "out")
+
+
+def test_parquet_file_without_the_text_column_stops_before_work(tiny_model_dir, tiny_sae_dir, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.data.corpus import CorpusError
+    from pipeline.runtime.driver import run
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    pq.write_table(pa.table({"text": ["a fine document"] * 3}), corpus / "a.parquet")
+    pq.write_table(pa.table({"body": ["text under another name"] * 3}), corpus / "b.parquet")
+    with pytest.raises(CorpusError, match=r"b\.parquet has no column 'text' \(corpus\.text_field\); columns: \['body'\]"):
+        run(cfg_for(tiny_model_dir, [corpus], tiny_sae_dir / "layers.1", tmp_path / "out"))
+    assert_no_output(tmp_path / "out")
+
+
+def test_jsonl_line_over_max_doc_bytes_is_quarantined_without_being_held(tmp_path):
+    import tracemalloc
+
+    from pipeline.data.corpus import Quarantined, TextPiece, read_documents, resolve_corpus
+
+    limit = 1 << 20
+    huge = 48 << 20  # 48x the limit
+    with open(tmp_path / "docs.jsonl", "wb") as f:
+        f.write(b'{"text": "first document"}\n')
+        f.write(b'{"text": "' + b"x" * huge + b'"}\n')
+        f.write(b'{"text": "third document"}\n')
+    cfg = CorpusConfig(paths=[str(tmp_path / "docs.jsonl")], max_doc_bytes=limit)
+    (file,) = resolve_corpus(cfg)
+    tracemalloc.start()
+    items = list(read_documents(file, cfg))
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    docs = [(x.doc_id, x.text) for x in items if isinstance(x, TextPiece)]
+    q = [x for x in items if isinstance(x, Quarantined)]
+    url = str(tmp_path / "docs.jsonl")
+    assert docs == [(f"{url}:1", "first document"), (f"{url}:3", "third document")]  # the rest is kept
+    assert [(x.file, x.location) for x in q] == [(url, "line 2")]
+    assert f"longer than {limit} bytes (corpus.max_doc_bytes)" in q[0].reason
+    # Never held whole: the reader holds at most the limit plus one 1 MiB read chunk (~2 MiB,
+    # with copies ~4 MiB); holding the line would take >= 48 MiB.
+    assert peak < 8 << 20, peak
+
+
+# ---------------------------------------------------------------------------------------------
+# SAE checkpoints that cannot be loaded: a clear error naming sae.path before any work
+
+
+def test_missing_sae_path_names_the_setting(tiny_model_dir, tiny_corpus, tmp_path):
+    from pipeline.runtime.driver import run
+    from pipeline.runtime.preflight import SAELoadError
+
+    missing = tmp_path / "no-such-sae"
+    with pytest.raises(SAELoadError, match=rf"sae\.path='{re.escape(str(missing))}'.*{re.escape(str(missing))} does not exist"):
+        run(cfg_for(tiny_model_dir, [tiny_corpus], missing, tmp_path / "out"))
+    assert_no_output(tmp_path / "out")
+
+
+@pytest.mark.parametrize("how", ["truncated_header", "directory_not_file"])
+def test_unreadable_sae_names_the_setting(tiny_model_dir, tiny_corpus, tiny_sae_dir, tmp_path, how):
+    import shutil
+
+    from pipeline.runtime.driver import run
+    from pipeline.runtime.preflight import SAELoadError
+
+    # Tests run as root, so chmod 000 would not stop a read: two unreadable forms root cannot read.
+    sae = tmp_path / "sae"
+    shutil.copytree(tiny_sae_dir / "layers.1", sae)
+    weights = sae / "sae.safetensors"
+    if how == "truncated_header":
+        weights.write_bytes(weights.read_bytes()[:20])  # an interrupted download
+    else:
+        weights.unlink()
+        weights.mkdir()
+    with pytest.raises(SAELoadError, match=rf"sae\.path='{re.escape(str(sae))}': cannot load the SAE for layers\.1 from {re.escape(str(sae))}"):
+        run(cfg_for(tiny_model_dir, [tiny_corpus], sae, tmp_path / "out"))
+    assert_no_output(tmp_path / "out")
+
+
+class _RunsCode:
+    """Pickles to a call of os.system: loading it with weights_only=False would create `marker`."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_malicious_pickle_in_pt_checkpoint_is_refused(tiny_model_dir, tiny_corpus, tmp_path):
+    import torch
+
+    from pipeline.runtime.driver import run
+    from pipeline.runtime.preflight import SAELoadError
+    from pipeline.sae.formats import SAEFormatError, load_sae
+
+    marker = tmp_path / "pwned"
+    d, n = 32, 64
+    state = {  # a valid OpenAI TopK state_dict, plus one entry that runs code when unpickled
+        "activation": "TopK", "activation_state_dict": {"k": 4, "postact_fn": "ReLU"},
+        "encoder.weight": torch.randn(n, d), "decoder.weight": torch.randn(d, n),
+        "pre_bias": torch.zeros(d), "latent_bias": torch.zeros(n), "stats_last_nonzero": _RunsCode(marker),
+    }
+    path = tmp_path / "resid_post_mlp_v5_32k" / "autoencoders" / "1.pt"
+    path.parent.mkdir(parents=True)
+    torch.save(state, path)
+    with pytest.raises(SAEFormatError, match=r"1\.pt: refused to load.*weights_only=True"):
+        load_sae(path)
+    with pytest.raises(SAELoadError, match=rf"sae\.path='{re.escape(str(path))}'.*refused to load"):
+        run(cfg_for(tiny_model_dir, [tiny_corpus], path, tmp_path / "out"))
+    assert not marker.exists()
+    assert_no_output(tmp_path / "out")
 
 
 def test_unknown_hookpoint_stops_before_the_demo_sae_is_fitted(tiny_model_dir, tiny_corpus, tmp_path):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from pipeline.model.harvest import Harvester
-from pipeline.model.hookpoints import find_blocks, resolve_hookpoint
+from pipeline.model.hookpoints import find_blocks
 
 V = 64
 COMMON = {"vocab_size": V, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3, "num_attention_heads": 4,
@@ -90,25 +90,77 @@ def test_block_outputs_equal_hidden_states(family):
         torch.testing.assert_close(got[f"layers.{i}"], hidden[i + 1], msg=f"layers.{i}")
 
 
-@pytest.mark.parametrize("family", FAMILIES, ids=lambda f: f.__name__)
-def test_attn_and_mlp_hookpoints_are_the_blocks_submodules(family):
+# How each family's block turns the residual stream after attention (`mid`) into its MLP update,
+# written out from transformers' modeling code, and which norm reads `mid`. Parallel blocks
+# (GPT-NeoX default) feed the MLP the block input instead.
+def _llama_mlp(b, x):
+    return b.mlp(b.post_attention_layernorm(x))
+
+
+def _gemma_mlp(b, x):
+    return b.post_feedforward_layernorm(b.mlp(b.pre_feedforward_layernorm(x)))
+
+
+def _gpt2_mlp(b, x):
+    return b.mlp(b.ln_2(x))
+
+
+def _neox_mlp(b, x):
+    return b.post_mlp_dropout(b.mlp(b.post_attention_layernorm(x)))
+
+
+MLP_PATH = {  # family -> (the norm whose input is the MLP's residual input, the MLP update from it, parallel)
+    "llama": ("post_attention_layernorm", _llama_mlp, False), "mistral": ("post_attention_layernorm", _llama_mlp, False),
+    "qwen2": ("post_attention_layernorm", _llama_mlp, False), "qwen3": ("post_attention_layernorm", _llama_mlp, False),
+    "gemma2": ("pre_feedforward_layernorm", _gemma_mlp, False), "gemma3_text": ("pre_feedforward_layernorm", _gemma_mlp, False),
+    "gemma3_multimodal": ("pre_feedforward_layernorm", _gemma_mlp, False), "gpt2": ("ln_2", _gpt2_mlp, False),
+    "neox": ("post_attention_layernorm", _neox_mlp, True), "neox_sequential": ("post_attention_layernorm", _neox_mlp, False),
+}
+
+
+def neox_sequential():
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+    return GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=V, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                                            intermediate_size=64, max_position_embeddings=64,
+                                            use_parallel_residual=False))
+
+
+@pytest.mark.parametrize("family", FAMILIES + [neox_sequential], ids=lambda f: f.__name__)
+def test_attn_and_mlp_hookpoints_are_the_residual_updates(family):
+    """`layers.N.attn` / `layers.N.mlp` are what the sub-blocks add to the residual stream,
+    checked against computations that do not use the hookpoints' modules: hidden_states
+    differences, the residual the MLP side reads (an input, not the hooked output), and the
+    MLP update recomputed from the block's submodules."""
     model = build(family)
+    torch.manual_seed(1)
+    with torch.no_grad():  # random norm gains: Gemma's zero-init norms would hide a missing one
+        for name, p in model.named_parameters():
+            if "norm" in name and p.dim() == 1:
+                p.add_(torch.randn_like(p) * 0.5)
     ids = torch.randint(0, V, (2, 5))
-    attn, mlp = resolve_hookpoint(model, "layers.1.attn"), resolve_hookpoint(model, "layers.1.mlp")
     block = find_blocks(model)[1]
-    assert attn.module in list(block.children()) and mlp.module in list(block.children())
-    assert attn.module is not mlp.module
+    norm_name, mlp_update, parallel = MLP_PATH[family.__name__]
     seen = {}
-    h1 = mlp.module.register_forward_hook(lambda m, a, o: seen.__setitem__("mlp", o.detach().clone()))
-    h2 = attn.module.register_forward_hook(lambda m, a, o: seen.__setitem__("attn", o[0].detach().clone()))
+    h = getattr(block, norm_name).register_forward_pre_hook(lambda m, a: seen.__setitem__("in", a[0].detach().clone()))
     with torch.inference_mode():
-        model(input_ids=ids)
-    h1.remove(), h2.remove()
+        hidden = model(input_ids=ids, output_hidden_states=True).hidden_states
+    h.remove()
     got = Harvester(model, ["layers.1.attn", "layers.1.mlp"])(ids)
     d = text_config(model).hidden_size
-    assert got["layers.1.attn"].shape == got["layers.1.mlp"].shape == (2, 5, d)
-    torch.testing.assert_close(got["layers.1.attn"], seen["attn"])
-    torch.testing.assert_close(got["layers.1.mlp"], seen["mlp"])
+    attn, mlp = got["layers.1.attn"], got["layers.1.mlp"]
+    assert attn.shape == mlp.shape == (2, 5, d)
+    delta = hidden[2] - hidden[1]
+    torch.testing.assert_close(attn + mlp, delta)
+    with torch.inference_mode():
+        if parallel:  # both sub-blocks read the block input
+            torch.testing.assert_close(seen["in"], hidden[1])
+            torch.testing.assert_close(mlp, mlp_update(block, hidden[1]))
+        else:
+            mid = seen["in"]  # the residual stream after attention
+            torch.testing.assert_close(attn, mid - hidden[1])
+            torch.testing.assert_close(mlp, hidden[2] - mid)
+            torch.testing.assert_close(mlp, mlp_update(block, mid))
+    assert attn.abs().mean() > 1e-3 and mlp.abs().mean() > 1e-3  # non-trivial updates
 
 
 @pytest.mark.parametrize("family", FAMILIES, ids=lambda f: f.__name__)

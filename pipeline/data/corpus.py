@@ -15,8 +15,11 @@
 - Bad input never raises mid-run: a text file with invalid UTF-8, or a JSONL line that is not a
   JSON object with a string text field, becomes a `Quarantined` record naming file and location.
   Configuration mistakes (missing path, missing column) are `CorpusError`s raised up front.
-- JSONL memory is bounded by the longest line (a document is a line), capped at MAX_LINE_BYTES;
-  a longer line is quarantined, not loaded.
+- JSONL memory is bounded by the longest line (a document is a line), capped at
+  `corpus.max_doc_bytes`; a longer line is quarantined, never held whole, and the rest kept.
+- Parquet: every file's footer and columns are checked in `resolve_corpus`, before any work (a
+  corrupt file or a missing/non-string text column is a CorpusError naming file and setting). A
+  file that breaks while being read (a corrupt page) has its remaining rows quarantined.
 """
 from __future__ import annotations
 
@@ -46,7 +49,6 @@ EXTENSIONS = {
     ".jsonl": "jsonl", ".json": "jsonl",
     ".parquet": "parquet",
 }
-MAX_LINE_BYTES = 256 << 20  # a JSONL line (one document) larger than this is quarantined
 _CHUNK_BYTES = 1 << 20  # raw read size; independent of read_chars
 
 
@@ -134,6 +136,8 @@ def resolve_corpus(cfg: CorpusConfig, storage_options: dict | None = None,
         raise CorpusError(f"corpus.format={cfg.format!r} is not one of auto, {', '.join(FORMATS)}")
     if cfg.read_chars <= 0:
         raise CorpusError(f"corpus.read_chars={cfg.read_chars} must be positive")
+    if cfg.max_doc_bytes <= 0:
+        raise CorpusError(f"corpus.max_doc_bytes={cfg.max_doc_bytes} must be positive")
     if not cfg.paths:
         raise CorpusError("corpus.paths is empty")
 
@@ -174,6 +178,10 @@ def resolve_corpus(cfg: CorpusConfig, storage_options: dict | None = None,
     files = [found[u] for u in sorted(found)]
     if all(f.size == 0 for f in files):
         raise CorpusError(f"empty corpus: every file is empty (corpus.paths={list(cfg.paths)})")
+    for f in files:
+        if f.format == "parquet":  # a footer read per file: a bad one stops the run before work
+            with _open(f, storage_options) as raw:
+                _parquet_columns(f, cfg, raw)
     return files
 
 
@@ -272,8 +280,8 @@ def _read_text(file: CorpusFile, cfg: CorpusConfig, storage_options) -> Iterator
         yield TextPiece(file.url, buf, first=first, last=True)
 
 
-def _lines(f) -> Iterator[tuple[int, bytes, bool]]:
-    """(line number from 1, bytes without newline, too_long) with bounded memory per line."""
+def _lines(f, max_bytes: int) -> Iterator[tuple[int, bytes, bool]]:
+    """(line number from 1, bytes without newline, too_long) with at most max_bytes held per line."""
     line_no, parts, size, too_long = 1, [], 0, False
     while True:
         chunk = f.read(_CHUNK_BYTES)
@@ -285,7 +293,7 @@ def _lines(f) -> Iterator[tuple[int, bytes, bool]]:
             seg = chunk[start:] if nl < 0 else chunk[start:nl]
             if not too_long:
                 size += len(seg)
-                if size > MAX_LINE_BYTES:
+                if size > max_bytes:
                     parts, too_long = [], True  # drop what we hold; skip to the newline
                 else:
                     parts.append(seg)
@@ -310,10 +318,10 @@ def _read_jsonl(file: CorpusFile, cfg: CorpusConfig, storage_options) -> Iterato
     id_field = file.id_field if file.id_field is not None else cfg.id_field
     tf = cfg.text_field
     with _open(file, storage_options) as f:
-        for n, raw, too_long in _lines(f):
+        for n, raw, too_long in _lines(f, cfg.max_doc_bytes):
             loc = f"line {n}"
             if too_long:
-                yield Quarantined(file.url, loc, f"line longer than {MAX_LINE_BYTES} bytes")
+                yield Quarantined(file.url, loc, f"line longer than {cfg.max_doc_bytes} bytes (corpus.max_doc_bytes)")
                 continue
             if not raw.strip():
                 continue
@@ -350,27 +358,51 @@ def _read_jsonl(file: CorpusFile, cfg: CorpusConfig, storage_options) -> Iterato
             yield from _pieces(doc_id, text, cfg.read_chars)
 
 
-def _read_parquet(file: CorpusFile, cfg: CorpusConfig, storage_options) -> Iterator[TextPiece | Quarantined]:
+def _parquet_columns(file: CorpusFile, cfg: CorpusConfig, raw):
+    """Open a Parquet file and check its columns: (ParquetFile, columns to read, id field)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    id_field = file.id_field if file.id_field is not None else cfg.id_field
-    with _open(file, storage_options) as raw:
+    try:
         pf = pq.ParquetFile(raw)
-        names = pf.schema_arrow.names
-        if cfg.text_field not in names:
-            raise CorpusError(f"{file.url} has no column {cfg.text_field!r} (corpus.text_field); "
-                              f"columns: {names}")
-        t = pf.schema_arrow.field(cfg.text_field).type
-        if not (pa.types.is_string(t) or pa.types.is_large_string(t)):
-            raise CorpusError(f"{file.url}: column {cfg.text_field!r} (corpus.text_field) is {t}, not string")
-        cols = [cfg.text_field]
-        if id_field is not None:
-            if id_field not in names:
-                raise CorpusError(f"{file.url} has no column {id_field!r} (corpus.id_field); columns: {names}")
-            cols.append(id_field)
+    except (pa.ArrowException, OSError) as e:
+        raise CorpusError(f"{file.url} is not a readable Parquet file: {e}") from None
+    id_field = file.id_field if file.id_field is not None else cfg.id_field
+    names = pf.schema_arrow.names
+    if cfg.text_field not in names:
+        raise CorpusError(f"{file.url} has no column {cfg.text_field!r} (corpus.text_field); "
+                          f"columns: {names}")
+    t = pf.schema_arrow.field(cfg.text_field).type
+    if not (pa.types.is_string(t) or pa.types.is_large_string(t)):
+        raise CorpusError(f"{file.url}: column {cfg.text_field!r} (corpus.text_field) is {t}, not string")
+    cols = [cfg.text_field]
+    if id_field is not None:
+        if id_field not in names:
+            raise CorpusError(f"{file.url} has no column {id_field!r} (corpus.id_field); columns: {names}")
+        cols.append(id_field)
+    return pf, cols, id_field
+
+
+def _read_parquet(file: CorpusFile, cfg: CorpusConfig, storage_options) -> Iterator[TextPiece | Quarantined]:
+    import pyarrow as pa
+
+    with _open(file, storage_options) as raw:
+        try:
+            pf, cols, id_field = _parquet_columns(file, cfg, raw)
+        except CorpusError as e:  # checked before work; this file changed since: skip it whole
+            yield Quarantined(file.url, "file", f"{e}; file skipped")
+            return
         row = 0  # rows are numbered from 0, as pyarrow/pandas index them
-        for batch in pf.iter_batches(batch_size=1024, columns=cols):
+        batches = pf.iter_batches(batch_size=1024, columns=cols)
+        while True:
+            try:
+                batch = next(batches, None)
+            except (pa.ArrowException, OSError) as e:  # a corrupt page: what is left is unreadable
+                yield Quarantined(file.url, f"rows {row}-{pf.metadata.num_rows - 1}",
+                                  f"unreadable Parquet data: {e}; rows skipped")
+                return
+            if batch is None:
+                return
             texts = batch.column(0).to_pylist()
             ids = batch.column(1).to_pylist() if id_field is not None else None
             for i, text in enumerate(texts):

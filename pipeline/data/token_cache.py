@@ -78,6 +78,8 @@ def file_key(file: CorpusFile, cfg: CorpusConfig, tok_id: str, eos_id: int | Non
         "id_field": file.id_field or cfg.id_field, "text_field": cfg.text_field, "read_chars": cfg.read_chars,
         "tokenizer": tok_id, "eos_id": eos_id, "ctx_len": cfg.ctx_len, "shard_size": cfg.shard_size,
     }
+    if file.format == "jsonl":  # which lines are quarantined as too long (only JSONL, so other keys stay)
+        inputs["max_doc_bytes"] = cfg.max_doc_bytes
     digest = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:32]
     return digest, inputs
 

@@ -3,8 +3,15 @@
 Names (docs/DESIGN.md, "Hookpoints"):
     embed          the residual stream entering block 0       == hidden_states[0]
     layers.N       block N's output                           == hidden_states[N+1]
-    layers.N.attn  block N's attention output (before the residual add)
-    layers.N.mlp   block N's MLP output (before the residual add)
+    layers.N.attn  block N's attention update: exactly what the attention sub-block adds
+                   to the residual stream
+    layers.N.mlp   block N's MLP update: exactly what the MLP sub-block adds to the residual stream
+
+The updates per family (transformers 5.x modeling code): Llama/Mistral/Qwen: the o_proj /
+down_proj outputs (self_attn / mlp); GPT-2: c_proj after resid_dropout (attn / mlp); Gemma 2/3:
+*after* the post-attention / post-feedforward norm; GPT-NeoX: after post_attention_dropout /
+post_mlp_dropout (with the parallel residual both read the block input). For sequential
+blocks attn + mlp == hidden_states[N+1] - hidden_states[N].
 
 `embed` is taken as the *input* of block 0 rather than the embedding module's output, so
 families that scale or add positions after the lookup (Gemma, GPT-2) still match
@@ -28,6 +35,13 @@ BLOCK_LIST_PATHS = (
 )
 ATTN_NAMES = ("self_attn", "attn", "attention")
 MLP_NAMES = ("mlp", "feed_forward")
+# Blocks that transform a sub-block's output before the residual add: the hookpoint is the last
+# module on that path. Keyed on a module only that family has: in Llama `post_attention_layernorm`
+# is the *pre*-MLP norm, in Gemma 2/3 it normalizes the attention output.
+UPDATE_MODULES = (
+    ("post_feedforward_layernorm", {"attn": "post_attention_layernorm", "mlp": "post_feedforward_layernorm"}),  # Gemma 2/3
+    ("post_mlp_dropout", {"attn": "post_attention_dropout", "mlp": "post_mlp_dropout"}),  # GPT-NeoX
+)
 
 _NAME = re.compile(r"^(embed|layers\.(\d+)(?:\.(attn|mlp))?)$")
 
@@ -112,4 +126,13 @@ def resolve_hookpoint(model: nn.Module, name: str) -> Hookpoint:
     module = _sub(block, ATTN_NAMES if kind == "attn" else MLP_NAMES)
     if module is None:
         raise HookpointError(f"hookpoint {name!r}: block {layer} has no {kind} submodule; valid: {_valid_summary(model)}")
-    return Hookpoint(name, module, layer, kind)
+    return Hookpoint(name, _update_module(block, kind) or module, layer, kind)
+
+
+def _update_module(block: nn.Module, kind: str) -> nn.Module | None:
+    """The module whose output is what `kind` adds to the residual stream, where that is not the
+    sub-block itself (see UPDATE_MODULES)."""
+    for marker, names in UPDATE_MODULES:
+        if isinstance(getattr(block, marker, None), nn.Module):
+            return _sub(block, (names[kind],))
+    return None

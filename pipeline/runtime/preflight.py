@@ -21,7 +21,7 @@ from pipeline.model.hookpoints import resolve_hookpoint
 from pipeline.model.loader import load_tokenizer, model_identity, resolve_model_dir
 from pipeline.outputs.sink import storage_options
 from pipeline.runtime.manifest import manifest_for
-from pipeline.sae.formats import load_sae
+from pipeline.sae.formats import SAEFormatError, load_sae
 from pipeline.sae.sae import SAE
 
 
@@ -189,11 +189,19 @@ def sae_paths(cfg: RunConfig, files: list[CorpusFile], tokenizer, identity: dict
     return paths
 
 
+class SAELoadError(SAEFormatError):
+    """An SAE that cannot be loaded at all; the message names sae.path and the file."""
+
+
 def check_saes(cfg: RunConfig, sae_by_hook: dict[str, str], shape: ModelShape) -> dict:
     """SAE against model checks before any work; returns the SAE identities for the manifest."""
     identities = {}
     for hook, path in sae_by_hook.items():
-        sae = load_sae(path, hookpoint=hook)
+        try:
+            sae = load_sae(path, hookpoint=hook)
+        except Exception as e:  # missing, unreadable, truncated, refused pickle: name the setting
+            raise SAELoadError(f"sae.path={cfg.sae.path!r}: cannot load the SAE for {hook} from {path}: "
+                               f"{type(e).__name__}: {e}") from e
         check_sae_against_model(sae, hook, shape, cfg.model.name, cfg.sae)
         identities[hook] = {
             "path": path, "format": sae.format, "sha256": sae.sha256, "d_in": sae.d_in,

@@ -94,11 +94,24 @@ def openai_hookpoint(path: Path) -> str | None:
     return _OPENAI_LOCATIONS[match.group(1)].format(n=match.group(2))
 
 
-def load_openai(path: Path) -> SAE:
+def _load_pt(path: Path) -> dict:
+    """torch.load with weights_only=True: a pickle that would build anything but tensors and plain
+    containers (i.e. could run code) is refused, never executed."""
+    import pickle
+
     try:
-        sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError:  # legacy (non-zip) serialization cannot be mmap'd
-        sd = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # legacy (non-zip) serialization cannot be mmap'd
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        detail = next((ln.strip() for ln in str(e).splitlines() if ln.strip().startswith("WeightsUnpickler error")), "")
+        raise SAEFormatError(f"{path}: refused to load: the .pt pickle holds objects other than tensors "
+                             f"(loaded with weights_only=True, which never runs its code). {detail}") from None
+
+
+def load_openai(path: Path) -> SAE:
+    sd = _load_pt(path)
     activation = sd.get("activation", "ReLU")
     if activation != "TopK":
         # Upstream's ReLU (v1/v4) checkpoints are not top-k SAEs, and upstream enables its LN
