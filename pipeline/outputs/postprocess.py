@@ -56,6 +56,7 @@ from pipeline.outputs.layout import (
     stats_key,
     stats_state_key,
 )
+from pipeline.outputs.logit_effects import write_logit_effects
 from pipeline.outputs.sink import RunStore
 
 log = logging.getLogger(__name__)
@@ -144,7 +145,7 @@ def scatter_shard(store: RunStore, hook: str, shard: int, bucket_size: int) -> d
 # -- pass 2: one bucket -------------------------------------------------------------------------
 def bucket_settings(cfg: PostprocessConfig) -> dict:
     """The settings a bucket's outputs depend on: a change reruns the bucket."""
-    skip = {"run_id", "sink", "hookpoints", "num_cpus", "quiet"}
+    skip = {"run_id", "sink", "hookpoints", "num_cpus", "quiet", "logit_effects"}
     return {k: v for k, v in asdict(cfg).items() if k not in skip}
 
 
@@ -372,6 +373,7 @@ def postprocess(store: RunStore, cfg: PostprocessConfig) -> dict:
             store.write_json(stats_state_key(hook), state)
         log.info(f"[{store.run_id}] post-processed {hook}: {len(todo)} shard(s) scattered, "
                  f"{len(refs)} of {n_buckets} bucket(s) rebuilt, {total_tokens:,} tokens")
+    summary["logit_effects"] = write_logit_effects(store, cfg)  # pipeline/outputs/logit_effects.py
     return summary
 
 
