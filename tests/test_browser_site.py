@@ -78,9 +78,19 @@ def write_delphi_output(cache: Path, out: Path, monkeypatch) -> dict[int, tuple[
     __main__.py does (`explanations/{latent}.txt`, `scores/<scorer>/{latent}.txt`, orjson) for
     the latents delphi's own loader finds in our export."""
     loader = import_delphi_loader(monkeypatch)
+    import importlib.util
+
+    import delphi
     import orjson
     from delphi.latents.latents import Latent
-    from delphi.scorers.classifier.sample import ClassifierOutput
+
+    # delphi.scorers' package __init__ imports its LLM clients (vllm): load the module that
+    # defines the score records by itself, as delphi's own file.
+    path = Path(delphi.__file__).parent / "scorers" / "classifier" / "sample.py"
+    spec = importlib.util.spec_from_file_location("delphi.scorers.classifier.sample", path)
+    sample = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sample)
+    ClassifierOutput = sample.ClassifierOutput  # noqa: N806
 
     buffer = loader.TensorBuffer(str(sorted((cache / HOOK).glob("0_*.safetensors"))[0]), HOOK)
     latents, _, _ = buffer.load_data_per_latent()
