@@ -219,7 +219,8 @@ def write_logit_effects(store: RunStore, cfg: PostprocessConfig) -> dict:
                 reason = f"{type(err).__name__}: {err}"
         if reason is not None:
             log.warning(f"[{store.run_id}] logit effects for {hook} skipped: {reason}")
-            store.write_json(logit_effects_state_key(hook), {"skipped": reason})
+            if previous != {"skipped": reason, "for": state}:  # a no-op rerun writes nothing
+                store.write_json(logit_effects_state_key(hook), {"skipped": reason, "for": state})
             done[hook] = "skipped"
             continue
         device = _device(le.device)
