@@ -43,7 +43,7 @@ def write_sae_and_model(root: Path, n_latents: int, d: int, vocab: int) -> tuple
     sae.mkdir(parents=True)
     w = torch.randn(n_latents, d, generator=g, dtype=torch.float32).half()
     save_file({"encoder.weight": w, "encoder.bias": torch.zeros(n_latents, dtype=torch.float16),
-               "W_dec": w, "b_dec": torch.zeros(d, dtype=torch.float16)}, str(sae / "sae.safetensors"))
+               "W_dec": w.clone(), "b_dec": torch.zeros(d, dtype=torch.float16)}, str(sae / "sae.safetensors"))
     (sae / "cfg.json").write_text(json.dumps({"activation": "topk", "k": 32, "d_in": d, "num_latents": n_latents}))
     model = root / "model"
     model.mkdir()
