@@ -136,6 +136,17 @@ class RunConfig:
 
 
 @dataclass
+class LogitEffectsConfig:
+    """Tokens each latent's decoder direction promotes/suppresses (pipeline/outputs/logit_effects.py)."""
+    enabled: bool = True
+    # Computed for the most active latents (the browser's page order); -1: every active latent.
+    max_latents: int = 10_000
+    top_n: int = 10  # tokens each way
+    device: str = "auto"  # auto (cuda if available) | cpu | cuda
+    rows_per_matmul: int = 1024  # decoder rows per [rows, vocab] matmul: bounds memory
+
+
+@dataclass
 class PostprocessConfig:
     """`python -m pipeline.outputs.postprocess`: latent_stats, by_latent and examples for autointerp."""
     run_id: str = "demo"
@@ -160,6 +171,7 @@ class PostprocessConfig:
     # DuckDB's memory_limit inside each bucket task: sorts and aggregates beyond it spill to local disk.
     task_memory_mb: int = 1024
     quiet: bool = False
+    logit_effects: LogitEffectsConfig = field(default_factory=lambda: LogitEffectsConfig())
 
 
 @dataclass
@@ -181,3 +193,7 @@ class BrowserConfig:
     sink: SinkConfig = field(default_factory=SinkConfig)
     max_latents: int = 200  # pages per hookpoint
     quiet: bool = False
+    # delphi's output folder for this run (holds explanations/ and scores/<scorer>/): shown on
+    # each latent page and in the index. None: no explanations.
+    explanations: str | None = None
+    index_shard_rows: int = 2000  # index rows per on-demand JS shard

@@ -1,13 +1,31 @@
 """A static HTML latent browser for a post-processed run: open `index.html` from disk, no server.
 
-    python -m pipeline.outputs.browser run_id=demo out=./browser [sink=s3] [sink.root=...] [max_latents=200]
+    python -m pipeline.outputs.browser run_id=demo out=./browser [max_latents=200] [explanations=DELPHI_OUT]
 
-index.html: per hookpoint a density histogram (inline SVG) and a search box (latent id -> page).
-latents/<hookpoint>/<id>.html: statistics, the activation histogram over the fixed bins, and the
-top / quantile / random examples with tokens shaded by that latent's activation. Statistics and
-examples are streamed (row group by row group, bucket by bucket); only the pages' rows are kept. Only latents
-with examples get a page, at most `max_latents` per hookpoint (most active first). Tokens are
-decoded with the run's tokenizer (ModelConfig from the manifest) when it loads, else shown as ids.
+index.html, per hookpoint: counts (latents, dead, active, with a page), a density histogram, and a
+table with one row per latent that has a page: id, density, max activation, the five most frequent
+activating tokens in its examples, its top promoted tokens (logit effects), and the delphi
+explanation and score when given. Click a header to sort by that column; type in the filter box
+to keep the latents that fire on or promote a token containing that text (or whose explanation
+contains it). The table is sharded into `index/<hookpoint>/shard-NNNNN.js` files of
+`index_shard_rows` rows: the first is loaded with the page, the rest only when a sort, a filter
+or paging needs them, and only 100 rows are in the DOM at a time.
+
+Why .js shards and not .json + fetch(): Chromium refuses fetch()/XHR of file:// URLs (each file
+is its own opaque origin), and the browser must work when a user double-clicks index.html.
+A <script src> of a sibling file is allowed from file://, so each shard is a script that calls
+`LATENT_INDEX_ADD(hook, shard, rows)`. The same site works unchanged over http (python -m http.server).
+
+latents/<hookpoint>/<id>.html: summary numbers, the explanation (delphi), the tokens the latent
+promotes and suppresses (pipeline/outputs/logit_effects.py; the page says why when they were
+skipped), per-checkpoint / per-layer decoder-norm bars when latent_stats has a `decoder_norms`
+column (crosscoders / transcoders), the activation histogram over the fixed bins, quantiles,
+and the top / quantile / random examples with tokens shaded by this latent's activation.
+
+Pages go to the most active latents, at most `max_latents` per hookpoint
+(`logit_effects.page_latents`, the same order post-processing computes logit effects in).
+Work is one bucket of page latents at a time (its examples and logit effects), so memory
+follows the bucket size and the number of pages, not the SAE width.
 """
 from __future__ import annotations
 
@@ -24,17 +42,22 @@ import pyarrow.parquet as pq
 
 from pipeline.cli import command
 from pipeline.config import BrowserConfig, ModelConfig
-from pipeline.outputs.layout import EXAMPLES_SCHEMA, MANIFEST_KEY, bucket_marker_key, examples_key, stats_key
+from pipeline.outputs.layout import (
+    MANIFEST_KEY,
+    examples_key,
+    logit_effects_key,
+    logit_effects_state_key,
+    stats_key,
+)
+from pipeline.outputs.logit_effects import page_latents
 from pipeline.outputs.postprocess import read_json_or_none
 from pipeline.outputs.sink import RunStore
 
 log = logging.getLogger(__name__)
 
-STYLE = """body{font-family:system-ui,sans-serif;margin:24px;color:#222;max-width:1100px}
-h1{font-size:22px}h2{font-size:18px;margin-top:28px}table{border-collapse:collapse}
-td,th{padding:2px 10px;text-align:right;border-bottom:1px solid #eee}
-.ex{font-family:monospace;white-space:pre-wrap;margin:4px 0;padding:4px;border:1px solid #ddd;line-height:1.7}
-.tok{border-radius:2px}.kind{color:#666;font-size:12px;margin-right:6px}a{color:#1a56c4}"""
+ASSETS = Path(__file__).parent / "browser_assets"
+DECODER_NORMS = "decoder_norms"  # optional latent_stats column: list<float> per checkpoint / layer
+N_TOKENS_INDEX = 5
 
 
 def load_run_tokenizer(manifest: dict):
@@ -48,10 +71,31 @@ def load_run_tokenizer(manifest: dict):
         return None
 
 
-def token_strings(tokenizer, ids: list[int]) -> list[str]:
-    if tokenizer is None:
-        return [f"#{i} " for i in ids]
-    return [tokenizer.decode([i]) for i in ids]
+class Vocab:
+    """Token id -> display string, each id decoded once."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.cache = tokenizer, {}
+
+    def __call__(self, i: int) -> str:
+        s = self.cache.get(i)
+        if s is None:
+            s = self.cache[i] = f"#{i} " if self.tokenizer is None else self.tokenizer.decode([i])
+        return s
+
+    def many(self, ids) -> list[str]:
+        return [self(int(i)) for i in ids]
+
+
+# -- small HTML pieces --------------------------------------------------------------------------
+def esc(s: object) -> str:
+    return html.escape(str(s))
+
+
+def chip(tok: str, cls: str = "") -> str:
+    """A token as a chip: spaces and newlines made visible."""
+    shown = tok.replace("\n", "⏎").replace(" ", "·") or "∅"
+    return f'<span class="chip {cls}">{esc(shown)}</span>'
 
 
 def svg_bars(counts: list[float], labels: tuple[str, str], width: int = 520, height: int = 140, title: str = "") -> str:
@@ -64,10 +108,10 @@ def svg_bars(counts: list[float], labels: tuple[str, str], width: int = 520, hei
         for i, c in enumerate(counts)
     )
     return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img" '
-            f'aria-label="{html.escape(title)}">{bars}'
+            f'aria-label="{esc(title)}">{bars}'
             f'<line x1="0" y1="{height - 20}" x2="{width}" y2="{height - 20}" stroke="#888"/>'
-            f'<text x="0" y="{height - 5}" font-size="11">{html.escape(labels[0])}</text>'
-            f'<text x="{width}" y="{height - 5}" font-size="11" text-anchor="end">{html.escape(labels[1])}</text></svg>')
+            f'<text x="0" y="{height - 5}" font-size="11">{esc(labels[0])}</text>'
+            f'<text x="{width}" y="{height - 5}" font-size="11" text-anchor="end">{esc(labels[1])}</text></svg>')
 
 
 def example_html(kind: str, rank: int, seq_id: int, toks: list[str], acts: np.ndarray, scale: float) -> str:
@@ -75,134 +119,305 @@ def example_html(kind: str, rank: int, seq_id: int, toks: list[str], acts: np.nd
     for t, a in zip(toks, acts):
         alpha = min(float(a) / scale, 1.0) if scale > 0 else 0.0
         style = f' style="background:rgba(230,80,30,{alpha:.2f})"' if a > 0 else ""
-        spans.append(f'<span class="tok"{style} title="{float(a):.3f}">{html.escape(t)}</span>')
+        spans.append(f'<span class="tok"{style} title="{float(a):.3f}">{esc(t)}</span>')
     return f'<div class="ex"><span class="kind">{kind} #{rank} · seq {seq_id}</span>{"".join(spans)}</div>'
 
 
-def latent_page(hook: str, stats: dict, examples, tokenizer, edges_log2: tuple[float, float]) -> str:
+def logit_html(effects: dict | None, skipped: str | None, vocab: Vocab) -> str:
+    if effects is None:
+        why = skipped or "not computed for this latent (post-processing computes them for the most active " \
+                         "latents, logit_effects.max_latents)"
+        return f'<section id="logits"><h2>logit effects</h2><p class="muted" id="logits-skipped">not available: {esc(why)}</p></section>'
+
+    def column(kind: str, ids, vals) -> str:
+        top = max((abs(float(v)) for v in vals), default=1.0) or 1.0
+        rows = "".join(
+            f'<tr class="{kind}"><td class="tokcell" data-id="{int(i)}">{chip(vocab(int(i)), kind)}</td>'
+            f'<td class="bar"><span style="width:{abs(float(v)) / top * 100:.0f}%"></span></td>'
+            f'<td class="num">{float(v):+.3f}</td></tr>' for i, v in zip(ids, vals))
+        title = "promoted" if kind == "pos" else "suppressed"
+        return f'<div class="lcol"><h3>{title}</h3><table class="logits" id="logits-{kind}">{rows}</table></div>'
+
+    return ('<section id="logits"><h2>logit effects <span class="muted small">W_dec · diag(norm gain) · W_U</span></h2>'
+            f'<div class="cols">{column("pos", effects["top_ids"], effects["top_logits"])}'
+            f'{column("neg", effects["bottom_ids"], effects["bottom_logits"])}</div></section>')
+
+
+def decoder_norm_html(norms: list[float] | None, labels: list[str]) -> str:
+    """Per-checkpoint / per-layer decoder norms (crosscoders, transcoders): absent without the column."""
+    if norms is None:
+        return ""
+    top = max(norms, default=1.0) or 1.0
+    rows = "".join(f'<tr><th>{esc(labels[i] if i < len(labels) else i)}</th><td class="bar">'
+                   f'<span style="width:{v / top * 100:.0f}%"></span></td><td class="num">{v:.3g}</td></tr>'
+                   for i, v in enumerate(norms))
+    return f'<section id="decoder-norms"><h2>decoder norm per checkpoint / layer</h2><table class="logits">{rows}</table></section>'
+
+
+def explanation_html(expl: dict | None) -> str:
+    if not expl:
+        return ""
+    scores = " ".join(f'<span class="score">{esc(k)} {v:.2f}</span>' for k, v in sorted(expl["scores"].items()))
+    return (f'<section id="explanation"><p class="expl">{esc(expl["text"])}</p>'
+            f'<p class="muted small">delphi explanation {scores}</p></section>')
+
+
+def latent_page(hook: str, stats: dict, examples: pa.Table, vocab: Vocab, edges_log2: tuple[float, float],
+                effects: dict | None, skipped: str | None, expl: dict | None, norm_labels: list[str]) -> str:
     lid = stats["latent_id"]
+    shown = ("n_active", "density", "max_act", "mean_act")
+    cards = "".join(f'<div class="card"><div class="lab">{k}</div><div class="val">{stats[k]:.4g}</div></div>'
+                    if isinstance(stats[k], float) else
+                    f'<div class="card"><div class="lab">{k}</div><div class="val">{stats[k]:,}</div></div>' for k in shown)
     rows = "".join(f"<tr><th>{k}</th><td>{v:.6g}</td></tr>" if isinstance(v, float) else f"<tr><th>{k}</th><td>{v}</td></tr>"
-                   for k, v in stats.items() if k not in ("quantiles", "histogram"))
+                   for k, v in stats.items() if k not in ("quantiles", "histogram", DECODER_NORMS))
     quant = ", ".join(f"{q:.3g}" for q in stats["quantiles"])
     hist = svg_bars(stats["histogram"], (f"2^{edges_log2[0]:g}", f"2^{edges_log2[1]:g}"), title="activation histogram")
     scale = float(stats["max_act"]) or 1.0
+    kinds, ranks = examples["kind"].to_pylist(), examples["rank"].to_pylist()
+    seqs, toks, acts = examples["seq_id"].to_pylist(), examples["token_ids"].to_pylist(), examples["acts"].to_pylist()
     sections = []
     for kind in ("top", "quantile", "random"):
-        part = examples[examples["kind"] == kind].sort_values("rank")
-        body = "".join(example_html(kind, int(r.rank), int(r.seq_id), token_strings(tokenizer, list(r.token_ids)),
-                                    np.asarray(r.acts), scale) for r in part.itertuples())
-        sections.append(f"<h2>{kind} examples ({len(part)})</h2>{body or '<p>none</p>'}")
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{hook} latent {lid}</title>"
-            f"<style>{STYLE}</style></head><body><p><a href='../../index.html'>← index</a></p>"
-            f"<h1>{html.escape(hook)} · latent {lid}</h1><table>{rows}</table><p>quantiles: {quant}</p>"
-            f"<h2>activation histogram</h2>{hist}{''.join(sections)}</body></html>")
+        idx = sorted((r, i) for i, k in enumerate(kinds) if k == kind for r in (ranks[i],))
+        body = "".join(example_html(kind, r, seqs[i], vocab.many(toks[i]), np.asarray(acts[i]), scale) for r, i in idx)
+        sections.append(f"<h2>{kind} examples ({len(idx)})</h2>{body or '<p class=muted>none</p>'}")
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{esc(hook)} latent {lid}</title>"
+            f"<link rel='stylesheet' href='../../style.css'></head><body>"
+            f"<nav><a href='../../index.html'>← index</a></nav>"
+            f"<h1>{esc(hook)} · latent {lid}</h1>{explanation_html(expl)}<div class='cards'>{cards}</div>"
+            f"{logit_html(effects, skipped, vocab)}{decoder_norm_html(stats.get(DECODER_NORMS), norm_labels)}"
+            f"<div class='cols'><section><h2>activation histogram</h2>{hist}<p class='muted small'>quantiles: {quant}</p>"
+            f"</section><section><h2>statistics</h2><table class='stats'>{rows}</table></section></div>"
+            f"{''.join(sections)}</body></html>")
 
 
-def read_examples(store: RunStore, hook: str, latents: np.ndarray | None = None) -> pa.Table:
-    """Examples of one hookpoint (buckets with a completion marker), bucket by bucket; with `latents`,
-    only those latents' rows are kept, so memory is one bucket's part plus what is kept."""
-    tables, bucket = [], 0
-    wanted = None if latents is None else pa.array(np.asarray(latents, np.int32))
-    while read_json_or_none(store, bucket_marker_key(hook, bucket)) is not None:
-        t = store.read_part(examples_key(hook, bucket))
-        tables.append(t if wanted is None else t.filter(pc.is_in(t["latent_id"], value_set=wanted)))
-        bucket += 1
-    return pa.concat_tables(tables) if tables else EXAMPLES_SCHEMA.empty_table()
+# -- inputs ---------------------------------------------------------------------------------------
+def activating_tokens(examples: pa.Table, latents: np.ndarray, n: int = N_TOKENS_INDEX) -> dict[int, list[int]]:
+    """Per latent, its n most frequent tokens at positions where it is active in its examples
+    (ties to the lower token id); vectorized over one bucket's examples."""
+    if examples.num_rows == 0:
+        return {}
+    tok_lists, act_lists = examples["token_ids"].combine_chunks(), examples["acts"].combine_chunks()
+    toks = tok_lists.values.to_numpy().astype(np.int64)
+    acts = act_lists.values.to_numpy()
+    lengths = np.diff(tok_lists.offsets.to_numpy())
+    lat = np.repeat(examples["latent_id"].to_numpy().astype(np.int64), lengths)
+    keep = acts > 0
+    keys, counts = np.unique((lat[keep] << 32) | toks[keep], return_counts=True)
+    k_lat, k_tok = keys >> 32, keys & 0xFFFFFFFF
+    order = np.lexsort((k_tok, -counts, k_lat))
+    k_lat, k_tok = k_lat[order], k_tok[order]
+    out: dict[int, list[int]] = {}
+    starts = np.searchsorted(k_lat, latents)
+    ends = np.searchsorted(k_lat, latents, side="right")
+    for latent, s, e in zip(latents.tolist(), starts.tolist(), ends.tolist()):
+        out[latent] = k_tok[s:min(e, s + n)].tolist()
+    return out
 
 
-def latents_with_examples(store: RunStore, hook: str, n_latents: int) -> np.ndarray:
-    """A bool per latent: has at least one example. Reads only the latent_id column, bucket by bucket."""
-    has, bucket = np.zeros(n_latents, bool), 0
-    while read_json_or_none(store, bucket_marker_key(hook, bucket)) is not None:
-        has[store.read_part(examples_key(hook, bucket), ["latent_id"])["latent_id"].to_numpy()] = True
-        bucket += 1
-    return has
+def read_explanations(folder: str | Path | None, hook: str, latents: np.ndarray) -> dict[int, dict]:
+    """delphi's files for these latents: explanations/<hook>_latent<N>.txt (a JSON string) and
+    scores/<scorer>/<hook>_latent<N>.txt (a JSON list of ClassifierOutput: `activating`,
+    `prediction`); the score shown is delphi's balanced accuracy (log/result_analysis.py)."""
+    if not folder:
+        return {}
+    root = Path(folder)
+    if not (root / "explanations").is_dir():
+        raise FileNotFoundError(f"explanations={folder}: no explanations/ folder (delphi's output folder expected)")
+    scorers = sorted(p for p in (root / "scores").iterdir() if p.is_dir()) if (root / "scores").is_dir() else []
+    name = hook.replace("/", "--")
+    out: dict[int, dict] = {}
+    for latent in latents.tolist():
+        path = root / "explanations" / f"{name}_latent{latent}.txt"
+        if not path.exists():
+            continue
+        try:
+            text = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}: not delphi's JSON-encoded explanation ({err})") from err
+        scores = {}
+        for scorer in scorers:
+            spath = scorer / f"{name}_latent{latent}.txt"
+            if spath.exists():
+                scores[scorer.name] = balanced_accuracy(json.loads(spath.read_text(encoding="utf-8")), spath)
+        out[latent] = {"text": str(text), "scores": {k: v for k, v in scores.items() if v is not None}}
+    return out
 
 
-def iter_stats(store: RunStore, hook: str, columns: list[str]):
-    """latent_stats of one hookpoint, one row group at a time."""
+def balanced_accuracy(outputs: list[dict], path: Path) -> float | None:
+    """delphi's `accuracy` (compute_confusion + compute_classification_metrics, threshold 0.5)."""
+    try:
+        valid = [o for o in outputs if o.get("prediction") is not None]
+        act = np.array([bool(o["activating"]) for o in valid])
+        pred = np.array([float(o["prediction"]) >= 0.5 for o in valid])
+    except (KeyError, TypeError) as err:
+        raise ValueError(f"{path}: not a delphi classifier score file ({err})") from err
+    pos, neg = act.sum(), (~act).sum()
+    if pos + neg == 0:
+        return None
+    tpr = (pred & act).sum() / pos if pos else 0.0
+    tnr = (~pred & ~act).sum() / neg if neg else 0.0
+    return float((tpr + tnr) / 2)
+
+
+def read_logit_effects(store: RunStore, hook: str, bucket: int, latents: np.ndarray) -> dict[int, dict]:
+    if not store.exists(logit_effects_key(hook, bucket)):
+        return {}
+    t = store.read_part(logit_effects_key(hook, bucket))
+    t = t.filter(pc.is_in(t["latent_id"], value_set=pa.array(latents, pa.int32())))
+    return {r["latent_id"]: r for r in t.to_pylist()}
+
+
+# -- the site -------------------------------------------------------------------------------------
+def index_js_name(hook: str) -> str:
+    return hook.replace("/", "--")
+
+
+def write_index_shards(folder: Path, hook: str, rows: list[list], shard_rows: int) -> int:
+    folder.mkdir(parents=True, exist_ok=True)
+    n = max(1, -(-len(rows) // shard_rows))
+    for s in range(n):
+        body = json.dumps(rows[s * shard_rows:(s + 1) * shard_rows], separators=(",", ":"), ensure_ascii=False)
+        (folder / f"shard-{s:05d}.js").write_text(f"LATENT_INDEX_ADD({json.dumps(hook)},{s},{body});\n", encoding="utf-8")
+    return n
+
+
+def density_svg(density: np.ndarray, hook: str) -> str:
+    live = density[density > 0]
+    logd = np.log10(live) if len(live) else np.zeros(0)
+    lo, hi = (math.floor(logd.min()), math.ceil(logd.max()) or 0) if len(logd) else (-6, 0)
+    counts, _ = np.histogram(logd, bins=30, range=(lo, max(hi, lo + 1)))
+    return svg_bars(counts.tolist(), (f"1e{lo}", f"1e{max(hi, lo + 1)}"), title=f"density histogram {hook}")
+
+
+def stats_rows(store: RunStore, hook: str, ids: np.ndarray) -> list[dict]:
+    """latent_stats rows of `ids` (sorted), reading only the row groups that hold them: row i is latent i."""
     with store.fs.open(store.path(stats_key(hook)), "rb") as f:
-        yield from pq.ParquetFile(f).iter_batches(columns=columns)
+        pf = pq.ParquetFile(f)
+        starts = np.cumsum([0] + [pf.metadata.row_group(g).num_rows for g in range(pf.num_row_groups)])
+        groups = np.searchsorted(starts, ids, side="right") - 1
+        rows = []
+        for g in np.unique(groups).tolist():
+            part = pf.read_row_group(g)
+            rows += part.take(pa.array(ids[groups == g] - starts[g])).to_pylist()
+    return rows
 
 
-def scan_stats(store: RunStore, hook: str, has_examples: np.ndarray, max_latents: int):
-    """One streamed pass: counts, the log10-density range of live latents, and the page latents
-    (with examples, most active first, then by id), keeping at most max_latents candidates."""
-    n_total, n_dead, lo, hi = 0, 0, np.inf, -np.inf
-    best_id, best_n = np.zeros(0, np.int64), np.zeros(0, np.int64)
-    for batch in iter_stats(store, hook, ["latent_id", "n_active", "density", "is_dead"]):
-        ids, n = batch.column("latent_id").to_numpy().astype(np.int64), batch.column("n_active").to_numpy()
-        density = batch.column("density").to_numpy()
-        n_total += len(ids)
-        n_dead += int(np.asarray(batch.column("is_dead").to_numpy(zero_copy_only=False)).sum())
-        live = density[density > 0]
-        if len(live):
-            lo, hi = min(lo, float(np.log10(live).min())), max(hi, float(np.log10(live).max()))
-        keep = has_examples[ids]
-        best_id, best_n = np.concatenate([best_id, ids[keep]]), np.concatenate([best_n, n[keep]])
-        order = np.lexsort((best_id, -best_n))[:max_latents]
-        best_id, best_n = best_id[order], best_n[order]
-    return n_total, n_dead, (lo, hi), best_id
+def build_hook(store: RunStore, out: Path, hook: str, max_latents: int, vocab: Vocab, explanations,
+               bucket_size: int, shard_rows: int) -> tuple[list[int], dict]:
+    # Whole columns only for what ranks pages (two numbers per latent); the pages' full rows
+    # (quantiles, histogram) are read per bucket below from the row groups that hold them.
+    table = store.read_part(stats_key(hook), ["n_active", "density"])
+    with store.fs.open(store.path(stats_key(hook)), "rb") as f:
+        meta = pq.ParquetFile(f).schema_arrow.metadata or {}
+    lo2, hi2, _ = (float(x) for x in meta.get(b"histogram_edges_log2", b"-8,8,32").decode().split(","))
+    norm_labels = json.loads(meta.get(b"decoder_norm_labels", b"[]").decode())
+    n_active = table["n_active"].to_numpy()
+    density = table["density"].to_numpy()
+    order = page_latents(n_active, max_latents)  # page order: most active first
+    pages = np.sort(order)
+    state = read_json_or_none(store, logit_effects_state_key(hook)) or {}
+    skipped = state.get("skipped") or (None if state else "post-processing wrote no logit effects for this run")
+    if skipped:
+        log.warning(f"[{store.run_id}] browser: logit effects for {hook} not shown: {skipped}")
+    expls = read_explanations(explanations, hook, pages)
+    folder = out / "latents" / hook
+    folder.mkdir(parents=True, exist_ok=True)
+    rows: dict[int, list] = {}
+    buckets = pages // bucket_size
+    for b in np.unique(buckets).tolist():
+        ids = pages[buckets == b]
+        stats = stats_rows(store, hook, ids)
+        ex = store.read_part(examples_key(hook, b))
+        ex = ex.filter(pc.is_in(ex["latent_id"], value_set=pa.array(ids, pa.int32())))
+        ex = ex.sort_by("latent_id")
+        lat_col = ex["latent_id"].to_numpy()
+        starts, ends = np.searchsorted(lat_col, ids), np.searchsorted(lat_col, ids, side="right")
+        effects = {} if skipped else read_logit_effects(store, hook, b, ids)
+        act_toks = activating_tokens(ex, ids)
+        for latent, s, e, st in zip(ids.tolist(), starts.tolist(), ends.tolist(), stats):
+            eff, expl = effects.get(latent), expls.get(latent)
+            page = latent_page(hook, st, ex.slice(s, e - s), vocab, (lo2, hi2), eff, skipped, expl, norm_labels)
+            (folder / f"{latent}.html").write_text(page, encoding="utf-8")
+            promoted = vocab.many(eff["top_ids"][:N_TOKENS_INDEX]) if eff else []
+            score = max(expl["scores"].values()) if expl and expl["scores"] else None
+            rows[latent] = [latent, float(st["density"]), float(st["max_act"]), vocab.many(act_toks.get(latent, [])),
+                            promoted, expl["text"] if expl else "", score]
+    ordered = [rows[i] for i in order.tolist()]
+    n_shards = write_index_shards(out / "index" / index_js_name(hook), hook, ordered, shard_rows)
+    n_dead = int((n_active == 0).sum())
+    info = {"hook": hook, "dir": index_js_name(hook), "shards": n_shards, "rows": len(ordered),
+            "latents": int(len(n_active)), "dead": n_dead, "active": int(len(n_active) - n_dead),
+            "logits": skipped is None, "logits_note": skipped or "", "explanations": bool(expls),
+            "svg": density_svg(density, hook)}
+    return [int(i) for i in pages], info
 
 
-SEARCH_JS = """function go(hook){var v=document.getElementById('q-'+hook).value.trim();
-var ids=PAGES[hook];var m=document.getElementById('msg-'+hook);
-if(ids.indexOf(parseInt(v,10))>=0){location.href='latents/'+hook+'/'+parseInt(v,10)+'.html';}
-else{m.textContent='latent '+v+' has no page (dead, no examples, or beyond the page cap)';}return false;}"""
+def index_html(run_id: str, infos: list[dict], pages: dict[str, list[int]]) -> str:
+    sections = []
+    for i, info in enumerate(infos):
+        hook = info["hook"]
+        no_page = info["active"] - info["rows"]
+        note = "" if info["logits"] else f"<p class='muted small' id='logits-note-{i}'>logit effects not shown: {esc(info['logits_note'])}</p>"
+        sections.append(
+            f"<section class='hook' data-hook='{i}'><h2>{esc(hook)}</h2>"
+            f"<div class='cols'><div><div class='cards'>"
+            f"<div class='card'><div class='lab'>latents</div><div class='val'>{info['latents']:,}</div></div>"
+            f"<div class='card'><div class='lab'>dead</div><div class='val'>{info['dead']:,}</div></div>"
+            f"<div class='card'><div class='lab'>active, no page</div><div class='val'>{no_page:,}</div></div>"
+            f"<div class='card'><div class='lab'>pages</div><div class='val'>{info['rows']:,}</div></div></div>{note}"
+            f"<form class='open' onsubmit=\"return go('{esc(hook)}')\"><input id='q-{esc(hook)}' placeholder='open latent id'>"
+            f"<button>open</button> <span id='msg-{esc(hook)}' class='muted small'></span></form></div>"
+            f"<div><p class='muted small'>latent density (log10, live latents)</p>{info['svg']}</div></div>"
+            f"<div class='controls'><input class='filter' id='filter-{i}' placeholder='filter by token or explanation, e.g. repr' "
+            f"autocomplete='off'><span class='status muted small' id='status-{i}'></span></div>"
+            f"<table class='index' id='table-{i}'><thead><tr>"
+            f"<th data-col='0'>latent</th><th data-col='1'>density</th><th data-col='2'>max act</th>"
+            f"<th data-col='3'>fires on</th><th data-col='4'>promotes</th>"
+            + ("<th data-col='5'>explanation</th><th data-col='6'>score</th>" if info["explanations"] else "")
+            + f"</tr></thead><tbody></tbody></table><div class='pager' id='pager-{i}'></div></section>")
+    meta = [{k: v for k, v in info.items() if k != "svg"} for info in infos]
+    first = "".join(f"<script src='index/{info['dir']}/shard-00000.js'></script>" for info in infos if info["rows"])
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{esc(run_id)} latents</title>"
+            f"<link rel='stylesheet' href='style.css'>"
+            f"<script>var PAGES={json.dumps(pages)};\nvar HOOKS={json.dumps(meta)};</script>"
+            f"<script src='browser.js'></script>{first}</head>"
+            f"<body><h1>run {esc(run_id)}</h1>{''.join(sections)}</body></html>")
 
 
-def build_browser(store: RunStore, out: str | Path, max_latents: int = 200, tokenizer="auto") -> Path:
+def build_browser(store: RunStore, out: str | Path, max_latents: int = 200, tokenizer="auto",
+                  explanations: str | Path | None = None, shard_rows: int = 2000) -> Path:
     out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
     manifest = store.read_json(MANIFEST_KEY)
     if tokenizer == "auto":
         tokenizer = load_run_tokenizer(manifest)
-    pages: dict[str, list[int]] = {}
-    sections = []
+    vocab = Vocab(tokenizer)
+    bucket_size = _bucket_size(store, manifest)
+    pages, infos = {}, []
     for hook in manifest["hookpoints"]:
-        with store.fs.open(store.path(stats_key(hook)), "rb") as f:
-            meta = pq.ParquetFile(f).schema_arrow.metadata or {}
-        lo2, hi2, _ = (float(x) for x in meta.get(b"histogram_edges_log2", b"-8,8,32").decode().split(","))
-        has = latents_with_examples(store, hook, int(manifest["saes"][hook]["n_latents"]))
-        n_total, n_dead, (dmin, dmax), chosen_ids = scan_stats(store, hook, has, max_latents)
-        wanted = pa.array(chosen_ids.astype(np.int32))
-        chosen = pa.concat_tables(
-            [pa.Table.from_batches([b]).filter(pc.is_in(b.column("latent_id"), value_set=wanted))
-             for b in iter_stats(store, hook, None)]).to_pandas()
-        chosen = chosen.set_index("latent_id").loc[chosen_ids.tolist()].reset_index()  # page order
-        examples = read_examples(store, hook, chosen_ids).to_pandas()
-        folder = out / "latents" / hook
-        folder.mkdir(parents=True, exist_ok=True)
-        for row in chosen.to_dict("records"):
-            row = {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in row.items()}
-            row = {k: (float(v) if isinstance(v, np.floating) else int(v) if isinstance(v, (np.integer, np.bool_)) else v)
-                   for k, v in row.items()}
-            page = latent_page(hook, row, examples[examples.latent_id == row["latent_id"]], tokenizer, (lo2, hi2))
-            (folder / f"{row['latent_id']}.html").write_text(page, encoding="utf-8")
-        pages[hook] = sorted(int(i) for i in chosen_ids)
-
-        # Density histogram over log10(density) of the live latents (a second streamed pass); dead ones counted apart.
-        lo, hi = (math.floor(dmin), math.ceil(dmax) or 0) if np.isfinite(dmin) else (-6, 0)
-        counts = np.zeros(30, np.int64)
-        for batch in iter_stats(store, hook, ["density"]):
-            d = batch.column("density").to_numpy()
-            counts += np.histogram(np.log10(d[d > 0]), bins=30, range=(lo, max(hi, lo + 1)))[0]
-        svg = svg_bars(counts.tolist(), (f"1e{lo}", f"1e{max(hi, lo + 1)}"), title=f"density histogram {hook}")
-        links = " ".join(f"<a href='latents/{hook}/{i}.html'>{i}</a>" for i in pages[hook])
-        sections.append(
-            f"<h2>{html.escape(hook)}</h2><p>{n_total} latents, {n_dead} dead, {len(pages[hook])} pages</p>"
-            f"<p>latent density (log10, live latents)</p>{svg}"
-            f"<form onsubmit=\"return go('{hook}')\"><input id='q-{hook}' placeholder='latent id'>"
-            f"<button>open</button> <span id='msg-{hook}'></span></form><p>{links}</p>")
-    index = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(store.run_id)} latents</title>"
-             f"<style>{STYLE}</style><script>var PAGES={json.dumps(pages)};{SEARCH_JS}</script></head>"
-             f"<body><h1>run {html.escape(store.run_id)}</h1>{''.join(sections)}</body></html>")
-    (out / "index.html").write_text(index, encoding="utf-8")
+        pages[hook], info = build_hook(store, out, hook, max_latents, vocab, explanations, bucket_size, shard_rows)
+        infos.append(info)
+    for name in ("style.css", "browser.js"):
+        (out / name).write_text((ASSETS / name).read_text(encoding="utf-8"), encoding="utf-8")
+    (out / "index.html").write_text(index_html(store.run_id, infos, pages), encoding="utf-8")
     log.info(f"[{store.run_id}] browser: {sum(map(len, pages.values()))} latent pages in {out}/index.html")
     return out / "index.html"
 
 
+def _bucket_size(store: RunStore, manifest: dict) -> int:
+    """The bucket size post-processing used (recorded in every bucket marker)."""
+    from pipeline.outputs.layout import bucket_marker_key
+
+    marker = read_json_or_none(store, bucket_marker_key(manifest["hookpoints"][0], 0))
+    if marker is None:
+        raise FileNotFoundError(f"{store.url}: not post-processed (no bucket markers); run pipeline.outputs.postprocess first")
+    return int(marker["settings"]["bucket_size"])
+
+
 def _main(cfg: BrowserConfig) -> None:
-    build_browser(RunStore(cfg.sink, cfg.run_id), cfg.out, cfg.max_latents)
+    build_browser(RunStore(cfg.sink, cfg.run_id), cfg.out, cfg.max_latents, explanations=cfg.explanations,
+                  shard_rows=cfg.index_shard_rows)
 
 
 main = command("browser", BrowserConfig, _main)

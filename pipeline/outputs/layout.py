@@ -10,6 +10,7 @@
       latent_stats/hookpoint=H/part-0.parquet         stats_key()     STATS_SCHEMA
       by_latent/hookpoint=H/bucket=B/part-0.parquet   by_latent_key() BY_LATENT_SCHEMA
       examples/hookpoint=H/bucket=B/part-0.parquet    examples_key()  EXAMPLES_SCHEMA
+      logit_effects/hookpoint=H/bucket=B/part-0.parquet  logit_effects_key()  LOGIT_EFFECTS_SCHEMA
       _post/...                                       post-processing's own markers and spill files
 
 Writers and readers import keys from here only, so the README's "Output layout" block and
@@ -173,3 +174,26 @@ def stats_dir(hook: str) -> str:
 
 def stats_key(hook: str) -> str:
     return f"{stats_dir(hook)}/part-0.parquet"
+
+
+# -- logit effects (pipeline/outputs/logit_effects.py) ---------------------------------------------
+# Per latent with a page: the vocabulary tokens its decoder direction promotes / suppresses most
+# through the final norm's gain and the unembedding (ids and logit values, best first).
+LOGIT_EFFECTS_SCHEMA = pa.schema(
+    [
+        ("latent_id", pa.int32()),
+        ("top_ids", pa.list_(pa.int32())),
+        ("top_logits", pa.list_(pa.float32())),
+        ("bottom_ids", pa.list_(pa.int32())),
+        ("bottom_logits", pa.list_(pa.float32())),
+    ]
+)
+
+
+def logit_effects_key(hook: str, bucket: int) -> str:
+    return f"logit_effects/hookpoint={hook}/bucket={bucket:06d}/part-0.parquet"
+
+
+def logit_effects_state_key(hook: str) -> str:
+    """Which latents / SAE / model the logit effects were computed for, or why they were skipped."""
+    return f"_post/hookpoint={hook}/logit_effects.json"

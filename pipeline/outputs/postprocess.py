@@ -56,6 +56,7 @@ from pipeline.outputs.layout import (
     stats_key,
     stats_state_key,
 )
+from pipeline.outputs.logit_effects import write_logit_effects
 from pipeline.outputs.post_engine import (
     ContextsLRU,
     expand_ranges,
@@ -137,7 +138,7 @@ def scatter_shard(store: RunStore, hook: str, shard: int, bucket_size: int, cfg:
 # -- pass 2: one bucket -------------------------------------------------------------------------
 def bucket_settings(cfg: PostprocessConfig) -> dict:
     """The settings a bucket's outputs depend on: a change reruns the bucket."""
-    skip = {"run_id", "sink", "hookpoints", "num_cpus", "task_memory_mb", "quiet"}
+    skip = {"run_id", "sink", "hookpoints", "num_cpus", "task_memory_mb", "quiet", "logit_effects"}
     return {k: v for k, v in asdict(cfg).items() if k not in skip}
 
 
@@ -311,6 +312,7 @@ def postprocess(store: RunStore, cfg: PostprocessConfig) -> dict:
                                      "spill": spill_settings(cfg)})
         log.info(f"[{store.run_id}] post-processed {hook}: {scattered} shard(s) scattered, "
                  f"{run} of {n_buckets} bucket(s) rebuilt, {total_tokens:,} tokens")
+    summary["logit_effects"] = write_logit_effects(store, cfg)  # pipeline/outputs/logit_effects.py
     return summary
 
 
