@@ -44,24 +44,51 @@ class HarvestActor:
         torch.set_num_threads(max(1, cfg.cluster.torch_threads))
         device = "cuda" if torch.cuda.is_available() and ray.get_gpu_ids() else "cpu"
         model = load_model(cfg.model, device)
+        with_decoder = cfg.sae.fvu_sample > 0  # extraction only encodes; the FVU check decodes
         saes = {}
         for hook, path in sae_by_hook.items():
-            sae = load_sae(path, hookpoint=hook).to(device)
+            if cfg.sae.latent_splits > 1:
+                sae = open_split_sae(cfg, path, hook, with_decoder)
+            else:
+                sae = load_sae(path, hookpoint=hook, with_decoder=with_decoder).to(device)
+                sae.backend = cfg.sae.backend
             sae.k = cfg.sae.k or sae.k
-            sae.backend = cfg.sae.backend
             saes[hook] = sae
         store = RunStore(cfg.sink, cfg.run_id)
         self.run_id = cfg.run_id
-        self.worker = ShardWorker(model, saes, store, cfg.model.batch_size, device, cfg.faults)
+        self.worker = ShardWorker(model, saes, store, cfg.model.batch_size, device, cfg.faults,
+                                  fvu_sample=cfg.sae.fvu_sample)
 
     def process(self, payload: ShardPayload) -> ShardResult:
         import ray
 
-        result = self.worker.process(payload)
+        try:
+            result = self.worker.process(payload)
+        except ray.exceptions.RayActorError as err:
+            # Only a latent-split part can raise this here: it died and Ray's restarts of it are
+            # used up. The worker is the harvest actor plus its parts, so it dies as one (its
+            # placement group and parts go with it) and the shard is redone like any worker death.
+            log.error(f"[{self.run_id}] shard {payload.shard_id:06d}: a latent-split part died ({err}); "
+                      "ending this worker")
+            logging.shutdown()
+            os._exit(1)
         result.node = ray.get_runtime_context().get_node_id()
         what = "already committed" if result.skipped else f"{result.tokens} tokens in {result.seconds:.1f}s"
         log.info(f"[{self.run_id}] shard {payload.shard_id:06d}: {what}")  # worker log: run + shard
         return result
+
+
+def open_split_sae(cfg: RunConfig, path: str, hook: str, with_decoder: bool):
+    """`sae.latent_splits` parts for one hookpoint, in a placement group owned by this actor.
+
+    Bundles take GPUs when the workers do (`sae.split_gpus`, default 1 per part on a GPU
+    cluster), CPU slots otherwise. Owned by the harvest actor: if it dies, Ray removes them too."""
+    from pipeline.sae.latent_split import open_split
+
+    gpus = cfg.sae.split_gpus if cfg.sae.split_gpus is not None else (1.0 if cfg.cluster.gpus_per_worker > 0 else 0.0)
+    return open_split(path, hook, cfg.sae.latent_splits, with_decoder=with_decoder, backend=cfg.sae.backend,
+                      num_cpus=cfg.sae.split_cpus, num_gpus=gpus, strategy=cfg.sae.split_strategy,
+                      max_restarts=cfg.sae.split_max_restarts)
 
 
 def start_ray(cfg: RunConfig) -> None:
