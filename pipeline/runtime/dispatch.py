@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
 from collections import deque
@@ -110,7 +111,10 @@ def start_ray(cfg: RunConfig) -> None:
         env = {k: v for k, v in env.items() if k not in (job_env.get("env_vars") or {})}
         ray.init(address=cfg.cluster.address, runtime_env={"env_vars": env}, log_to_driver=True)
     else:
-        ray.init(num_cpus=max(os.cpu_count() or 1, int(cfg.cluster.cpus_per_worker * cfg.cluster.num_workers)),
+        # Locally every worker also needs its latent-split parts' CPU slots (sae.latent_splits).
+        split = len(cfg.sae.hookpoints) * cfg.sae.latent_splits * cfg.sae.split_cpus if cfg.sae.latent_splits > 1 else 0
+        per_worker = cfg.cluster.cpus_per_worker + split
+        ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(per_worker * cfg.cluster.num_workers)),
                  include_dashboard=False, runtime_env={"env_vars": env}, log_to_driver=True)
 
 

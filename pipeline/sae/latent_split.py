@@ -249,7 +249,13 @@ class LatentSplitSAE:
         self.sae, self.ranges, self.actors, self._pg = driver_sae, ranges, [], None
         self._pg = placement_group([dict(bundle) for _ in ranges], strategy=strategy)
         try:
-            ray.get(self._pg.ready(), timeout=ready_timeout_s)
+            try:
+                ray.get(self._pg.ready(), timeout=ready_timeout_s)
+            except ray.exceptions.GetTimeoutError:
+                raise RuntimeError(
+                    f"the cluster could not place {len(ranges)} latent-split bundles of {bundle} ({strategy}) within "
+                    f"{ready_timeout_s:.0f}s: lower sae.latent_splits, sae.split_cpus or sae.split_gpus, or add nodes"
+                ) from None
             # A restarted part reruns its constructor (reloads its slice); the object store still
             # holds the call's input, so Ray retries the call there and nothing is recomputed elsewhere.
             actor_cls = ray.remote(max_restarts=max_restarts, max_task_retries=max_restarts)(LatentPartActor)
