@@ -60,6 +60,13 @@ class HarvestActor:
         self.worker = ShardWorker(model, saes, store, cfg.model.batch_size, device, cfg.faults,
                                   fvu_sample=cfg.sae.fvu_sample)
 
+    def close(self) -> None:
+        """Remove the latent-split parts and their placement groups (Ray keeps a placement group
+        an actor made after `ray.kill` of that actor)."""
+        for sae in self.worker.saes.values():
+            if hasattr(sae, "close"):
+                sae.close()
+
     def process(self, payload: ShardPayload) -> ShardResult:
         import ray
 
@@ -84,12 +91,15 @@ def open_split_sae(cfg: RunConfig, path: str, hook: str, with_decoder: bool):
 
     Bundles take GPUs when the workers do (`sae.split_gpus`, default 1 per part on a GPU
     cluster), CPU slots otherwise. Owned by the harvest actor: if it dies, Ray removes them too."""
+    import ray
+
     from pipeline.sae.latent_split import open_split
 
+    owner = ray.get_runtime_context().get_actor_name() or "driver"
     gpus = cfg.sae.split_gpus if cfg.sae.split_gpus is not None else (1.0 if cfg.cluster.gpus_per_worker > 0 else 0.0)
     return open_split(path, hook, cfg.sae.latent_splits, with_decoder=with_decoder, backend=cfg.sae.backend,
                       num_cpus=cfg.sae.split_cpus, num_gpus=gpus, strategy=cfg.sae.split_strategy,
-                      max_restarts=cfg.sae.split_max_restarts)
+                      max_restarts=cfg.sae.split_max_restarts, name=f"{owner}/{hook}")
 
 
 def start_ray(cfg: RunConfig) -> None:
@@ -223,5 +233,9 @@ class RayDispatcher:
     def close(self) -> None:
         import ray
 
+        try:  # free what the actors hold outside themselves (latent-split placement groups)
+            ray.get([actor.close.remote() for actor in self.actors if hasattr(actor, "close")], timeout=60)
+        except Exception as err:  # a dead actor has nothing left to free; killing it below is enough
+            log.debug(f"[dispatch] closing workers: {err}")
         for actor in self.actors:
             ray.kill(actor)

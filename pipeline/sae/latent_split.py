@@ -172,6 +172,7 @@ class LatentSplitSAE:
         ready_timeout_s: float = 600.0,
         with_decoder: bool = True,
         max_restarts: int = 0,
+        name: str = "",
     ) -> None:
         ranges = split_ranges(sae.n_latents, n_parts)
         sources = []
@@ -184,7 +185,8 @@ class LatentSplitSAE:
             # contiguous copies: otherwise pickling a view would ship the whole base tensor.
             sources.append({"tensors": {n: t.detach().cpu().contiguous() for n, t in tensors.items()},
                             "with_decoder": with_decoder})
-        self._start(_driver_sae(sae), ranges, sources, num_cpus, num_gpus, strategy, ready_timeout_s, max_restarts)
+        self._start(_driver_sae(sae), ranges, sources, num_cpus, num_gpus, strategy, ready_timeout_s, max_restarts,
+                    name)
 
     @classmethod
     def from_path(
@@ -200,6 +202,7 @@ class LatentSplitSAE:
         with_decoder: bool = True,
         max_restarts: int = 0,
         backend: str = "auto",
+        name: str = "",
     ) -> LatentSplitSAE:
         """Project's own format (cfg.json + sae.safetensors); no process loads a whole matrix.
 
@@ -231,14 +234,14 @@ class LatentSplitSAE:
         ranges = split_ranges(n_latents, n_parts)
         self = cls.__new__(cls)
         self._start(driver_sae, ranges, [{"path": str(path), "with_decoder": with_decoder}] * n_parts,
-                    num_cpus, num_gpus, strategy, ready_timeout_s, max_restarts)
+                    num_cpus, num_gpus, strategy, ready_timeout_s, max_restarts, name)
         return self
 
     def _start(self, driver_sae: SAE, ranges: list[tuple[int, int]], sources: list[dict],
                num_cpus: float, num_gpus: float, strategy: str, ready_timeout_s: float,
-               max_restarts: int = 0) -> None:
+               max_restarts: int = 0, name: str = "") -> None:
         import ray
-        from ray.util.placement_group import placement_group
+        from ray.util.placement_group import get_placement_group, placement_group, remove_placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         if strategy not in PG_STRATEGIES:
@@ -247,7 +250,14 @@ class LatentSplitSAE:
         if not bundle:
             raise ValueError("each part needs num_cpus > 0 or num_gpus > 0")
         self.sae, self.ranges, self.actors, self._pg = driver_sae, ranges, [], None
-        self._pg = placement_group([dict(bundle) for _ in ranges], strategy=strategy)
+        if name:
+            # A restarted owner (a harvest actor that died and came back) removes the placement
+            # group its earlier life reserved: Ray keeps it until the owner is dead for good.
+            try:
+                remove_placement_group(get_placement_group(name))
+            except ValueError:
+                pass
+        self._pg = placement_group([dict(bundle) for _ in ranges], strategy=strategy, name=name)
         try:
             try:
                 ray.get(self._pg.ready(), timeout=ready_timeout_s)
@@ -380,7 +390,8 @@ def open_split(path: str, hookpoint: str | None, n_parts: int, *, with_decoder: 
     A local checkpoint in the project's own format is read slice by slice by the parts
     (`from_path`); any other format, or a remote path, is loaded once by the caller and its
     slices are shipped to the parts (the caller then needs the memory of the whole SAE once).
-    `options`: num_cpus, num_gpus, strategy, ready_timeout_s, max_restarts.
+    `options`: num_cpus, num_gpus, strategy, ready_timeout_s, max_restarts, name (of the
+    placement group; a new one of the same name replaces it).
     """
     from pipeline.remote import is_remote
     from pipeline.sae.formats import detect_format, load_sae
