@@ -47,6 +47,18 @@ class SAEConfig:
     k: int | None = None  # override the checkpoint's k
     backend: str = "auto"  # kernels backend: auto | torch | triton
     train: TrainSAEConfig = field(default_factory=TrainSAEConfig)
+    # Split each SAE by latent range over this many Ray actors, one placement-group bundle each,
+    # for an encoder too big for one device (docs/DESIGN.md, "Latent splits"). 1: off.
+    latent_splits: int = 1
+    split_cpus: float = 1.0  # CPUs per part (its bundle)
+    split_gpus: float | None = None  # GPUs per part; None: 1 if cluster.gpus_per_worker > 0, else 0
+    split_strategy: str = "PACK"  # PACK | STRICT_PACK | SPREAD | STRICT_SPREAD
+    # Ray restarts a dead part (it reloads its slice and reruns the call) this often; after that
+    # the harvest worker dies with it and its shard is redone like any other worker death.
+    split_max_restarts: int = 2
+    # Decode this many tokens per shard and record FVU and the dead-latent fraction in the commit
+    # marker, summary and manifest (pipeline/sae/fvu.py). 0: off (the decoder is not loaded).
+    fvu_sample: int = 0
 
 
 @dataclass
@@ -106,7 +118,9 @@ class ClusterConfig:
 class FaultConfig:
     """Real process deaths at chosen points, for the exactly-once tests. Off by default."""
     crash_shard: int | None = None
-    crash_point: str = "after_parts"  # before_parts | after_parts (parts written, no commit yet)
+    # before_parts | after_parts (parts written, no commit yet) | split_part (part 0 of a
+    # latent-split SAE dies while encoding the shard)
+    crash_point: str = "after_parts"
     # Crash only while this file does not exist (it is created just before dying): crash once.
     once_marker: str | None = None
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
 from collections import deque
@@ -44,24 +45,61 @@ class HarvestActor:
         torch.set_num_threads(max(1, cfg.cluster.torch_threads))
         device = "cuda" if torch.cuda.is_available() and ray.get_gpu_ids() else "cpu"
         model = load_model(cfg.model, device)
+        with_decoder = cfg.sae.fvu_sample > 0  # extraction only encodes; the FVU check decodes
         saes = {}
         for hook, path in sae_by_hook.items():
-            sae = load_sae(path, hookpoint=hook).to(device)
+            if cfg.sae.latent_splits > 1:
+                sae = open_split_sae(cfg, path, hook, with_decoder)
+            else:
+                sae = load_sae(path, hookpoint=hook, with_decoder=with_decoder).to(device)
+                sae.backend = cfg.sae.backend
             sae.k = cfg.sae.k or sae.k
-            sae.backend = cfg.sae.backend
             saes[hook] = sae
         store = RunStore(cfg.sink, cfg.run_id)
         self.run_id = cfg.run_id
-        self.worker = ShardWorker(model, saes, store, cfg.model.batch_size, device, cfg.faults)
+        self.worker = ShardWorker(model, saes, store, cfg.model.batch_size, device, cfg.faults,
+                                  fvu_sample=cfg.sae.fvu_sample)
+
+    def close(self) -> None:
+        """Remove the latent-split parts and their placement groups (Ray keeps a placement group
+        an actor made after `ray.kill` of that actor)."""
+        for sae in self.worker.saes.values():
+            if hasattr(sae, "close"):
+                sae.close()
 
     def process(self, payload: ShardPayload) -> ShardResult:
         import ray
 
-        result = self.worker.process(payload)
+        try:
+            result = self.worker.process(payload)
+        except ray.exceptions.RayActorError as err:
+            # Only a latent-split part can raise this here: it died and Ray's restarts of it are
+            # used up. The worker is the harvest actor plus its parts, so it dies as one (its
+            # placement group and parts go with it) and the shard is redone like any worker death.
+            log.error(f"[{self.run_id}] shard {payload.shard_id:06d}: a latent-split part died ({err}); "
+                      "ending this worker")
+            logging.shutdown()
+            os._exit(1)
         result.node = ray.get_runtime_context().get_node_id()
         what = "already committed" if result.skipped else f"{result.tokens} tokens in {result.seconds:.1f}s"
         log.info(f"[{self.run_id}] shard {payload.shard_id:06d}: {what}")  # worker log: run + shard
         return result
+
+
+def open_split_sae(cfg: RunConfig, path: str, hook: str, with_decoder: bool):
+    """`sae.latent_splits` parts for one hookpoint, in a placement group owned by this actor.
+
+    Bundles take GPUs when the workers do (`sae.split_gpus`, default 1 per part on a GPU
+    cluster), CPU slots otherwise. Owned by the harvest actor: if it dies, Ray removes them too."""
+    import ray
+
+    from pipeline.sae.latent_split import open_split
+
+    owner = ray.get_runtime_context().get_actor_name() or "driver"
+    gpus = cfg.sae.split_gpus if cfg.sae.split_gpus is not None else (1.0 if cfg.cluster.gpus_per_worker > 0 else 0.0)
+    return open_split(path, hook, cfg.sae.latent_splits, with_decoder=with_decoder, backend=cfg.sae.backend,
+                      num_cpus=cfg.sae.split_cpus, num_gpus=gpus, strategy=cfg.sae.split_strategy,
+                      max_restarts=cfg.sae.split_max_restarts, name=f"{owner}/{hook}")
 
 
 def start_ray(cfg: RunConfig) -> None:
@@ -83,7 +121,10 @@ def start_ray(cfg: RunConfig) -> None:
         env = {k: v for k, v in env.items() if k not in (job_env.get("env_vars") or {})}
         ray.init(address=cfg.cluster.address, runtime_env={"env_vars": env}, log_to_driver=True)
     else:
-        ray.init(num_cpus=max(os.cpu_count() or 1, int(cfg.cluster.cpus_per_worker * cfg.cluster.num_workers)),
+        # Locally every worker also needs its latent-split parts' CPU slots (sae.latent_splits).
+        split = len(cfg.sae.hookpoints) * cfg.sae.latent_splits * cfg.sae.split_cpus if cfg.sae.latent_splits > 1 else 0
+        per_worker = cfg.cluster.cpus_per_worker + split
+        ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(per_worker * cfg.cluster.num_workers)),
                  include_dashboard=False, runtime_env={"env_vars": env}, log_to_driver=True)
 
 
@@ -192,5 +233,9 @@ class RayDispatcher:
     def close(self) -> None:
         import ray
 
+        try:  # free what the actors hold outside themselves (latent-split placement groups)
+            ray.get([actor.close.remote() for actor in self.actors if hasattr(actor, "close")], timeout=60)
+        except Exception as err:  # a dead actor has nothing left to free; killing it below is enough
+            log.debug(f"[dispatch] closing workers: {err}")
         for actor in self.actors:
             ray.kill(actor)

@@ -97,8 +97,18 @@ def open_run(store: RunStore, manifest: dict) -> None:
             )
 
 
-def close_run(store: RunStore, manifest: dict, files: list[dict], quarantined: list[dict]) -> None:
-    """Mark the run complete with its corpus files and quarantine; no write when nothing changed."""
+def close_run(store: RunStore, manifest: dict, files: list[dict], quarantined: list[dict],
+              fvu_check: dict | None = None) -> None:
+    """Mark the run complete with its corpus files and quarantine; no write when nothing changed.
+
+    `fvu_check` (hookpoint -> this invocation's FVU record) is merged, token-weighted, into the
+    manifest's "fvu" from earlier invocations (pipeline/sae/fvu.py)."""
+    from pipeline.sae import fvu
+
+    previous = store.read_json(MANIFEST_KEY)
     final = {**manifest, "status": "complete", "files": files, "quarantined": quarantined}
-    if store.read_json(MANIFEST_KEY) != final:
+    merged = fvu.merge(previous.get("fvu") or {}, fvu_check or {})
+    if merged:
+        final["fvu"] = merged
+    if previous != final:
         store.write_json(MANIFEST_KEY, final)

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 
 from pipeline.outputs.layout import SUMMARY_KEY, run_history_key
 from pipeline.outputs.sink import RunStore
+from pipeline.sae import fvu
 
 if TYPE_CHECKING:
     from pipeline.runtime.worker import ShardResult
@@ -44,6 +45,8 @@ class RunSummary:
     shards_by_node: dict[str, int] = field(default_factory=dict)
     setup_seconds: float = 0.0  # config checks, tokenizer, demo-SAE fitting: before any shard
     hookpoints: list[str] = field(default_factory=list)
+    # hookpoint -> FVU check over this invocation's shards, token-weighted (pipeline/sae/fvu.py)
+    fvu: dict[str, dict] = field(default_factory=dict)
 
     @property
     def tokens_per_second(self) -> float:
@@ -59,6 +62,8 @@ class RunSummary:
         self.tokens += result.tokens
         self.pairs += result.pairs
         self.bytes += result.bytes
+        if result.fvu:
+            self.fvu = fvu.merge(self.fvu, result.fvu)
 
     def describe(self) -> str:
         bpp = self.bytes / self.pairs if self.pairs else float("nan")
@@ -68,7 +73,9 @@ class RunSummary:
             f"{self.bytes / 1e6:.1f} MB ({bpp:.2f} B/pair incl. contexts), {self.seconds:.1f}s extracting "
             f"(+{self.setup_seconds:.1f}s setup), {self.tokens_per_second:,.0f} tokens/s; "
             f"quarantined documents: {self.quarantined}, shard retries: {self.retries}\n"
-            f"output: {self.output}"
+            + "".join(f"FVU check {hook}: FVU {s['fvu']:.4f}, dead in sample {s['dead_fraction']:.4f} "
+                      f"({s['tokens']:,} sampled tokens, {s['shards']} shards)\n" for hook, s in self.fvu.items())
+            + f"output: {self.output}"
         )
 
 
@@ -120,6 +127,7 @@ def summary_record(summary, *, started_at: datetime | None = None, failures: int
         "failures": failures,
         "retries": summary.retries,
         "tokens_per_second": round(summary.tokens / seconds, 1) if seconds > 0 else 0.0,
+        "fvu": dict(getattr(summary, "fvu", {}) or {}),
         "error": error,
     }
 

@@ -12,7 +12,7 @@ import logging
 import os
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
@@ -29,6 +29,8 @@ from pipeline.outputs.layout import (
     latents_table,
 )
 from pipeline.outputs.sink import RunStore
+from pipeline.sae.fvu import fvu_stats, sample_indices
+from pipeline.sae.latent_split import LatentSplitSAE
 from pipeline.sae.sae import SAE
 
 log = logging.getLogger(__name__)
@@ -55,6 +57,7 @@ class ShardResult:
     seconds: float
     skipped: bool = False
     node: str = ""  # the Ray node that did it (set by the actor)
+    fvu: dict = field(default_factory=dict)  # hookpoint -> pipeline.sae.fvu record (sae.fvu_sample > 0)
 
 
 class ShardWorker:
@@ -66,6 +69,7 @@ class ShardWorker:
         batch_size: int = 16,
         device: str = "cpu",
         faults: FaultConfig | None = None,
+        fvu_sample: int = 0,
     ):
         self.model = model
         self.faults = faults or FaultConfig()
@@ -77,6 +81,7 @@ class ShardWorker:
         self.batch_size = batch_size
         self.device = torch.device(device)
         self.harvester = Harvester(model, list(saes))
+        self.fvu_sample = fvu_sample  # tokens per shard decoded for the FVU check (0: off)
 
     def _batches(self, payload: ShardPayload):
         """Contexts grouped by length (full ones together, the ragged last one alone): no padding."""
@@ -91,17 +96,55 @@ class ShardWorker:
             yield batch
 
     def encode_shard(self, payload: ShardPayload) -> dict[str, tuple[np.ndarray, np.ndarray, torch.Tensor, torch.Tensor]]:
-        """Per hookpoint: (seq_ids, positions, values [T, k], ids [T, k]) in (seq_id, pos) order."""
+        """Per hookpoint: (seq_ids, positions, values [T, k], ids [T, k]) in (seq_id, pos) order.
+
+        Sets `self.last_fvu` (hookpoint -> FVU record) when `fvu_sample` > 0. A latent-split SAE
+        gets the whole shard's activations at once (one object in Ray's object store, read by
+        all its parts), encoded in the same row batches as the unsplit SAE would be."""
         parts: dict[str, list] = {h: [] for h in self.saes}
+        split = {h for h, sae in self.saes.items() if isinstance(sae, LatentSplitSAE)}
+        pending: dict[str, list[torch.Tensor]] = {h: [] for h in split}
+        pending_keys: list[tuple[np.ndarray, np.ndarray]] = []
+        # The FVU sample, as (context index -> sampled positions) in the shard's (seq_id, pos) order.
+        lengths = np.asarray([len(t) for t in payload.token_ids], dtype=np.int64)
+        starts = np.concatenate([[0], np.cumsum(lengths)])
+        picked = sample_indices(int(starts[-1]), self.fvu_sample) if self.fvu_sample > 0 else np.empty(0, np.int64)
+        picked_ctx = np.searchsorted(starts, picked, side="right") - 1
+        sample_x: dict[str, list[tuple[np.ndarray, torch.Tensor]]] = {h: [] for h in self.saes}
         for batch in self._batches(payload):
             input_ids = torch.from_numpy(np.stack([payload.token_ids[i] for i in batch]).astype(np.int64)).to(self.device)
             acts = self.harvester(input_ids)
             n, t = input_ids.shape
             seq = np.repeat(np.asarray([payload.seq_start + i for i in batch], dtype=np.int64), t)
             pos = np.tile(np.arange(t, dtype=np.int32), n)
+            if len(picked):
+                # Rows of this batch that are in the sample, and their index in shard order.
+                in_batch = np.isin(picked_ctx, batch)
+                row_of_ctx = {c: r for r, c in enumerate(batch)}
+                rows = np.asarray([row_of_ctx[c] * t for c in picked_ctx[in_batch]], dtype=np.int64)
+                rows += picked[in_batch] - starts[picked_ctx[in_batch]]
             for hook, sae in self.saes.items():
-                values, ids = sae.encode(acts[hook].reshape(n * t, -1))
+                x = acts[hook].reshape(n * t, -1)
+                if len(picked) and len(rows):
+                    sample_x[hook].append((picked[in_batch], x[torch.from_numpy(rows)].cpu()))
+                if hook in split:
+                    pending[hook].append(x.cpu())
+                    continue
+                values, ids = sae.encode(x)
                 parts[hook].append((seq, pos, values.cpu(), ids.cpu()))
+            if split:
+                pending_keys.append((seq, pos))
+        # Fault injection: part 0 of a split SAE dies while encoding this shard.
+        f = self.faults
+        crash = (f.once_marker or "") if (f.crash_point == "split_part" and f.crash_shard == payload.shard_id) else None
+        for hook in split:
+            if not pending[hook]:
+                continue
+            x = torch.cat(pending[hook])
+            bounds = np.concatenate([[0], np.cumsum([len(c) for c in pending[hook]])]).tolist()
+            values, ids = self.saes[hook].encode(x, bounds=bounds, crash_once=crash)
+            parts[hook].append((np.concatenate([k[0] for k in pending_keys]),
+                                np.concatenate([k[1] for k in pending_keys]), values, ids))
         out = {}
         for hook, chunks in parts.items():
             seq = np.concatenate([c[0] for c in chunks])
@@ -110,6 +153,14 @@ class ShardWorker:
             values = torch.cat([c[2] for c in chunks])[torch.from_numpy(order)]
             ids = torch.cat([c[3] for c in chunks])[torch.from_numpy(order)]
             out[hook] = (seq[order], pos[order], values, ids)
+        self.last_fvu = {}
+        for hook, samples in sample_x.items():
+            if not samples:
+                continue
+            where = np.concatenate([w for w, _ in samples])
+            x = torch.cat([x for _, x in samples])[torch.from_numpy(np.argsort(where, kind="stable"))]
+            sel = torch.from_numpy(np.sort(where))
+            self.last_fvu[hook] = fvu_stats(self.saes[hook], x, out[hook][2][sel], out[hook][3][sel])
         return out
 
     def _maybe_crash(self, shard_id: int, point: str) -> None:
@@ -131,6 +182,7 @@ class ShardWorker:
             return ShardResult(payload.shard_id, 0, 0, 0, 0, 0.0, skipped=True)
         with self._compute:
             encoded = self.encode_shard(payload)
+            fvu = self.last_fvu
         self._maybe_crash(payload.shard_id, "before_parts")
         n = len(payload.token_ids)
         contexts = pa.Table.from_arrays(
@@ -158,8 +210,9 @@ class ShardWorker:
                 "contexts": n,
                 "tokens": tokens,
                 "files": [f.__dict__ for f in files],
+                **({"fvu": fvu} if fvu else {}),
             },
         )
         return ShardResult(
-            payload.shard_id, n, tokens, pairs, sum(f.bytes for f in files), time.perf_counter() - started
+            payload.shard_id, n, tokens, pairs, sum(f.bytes for f in files), time.perf_counter() - started, fvu=fvu
         )

@@ -281,7 +281,8 @@ def load_own(path: Path) -> SAE:
     )
 
 
-def load_sae(path: str | os.PathLike, hookpoint: str | None = None, cache_dir: str | os.PathLike | None = None) -> SAE:
+def load_sae(path: str | os.PathLike, hookpoint: str | None = None, cache_dir: str | os.PathLike | None = None,
+             with_decoder: bool = True) -> SAE:
     """Load an SAE in any supported format, detected from the files present.
 
     `path`: a local file/folder or a remote URL (s3://..., fetched to `cache_dir` with a sha256
@@ -300,4 +301,6 @@ def load_sae(path: str | os.PathLike, hookpoint: str | None = None, cache_dir: s
     fmt = detect_format(path)
     sae = load_own(path) if fmt == OWN_FORMAT else LOADERS[fmt](path)
     sae.source = source if is_remote(source) else str(path)
+    if not with_decoder:  # extraction only encodes: keep W_dec's shape, not its memory
+        sae.W_dec = torch.empty(sae.W_dec.shape, device="meta")
     return sae

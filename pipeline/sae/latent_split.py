@@ -54,17 +54,19 @@ def split_ranges(n_latents: int, n_parts: int) -> list[tuple[int, int]]:
     return ranges
 
 
-def load_slices(path: str | os.PathLike, start: int, stop: int) -> dict[str, torch.Tensor]:
+def load_slices(path: str | os.PathLike, start: int, stop: int, with_decoder: bool = True) -> dict[str, torch.Tensor]:
     """Rows [start, stop) of W_enc, W_dec and b_enc from the project's own format.
 
     `safe_open(...).get_slice` reads only those rows from the file, so an actor never holds
-    (or even reads) the whole matrix.
+    (or even reads) the whole matrix. `with_decoder=False` skips W_dec (extraction only encodes).
     """
     from safetensors import safe_open
 
     with safe_open(str(Path(path) / "sae.safetensors"), framework="pt") as f:
         names = set(f.keys())
-        out = {"W_enc": f.get_slice("W_enc")[start:stop], "W_dec": f.get_slice("W_dec")[start:stop]}
+        out = {"W_enc": f.get_slice("W_enc")[start:stop]}
+        if with_decoder:
+            out["W_dec"] = f.get_slice("W_dec")[start:stop]
         if "b_enc" in names:
             out["b_enc"] = f.get_slice("b_enc")[start:stop]
     return out
@@ -86,16 +88,19 @@ class LatentPartActor:
         device: str = "cpu",
         backend: str = "auto",
         torch_threads: int = 1,
+        with_decoder: bool = True,
     ) -> None:
         if (tensors is None) == (path is None):
             raise ValueError("give exactly one of tensors or path")
         torch.set_num_threads(max(1, torch_threads))
-        tensors = load_slices(path, start, stop) if path is not None else tensors
+        tensors = load_slices(path, start, stop, with_decoder) if path is not None else tensors
         if tensors["W_enc"].shape[0] != stop - start:
             raise ValueError(f"W_enc slice has {tensors['W_enc'].shape[0]} rows for range [{start}, {stop})")
         self.start, self.stop, self.device, self.backend = start, stop, torch.device(device), backend
         self.W_enc = tensors["W_enc"].to(self.device)
-        self.W_dec = tensors["W_dec"].to(self.device)
+        # Without the decoder a meta tensor keeps the shape (info, checks) and holds no memory.
+        w_dec = tensors.get("W_dec") if with_decoder else None
+        self.W_dec = w_dec.to(self.device) if w_dec is not None else torch.empty(self.W_enc.shape, device="meta")
         b_enc = tensors.get("b_enc")
         self.b_enc = None if b_enc is None else b_enc.to(self.device)
 
@@ -103,15 +108,33 @@ class LatentPartActor:
         return {"start": self.start, "stop": self.stop, "W_enc": tuple(self.W_enc.shape),
                 "W_dec": tuple(self.W_dec.shape), "device": str(self.device)}
 
-    def encode_part(self, x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Local top-k (values fp32 [N, k'], global ids int32 [N, k']), k' = min(k, range size)."""
+    def encode_part(self, x: torch.Tensor, k: int, bounds: list[int] | None = None,
+                    crash_once: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Local top-k (values fp32 [N, k'], global ids int32 [N, k']), k' = min(k, range size).
+
+        `bounds` (row offsets 0 = b_0 < ... < b_m = N) encodes rows [b_i, b_i+1) one call at a
+        time: the harvest sends a whole shard at once but keeps the matmul shapes of its
+        forward batches, so results equal the unsplit run's bit for bit.
+        `crash_once`: fault injection for the exactly-once tests (the process dies while
+        encoding, once: only while the marker file does not exist; "" = every time).
+        """
+        if crash_once is not None and not (crash_once and os.path.exists(crash_once)):
+            if crash_once:
+                open(crash_once, "w").close()
+            os._exit(17)
         # A range narrower than k contributes all its latents; the merge still finds the global k.
         local_k = min(k, self.stop - self.start)
-        values, ids = kernels.topk_encode(x.to(self.device), self.W_enc, self.b_enc, local_k, backend=self.backend)
+        bounds = [0, x.shape[0]] if bounds is None else bounds
+        out = [kernels.topk_encode(x[a:b].to(self.device), self.W_enc, self.b_enc, local_k, backend=self.backend)
+               for a, b in zip(bounds[:-1], bounds[1:])]
+        values = torch.cat([v for v, _ in out]) if out else torch.empty(0, local_k)
+        ids = torch.cat([i for _, i in out]) if out else torch.empty(0, local_k, dtype=torch.int32)
         return values.cpu(), (ids + self.start).cpu()
 
     def decoder_rows(self, ids: torch.Tensor) -> torch.Tensor:
         """W_dec rows for global ids inside this range: [len(ids), d], on CPU."""
+        if self.W_dec.is_meta:
+            raise ValueError("this part was loaded without its decoder (with_decoder=False)")
         local = ids.long().to(self.device) - self.start
         if local.numel() and (int(local.min()) < 0 or int(local.max()) >= self.stop - self.start):
             raise ValueError(f"ids outside this part's range [{self.start}, {self.stop})")
@@ -147,16 +170,23 @@ class LatentSplitSAE:
         num_gpus: float = 0.0,
         strategy: str = "PACK",
         ready_timeout_s: float = 600.0,
+        with_decoder: bool = True,
+        max_restarts: int = 0,
+        name: str = "",
     ) -> None:
         ranges = split_ranges(sae.n_latents, n_parts)
         sources = []
         for start, stop in ranges:
-            tensors = {"W_enc": sae.W_enc[start:stop], "W_dec": sae.W_dec[start:stop]}
+            tensors = {"W_enc": sae.W_enc[start:stop]}
+            if with_decoder:
+                tensors["W_dec"] = sae.W_dec[start:stop]
             if sae.b_enc is not None:
                 tensors["b_enc"] = sae.b_enc[start:stop]
             # contiguous copies: otherwise pickling a view would ship the whole base tensor.
-            sources.append({"tensors": {n: t.detach().cpu().contiguous() for n, t in tensors.items()}})
-        self._start(_driver_sae(sae), ranges, sources, num_cpus, num_gpus, strategy, ready_timeout_s)
+            sources.append({"tensors": {n: t.detach().cpu().contiguous() for n, t in tensors.items()},
+                            "with_decoder": with_decoder})
+        self._start(_driver_sae(sae), ranges, sources, num_cpus, num_gpus, strategy, ready_timeout_s, max_restarts,
+                    name)
 
     @classmethod
     def from_path(
@@ -169,11 +199,17 @@ class LatentSplitSAE:
         strategy: str = "PACK",
         ready_timeout_s: float = 600.0,
         hash_files: bool = True,
+        with_decoder: bool = True,
+        max_restarts: int = 0,
+        backend: str = "auto",
+        name: str = "",
     ) -> LatentSplitSAE:
         """Project's own format (cfg.json + sae.safetensors); no process loads a whole matrix.
 
         `hash_files=False` skips the sha256 of the checkpoint (a streamed read of the whole
-        file on the driver: minutes for a 16M-latent SAE).
+        file on the driver: minutes for a 16M-latent SAE). `with_decoder=False`: parts hold
+        W_enc/b_enc only. `max_restarts`: Ray restarts of a dead part (it reloads its slice and
+        reruns the call) before the caller sees `RayActorError`.
         """
         from safetensors import safe_open
 
@@ -193,17 +229,19 @@ class LatentSplitSAE:
             input_norm=cfg.get("input_norm", "none"), activation=cfg.get("activation", "topk_relu"),
             hookpoint=cfg.get("hookpoint"), format=OWN_FORMAT, source=str(path),
             sha256=sha256_of_files([path / "cfg.json", path / "sae.safetensors"]) if hash_files else "",
-            meta=cfg.get("meta", {}),
+            meta=cfg.get("meta", {}), backend=backend,
         )
         ranges = split_ranges(n_latents, n_parts)
         self = cls.__new__(cls)
-        self._start(driver_sae, ranges, [{"path": str(path)}] * n_parts, num_cpus, num_gpus, strategy, ready_timeout_s)
+        self._start(driver_sae, ranges, [{"path": str(path), "with_decoder": with_decoder}] * n_parts,
+                    num_cpus, num_gpus, strategy, ready_timeout_s, max_restarts, name)
         return self
 
     def _start(self, driver_sae: SAE, ranges: list[tuple[int, int]], sources: list[dict],
-               num_cpus: float, num_gpus: float, strategy: str, ready_timeout_s: float) -> None:
+               num_cpus: float, num_gpus: float, strategy: str, ready_timeout_s: float,
+               max_restarts: int = 0, name: str = "") -> None:
         import ray
-        from ray.util.placement_group import placement_group
+        from ray.util.placement_group import get_placement_group, placement_group, remove_placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         if strategy not in PG_STRATEGIES:
@@ -212,10 +250,25 @@ class LatentSplitSAE:
         if not bundle:
             raise ValueError("each part needs num_cpus > 0 or num_gpus > 0")
         self.sae, self.ranges, self.actors, self._pg = driver_sae, ranges, [], None
-        self._pg = placement_group([dict(bundle) for _ in ranges], strategy=strategy)
+        if name:
+            # A restarted owner (a harvest actor that died and came back) removes the placement
+            # group its earlier life reserved: Ray keeps it until the owner is dead for good.
+            try:
+                remove_placement_group(get_placement_group(name))
+            except ValueError:
+                pass
+        self._pg = placement_group([dict(bundle) for _ in ranges], strategy=strategy, name=name)
         try:
-            ray.get(self._pg.ready(), timeout=ready_timeout_s)
-            actor_cls = ray.remote(LatentPartActor)
+            try:
+                ray.get(self._pg.ready(), timeout=ready_timeout_s)
+            except ray.exceptions.GetTimeoutError:
+                raise RuntimeError(
+                    f"the cluster could not place {len(ranges)} latent-split bundles of {bundle} ({strategy}) within "
+                    f"{ready_timeout_s:.0f}s: lower sae.latent_splits, sae.split_cpus or sae.split_gpus, or add nodes"
+                ) from None
+            # A restarted part reruns its constructor (reloads its slice); the object store still
+            # holds the call's input, so Ray retries the call there and nothing is recomputed elsewhere.
+            actor_cls = ray.remote(max_restarts=max_restarts, max_task_retries=max_restarts)(LatentPartActor)
             for i, ((start, stop), source) in enumerate(zip(ranges, sources)):
                 options = actor_cls.options(
                     num_cpus=num_cpus, num_gpus=num_gpus,
@@ -250,6 +303,13 @@ class LatentSplitSAE:
         self.sae.k = value
 
     @property
+    def backend(self) -> str:
+        return self.sae.backend
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        return self.sae.normalize(x)
+
+    @property
     def n_parts(self) -> int:
         return len(self.ranges)
 
@@ -258,14 +318,20 @@ class LatentSplitSAE:
 
         return ray.get([actor.info.remote() for actor in self.actors])
 
-    def encode(self, x: torch.Tensor, k: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [N, d] -> (values fp32 [N, k] descending, latent ids int32 [N, k]), as `SAE.encode`."""
+    def encode(self, x: torch.Tensor, k: int | None = None, bounds: list[int] | None = None,
+               crash_once: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [N, d] -> (values fp32 [N, k] descending, latent ids int32 [N, k]), as `SAE.encode`.
+
+        `bounds`: row offsets of the batches the unsplit SAE would have encoded one by one
+        (see `LatentPartActor.encode_part`); `crash_once`: fault injection in part 0.
+        """
         import ray
 
         k = self.k if k is None else k
         x_n = self.sae.encoder_input(x.cpu(), k)  # the SAE's own semantics around the top-k
         x_ref = ray.put(x_n)  # one copy in the object store, shared by every actor
-        parts = ray.get([actor.encode_part.remote(x_ref, k) for actor in self.actors])
+        parts = ray.get([actor.encode_part.remote(x_ref, k, bounds, crash_once if i == 0 else None)
+                         for i, actor in enumerate(self.actors)])
         values, ids = merge_topk(parts, k)
         values = self.sae.activate(values, ids)
         return values.to(x.device), ids.to(x.device)
@@ -315,3 +381,28 @@ class LatentSplitSAE:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def open_split(path: str, hookpoint: str | None, n_parts: int, *, with_decoder: bool = True,
+               backend: str = "auto", **options) -> LatentSplitSAE:
+    """The harvest's entry point (`sae.latent_splits`): a `LatentSplitSAE` for any SAE path.
+
+    A local checkpoint in the project's own format is read slice by slice by the parts
+    (`from_path`); any other format, or a remote path, is loaded once by the caller and its
+    slices are shipped to the parts (the caller then needs the memory of the whole SAE once).
+    `options`: num_cpus, num_gpus, strategy, ready_timeout_s, max_restarts, name (of the
+    placement group; a new one of the same name replaces it).
+    """
+    from pipeline.remote import is_remote
+    from pipeline.sae.formats import detect_format, load_sae
+
+    local = Path(str(path).removeprefix("file://"))
+    if hookpoint is not None and local.is_dir() and (local / hookpoint).is_dir():
+        local = local / hookpoint
+    if not is_remote(str(path)) and local.is_dir() and detect_format(local) == OWN_FORMAT:
+        # The driver's preflight already hashed the checkpoint for the manifest.
+        return LatentSplitSAE.from_path(local, n_parts, hash_files=False, with_decoder=with_decoder,
+                                        backend=backend, **options)
+    sae = load_sae(path, hookpoint=hookpoint)
+    sae.backend = backend
+    return LatentSplitSAE(sae, n_parts, with_decoder=with_decoder, **options)

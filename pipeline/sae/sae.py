@@ -71,7 +71,7 @@ class SAE:
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> SAE:
         for name in ("W_enc", "b_enc", "W_dec", "b_dec", "b_pre", "latent_scale"):
             t = getattr(self, name)
-            if t is not None:
+            if t is not None and not t.is_meta:  # meta: not loaded (load_sae(with_decoder=False))
                 setattr(self, name, t.to(device=device, dtype=dtype if t.is_floating_point() else None))
         return self
 
