@@ -279,7 +279,7 @@ def _reduce(store, hook, bucket, lo, hi, spill_keys, committed, shard_size, cfg,
     # 3. the sorted stream -> by_latent, keeping the needed rows.
     reader = con.sql("SELECT latent_id, seq_id, pos, act, bin FROM pairs ORDER BY latent_id, act DESC, seq_id, pos") \
         .to_arrow_reader(1 << 20)
-    from pipeline.postprocess import BY_LATENT_SCHEMA
+    from pipeline.outputs.layout import BY_LATENT_SCHEMA
 
     offset = 0
     with local_output(store, by_latent_key, scratch) as path, \
@@ -409,7 +409,7 @@ def write_examples(con, store: RunStore, contexts: ContextsLRU, key: str, scratc
     """Token windows and this latent's activations in them. Windows are cut in contexts-shard order
     (each shard read once) into a disk-backed array; activations come from one DuckDB join streamed
     in example order; the part is written in chunks of examples."""
-    from pipeline.postprocess import EXAMPLES_SCHEMA
+    from pipeline.outputs.layout import EXAMPLES_SCHEMA
 
     W, m = cfg.window, len(lat)
     kinds = pa.array(list(KIND_CODES), pa.string())
