@@ -9,6 +9,8 @@ committed contexts, distinct, ranked 0..n-1.
 """
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
@@ -156,7 +158,7 @@ def test_examples_equal_reference(real_run, hook):
 
 
 def test_demo_streams_the_run_and_shows_the_in_memory_choice(real_run, tiny_model_dir, tiny_corpus, tiny_sae_dir,
-                                                             capsys):
+                                                             caplog):
     """The demo reads one committed shard at a time (iter_committed); its latents and top contexts
     equal what the whole run, concatenated in memory, gives."""
     from pipeline.config import DemoConfig
@@ -165,8 +167,9 @@ def test_demo_streams_the_run_and_shows_the_in_memory_choice(real_run, tiny_mode
     run, _ = real_run
     cfg = make_cfg(tiny_model_dir, tiny_corpus, tiny_sae_dir, run.parent, run_id="g")
     cfg.demo = DemoConfig(show_latents=3, show_contexts=2, window=4)
-    show_top_contexts(cfg, HOOKS[0])
-    printed = capsys.readouterr().out
+    with caplog.at_level(logging.INFO, logger="pipeline.outputs.demo"):
+        show_top_contexts(cfg, HOOKS[0])
+    printed = "\n".join(r.getMessage() for r in caplog.records)
     lat = RunStore(cfg.sink, "g").read_committed("latents", HOOKS[0]).to_pandas()
     lat = lat[lat.pos > 0]
     k = len(lat.latent_ids.iloc[0])
