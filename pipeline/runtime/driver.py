@@ -108,7 +108,7 @@ def plan_run(cfg: RunConfig, files: list[CorpusFile], ledger: Ledger, committed:
             return
         if rec is None:
             rec = FileRecord(ordinal=ledger.next_ordinal(), url=f.url, fingerprint=f.fingerprint,
-                             first_shard=ledger.next_shard())
+                             first_shard=ledger.next_shard(int(committed[-1]) if len(committed) else -1))
             ledger.save(rec)  # first shard fixed before any of the file's shards is submitted
         elif rec.complete and all(is_committed(s) for s in range(rec.first_shard, rec.last_shard + 1)):
             summary.shards_skipped += rec.n_shards
@@ -133,6 +133,7 @@ def plan_run(cfg: RunConfig, files: list[CorpusFile], ledger: Ledger, committed:
             if is_committed(shard.shard_id):
                 summary.shards_skipped += 1
             else:
+                rec = ledger.reserve(rec, shard.shard_id)  # durable before the shard is submitted
                 yield shard
         summary.quarantined += len(quarantined)
         summary.planned_bytes += f.size

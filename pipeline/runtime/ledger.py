@@ -10,6 +10,11 @@ run id therefore:
   whatever their names sort like;
 - refuse a known file whose fingerprint changed (`corpus.on_changed_file=error`), or keep its
   earlier output and ignore the change (`skip`).
+A shard id, once handed out, is never handed out again: each record also keeps the highest
+shard id submitted for it (`reserved_shard`, saved *before* that shard is submitted), so a file
+whose driver died mid-planning and which then vanished or changed still owns every id it may
+have used; `next_shard` also stays above every committed shard (ledgers written before
+`reserved_shard` existed).
 A record is rewritten only when its content changes, so a run with nothing to do writes nothing.
 """
 from __future__ import annotations
@@ -28,6 +33,7 @@ class FileRecord:
     fingerprint: str
     first_shard: int
     last_shard: int | None = None  # None until the file's last shard is known
+    reserved_shard: int | None = None  # highest shard id ever submitted for this file
     contexts: int = 0
     tokens: int = 0
     complete: bool = False  # read to its end (not cut short by corpus.max_tokens)
@@ -58,9 +64,21 @@ class Ledger:
     def next_ordinal(self) -> int:
         return 1 + max((r.ordinal for r in self.records.values()), default=-1)
 
-    def next_shard(self) -> int:
-        return 1 + max((r.last_shard if r.last_shard is not None else r.first_shard for r in self.records.values()),
-                       default=-1)
+    def next_shard(self, committed_max: int = -1) -> int:
+        """The first shard id above every id any record may have handed out, and above
+        `committed_max` (the highest committed shard id)."""
+        def highest(r: FileRecord) -> int:
+            known = r.last_shard if r.last_shard is not None else r.first_shard
+            return max(known, r.reserved_shard if r.reserved_shard is not None else -1)
+        return 1 + max([committed_max, *(highest(r) for r in self.records.values())])
+
+    def reserve(self, rec: FileRecord, shard_id: int) -> FileRecord:
+        """Record durably that `shard_id` belongs to `rec`'s file; call before submitting it."""
+        if rec.reserved_shard is not None and rec.reserved_shard >= shard_id:
+            return rec
+        rec = dataclasses.replace(rec, reserved_shard=shard_id)
+        self.save(rec)
+        return rec
 
     def save(self, rec: FileRecord) -> None:
         self.records[rec.url] = rec

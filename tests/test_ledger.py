@@ -1,0 +1,93 @@
+"""Shard ids, once handed out, are never handed out again (issue 15's silent-loss path).
+
+A file whose driver died mid-planning has `last_shard=None`; if it then vanishes from the
+corpus (or changes under `on_changed_file=skip`), a new file must not get shard ids that
+overlap the shards it committed: `plan_run` would skip them as done and lose the new file."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+
+import pyarrow.parquet as pq
+import pytest
+from test_pipeline_e2e import make_cfg
+
+from pipeline.config import SinkConfig
+from pipeline.outputs.layout import plan_key
+from pipeline.outputs.sink import RunStore
+from pipeline.runtime.ledger import FileRecord, Ledger
+
+
+def test_next_shard_is_above_every_shard_of_an_unfinished_file(tmp_path):
+    store = RunStore(SinkConfig(root=str(tmp_path)), "r")
+    ledger = Ledger(store)
+    # The driver died while planning a.txt: shards 0, 1, 2 committed, last shard never recorded.
+    ledger.save(FileRecord(ordinal=0, url="file:///c/a.txt", fingerprint="x", first_shard=0))
+    assert Ledger(store).next_shard(committed_max=2) > 2
+    # With the reservation the ledger now keeps, the committed ids are not even needed.
+    ledger.reserve(ledger.records["file:///c/a.txt"], 4)
+    assert Ledger(store).next_shard() == 5
+    assert Ledger(store).next_shard(committed_max=7) == 8
+
+
+def test_reservation_is_durable_and_monotonic(tmp_path):
+    store = RunStore(SinkConfig(root=str(tmp_path)), "r")
+    ledger = Ledger(store)
+    rec = FileRecord(ordinal=0, url="u", fingerprint="x", first_shard=3)
+    ledger.save(rec)
+    rec = ledger.reserve(rec, 5)
+    rec = ledger.reserve(rec, 4)  # an older id never lowers the mark
+    assert store.read_json(plan_key(0))["reserved_shard"] == 5
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["removed", "changed"])
+def test_new_file_after_a_vanished_unfinished_file_is_fully_extracted(how, tiny_model_dir, tiny_sae_dir, tmp_path,
+                                                                       ray_local):
+    """End to end: a real run commits a file's shards; the ledger is put in the state a driver
+    killed mid-planning leaves (no last shard); the file goes away; a new file arrives."""
+    from pipeline.runtime.driver import run
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.jsonl").write_text("".join(json.dumps({"text": f"old document {i} " * 6}) + "\n" for i in range(8)))
+    cfg = make_cfg(tiny_model_dir, corpus, tiny_sae_dir, tmp_path / "out", run_id="vanish", shard_size=2,
+                   on_changed_file="skip")
+    first = run(cfg)
+    root = tmp_path / "out" / "vanish"
+    committed = sorted(int(p.stem.split("=")[1]) for p in (root / "_commits").glob("*.json"))
+    assert first.shards_done >= 3 and committed == list(range(len(committed)))
+    rec_path = root / plan_key(0)
+    rec = json.loads(rec_path.read_text())
+    rec.update(last_shard=None, complete=False, contexts=0, tokens=0, quarantined=[])
+    rec.pop("reserved_shard", None)  # as a ledger written before the reservation existed
+    rec_path.write_text(json.dumps(rec))
+
+    if how == "removed":
+        (corpus / "a.jsonl").unlink()
+    else:
+        (corpus / "a.jsonl").write_text(json.dumps({"text": "a.jsonl was rewritten"}) + "\n")
+    new_docs = [f"new document number {i} arrives " * 5 for i in range(6)]
+    (corpus / "b.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in new_docs))
+    second = run(cfg)
+    assert second.shards_done >= 1
+    ctx = pq.read_table(root / "contexts").to_pandas().sort_values("seq_id")
+    mine = ctx[ctx.doc_id.str.contains("b.jsonl")]
+    # Every token of b.jsonl is there: its contexts equal those of a run over b.jsonl alone.
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    shutil.copy(corpus / "b.jsonl", alone / "b.jsonl")
+    ref_cfg = dataclasses.replace(cfg, run_id="alone", corpus=dataclasses.replace(cfg.corpus, paths=[str(alone)]))
+    run(ref_cfg)
+    ref = pq.read_table(tmp_path / "out" / "alone" / "contexts").to_pandas().sort_values("seq_id")
+    assert len(ref) >= 3
+    assert [list(t) for t in mine.token_ids] == [list(t) for t in ref.token_ids]
+    assert list(mine.doc_offset) == list(ref.doc_offset)
+    manifest = json.loads((root / "manifest.json").read_text())
+    b = next(f for f in manifest["files"] if f["url"].endswith("b.jsonl"))
+    assert b["first_shard"] > max(committed)
+    # Nothing of a.jsonl was overwritten: its committed shards still hold only its documents.
+    for s in committed:
+        part = pq.read_table(root / "contexts" / f"shard={s:06d}").to_pandas()
+        assert all("a.jsonl" in d for d in part.doc_id)
