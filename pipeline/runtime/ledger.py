@@ -34,10 +34,14 @@ Compaction (issue 14: planning reads the ledger in O(1) requests and runs in O(F
 from __future__ import annotations
 
 import dataclasses
+import json
+import logging
 from dataclasses import dataclass, field
 
 from pipeline.outputs.layout import LEDGER_SNAPSHOT_PREFIX, PLAN_DIR, ledger_snapshot_key, plan_key
-from pipeline.outputs.sink import RunStore
+from pipeline.outputs.sink import RunStore, with_retries
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -75,7 +79,8 @@ class Ledger:
             names = [n.rstrip("/").rsplit("/", 1)[-1] for n in store.fs.ls(prefix, detail=False)]
         except FileNotFoundError:
             names = []
-        snapshots = sorted(n for n in names if n.startswith(LEDGER_SNAPSHOT_PREFIX) and n.endswith(".json"))
+        snapshots = sorted((n for n in names if n.startswith(LEDGER_SNAPSHOT_PREFIX) and n.endswith(".json")),
+                           key=lambda n: int(n[len(LEDGER_SNAPSHOT_PREFIX):-len(".json")]))
         self._snapshot_names = snapshots
         self._snapshot_seq = int(snapshots[-1][len(LEDGER_SNAPSHOT_PREFIX):-len(".json")]) if snapshots else -1
         if snapshots:
@@ -129,13 +134,14 @@ class Ledger:
             return False
         self._snapshot_seq += 1
         key = ledger_snapshot_key(self._snapshot_seq)
-        self.store.write_json(key, {
-            "version": 1, "max_ordinal": self._max_ordinal, "max_shard": self._max_shard,
-            "records": [dataclasses.asdict(r) for r in self.in_order()],
-        })
+        snapshot = {"version": 1, "max_ordinal": self._max_ordinal, "max_shard": self._max_shard,
+                    "records": [dataclasses.asdict(r) for r in self.in_order()]}
+        self.store.write_bytes(key, json.dumps(snapshot, sort_keys=True, separators=(",", ":")).encode())
         stale = [self.store.path(f"{PLAN_DIR}/{n}") for n in sorted(self._log) + self._snapshot_names]
-        if stale:
-            self.store.fs.rm(stale)  # one batched request on object stores
+        try:  # batched deletes on object stores; left-overs equal the snapshot and are harmless
+            with_retries("compact the ledger", lambda: self.store.fs.rm(stale), self.store.cfg.retries)
+        except (OSError, FileNotFoundError) as e:
+            log.warning(f"ledger compaction left old records behind ({e}); the next run compacts them")
         self.store.fs.invalidate_cache(self.store.path(PLAN_DIR))
         self._log = set()
         self._snapshot_names = [key.rsplit("/", 1)[-1]]
