@@ -154,3 +154,17 @@ def test_planning_reads_the_ledger_in_constant_requests(tmp_path):
     store.fs.calls.clear()
     final = Ledger(store)
     assert store.fs.calls == ["ls", "open"] and final.records[changed.url] == changed
+
+
+def test_an_empty_file_gives_its_unused_first_shard_back(tmp_path):
+    """Same shard ids as the per-record ledger: a file read to its end with no shard
+    (last_shard = first_shard - 1, nothing reserved) does not use up an id."""
+    ledger = Ledger(RunStore(SinkConfig(root=str(tmp_path)), "r"))
+    a = FileRecord(ordinal=0, url="a", fingerprint="x", first_shard=0)
+    ledger.save(a)
+    ledger.save(dataclasses.replace(a, last_shard=1, reserved_shard=1, complete=True))
+    empty = FileRecord(ordinal=1, url="e", fingerprint="x", first_shard=ledger.next_shard())
+    ledger.save(empty)
+    assert ledger.next_shard() == 3
+    ledger.save(dataclasses.replace(empty, last_shard=1, complete=True))
+    assert ledger.next_shard() == 2 and Ledger(ledger.store).next_shard() == 2

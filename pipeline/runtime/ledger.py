@@ -29,13 +29,16 @@ Compaction (issue 14: planning reads the ledger in O(1) requests and runs in O(F
 - Ledgers written before compaction existed (only `file=` records) load as an all-log ledger
   and are compacted by the first run of this version, after which start-up is O(1) requests.
 - The running maxima of ordinals and shard ids are kept in memory, so `next_ordinal` and
-  `next_shard` are O(1) and planning F new files is O(F), not O(F^2).
+  `next_shard` are O(1) (O(log F) amortized) and planning F new files is O(F log F) at worst,
+  not O(F^2). Shard ids are exactly those the per-record ledger gave.
 """
 from __future__ import annotations
 
 import dataclasses
+import heapq
 import json
 import logging
+from collections import Counter
 from dataclasses import dataclass, field
 
 from pipeline.outputs.layout import LEDGER_SNAPSHOT_PREFIX, PLAN_DIR, ledger_snapshot_key, plan_key
@@ -72,7 +75,9 @@ class Ledger:
         self.store = store
         self.records: dict[str, FileRecord] = {}
         self._max_ordinal = -1
-        self._max_shard = -1
+        self._highest: dict[str, int] = {}
+        self._counts: Counter[int] = Counter()
+        self._heap: list[int] = []
         prefix = store.path(PLAN_DIR)
         try:
             store.fs.invalidate_cache(prefix)
@@ -87,8 +92,6 @@ class Ledger:
             snap = store.read_json(f"{PLAN_DIR}/{snapshots[-1]}")
             for d in snap["records"]:
                 self._add(FileRecord(**d))
-            self._max_ordinal = max(self._max_ordinal, snap.get("max_ordinal", -1))
-            self._max_shard = max(self._max_shard, snap.get("max_shard", -1))
         # The log: records written since the snapshot (or the whole ledger of an older run).
         self._log = {n for n in names if n.startswith("file=") and n.endswith(".json")}
         for name in sorted(self._log):
@@ -98,7 +101,23 @@ class Ledger:
     def _add(self, rec: FileRecord) -> None:
         self.records[rec.url] = rec
         self._max_ordinal = max(self._max_ordinal, rec.ordinal)
-        self._max_shard = max(self._max_shard, _highest_shard(rec))
+        # The highest shard over the records' *current* values (a finished empty file gives its
+        # unused first shard back, as before compaction): a multiset + lazy max-heap, O(log F).
+        old = self._highest.get(rec.url)
+        new = _highest_shard(rec)
+        if old == new:
+            return
+        if old is not None:
+            self._counts[old] -= 1
+        self._highest[rec.url] = new
+        self._counts[new] += 1
+        heapq.heappush(self._heap, -new)
+
+    @property
+    def _max_shard(self) -> int:
+        while self._heap and self._counts[-self._heap[0]] <= 0:
+            heapq.heappop(self._heap)
+        return -self._heap[0] if self._heap else -1
 
     def in_order(self) -> list[FileRecord]:
         return sorted(self.records.values(), key=lambda r: r.ordinal)
