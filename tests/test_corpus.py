@@ -10,6 +10,7 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from fsspec.implementations.memory import MemoryFileSystem
 
 from pipeline.config import CorpusConfig
 from pipeline.data.corpus import (
@@ -299,3 +300,40 @@ def test_default_corpus_builds_once_deterministically(tmp_path):
     docs, q = read_all([f], cfg)
     assert q == [] and list(docs) == ids
     assert docs == {r["id"]: r["text"] for r in records}
+
+
+class _CountingMemoryFS(MemoryFileSystem):
+    """A real in-memory filesystem that counts per-object metadata requests."""
+
+    protocol = "countmem"
+    counts: dict = {}
+
+    @classmethod
+    def _strip_protocol(cls, path):
+        return super()._strip_protocol(path.replace("countmem://", "memory://", 1))
+
+    def info(self, path, **kw):
+        type(self).counts["info"] = type(self).counts.get("info", 0) + 1
+        return super().info(path, **kw)
+
+
+def test_resolve_corpus_uses_one_listing_not_a_request_per_object():
+    """Issue 14: sizes and fingerprints come from the listing (glob/find with detail=True); the
+    old code made an isfile + an info request per object (2 x 40 here)."""
+    fsspec.register_implementation("countmem", _CountingMemoryFS, clobber=True)
+    fs = fsspec.filesystem("countmem")
+    base = f"/corpus-{uuid.uuid4().hex}"
+    for i in range(40):
+        fs.pipe(f"{base}/{i:03d}.jsonl", json.dumps({"text": f"doc {i}"}).encode() + b"\n")
+    try:
+        for path in (f"countmem://{base}/*.jsonl", f"countmem://{base}"):
+            _CountingMemoryFS.counts.clear()
+            files = resolve_corpus(CorpusConfig(paths=[path]))
+            assert len(files) == 40
+            assert _CountingMemoryFS.counts.get("info", 0) <= 3, (path, _CountingMemoryFS.counts)
+            # Fingerprints as before: size + the listing's timestamp, same as a per-object info().
+            f0 = files[0]
+            assert f0.size == len(json.dumps({"text": "doc 0"})) + 1
+            assert f0.fingerprint.startswith(f"size={f0.size};")
+    finally:
+        fs.rm(base, recursive=True)

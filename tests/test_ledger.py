@@ -58,11 +58,17 @@ def test_new_file_after_a_vanished_unfinished_file_is_fully_extracted(how, tiny_
     root = tmp_path / "out" / "vanish"
     committed = sorted(int(p.stem.split("=")[1]) for p in (root / "_commits").glob("*.json"))
     assert first.shards_done >= 3 and committed == list(range(len(committed)))
-    rec_path = root / plan_key(0)
-    rec = json.loads(rec_path.read_text())
-    rec.update(last_shard=None, complete=False, contexts=0, tokens=0, quarantined=[])
-    rec.pop("reserved_shard", None)  # as a ledger written before the reservation existed
-    rec_path.write_text(json.dumps(rec))
+    # Rewrite the (compacted) ledger in the layout of a version before compaction and before
+    # `reserved_shard`: per-record files only, no snapshot (old runs must still resume).
+    snapshots = sorted((root / "_plan").glob("ledger-*.json"))
+    assert len(snapshots) == 1 and not list((root / "_plan").glob("file=*.json"))
+    records = json.loads(snapshots[0].read_text())["records"]
+    snapshots[0].unlink()
+    for rec in records:
+        if rec["ordinal"] == 0:
+            rec.update(last_shard=None, complete=False, contexts=0, tokens=0, quarantined=[])
+        rec.pop("reserved_shard", None)
+        (root / plan_key(rec["ordinal"])).write_text(json.dumps(rec))
 
     if how == "removed":
         (corpus / "a.jsonl").unlink()
@@ -91,3 +97,74 @@ def test_new_file_after_a_vanished_unfinished_file_is_fully_extracted(how, tiny_
     for s in committed:
         part = pq.read_table(root / "contexts" / f"shard={s:06d}").to_pandas()
         assert all("a.jsonl" in d for d in part.doc_id)
+
+
+class CountingFS:
+    """Forwards to a real fsspec filesystem and counts the calls that are requests on a store."""
+
+    def __init__(self, fs):
+        self._fs, self.calls = fs, []
+
+    def __getattr__(self, name):
+        attr = getattr(self._fs, name)
+        if name in ("ls", "open", "cat_file", "info", "exists", "isfile", "glob", "find", "pipe_file", "rm"):
+            def counted(*a, **kw):
+                self.calls.append(name)
+                return attr(*a, **kw)
+            return counted
+        return attr
+
+
+def test_planning_reads_the_ledger_in_constant_requests(tmp_path):
+    """F files: start-up after compaction = 1 listing + 1 GET, whatever F; the old per-record
+    layout still loads (one GET per record) and is compacted on the first run's end."""
+    store = RunStore(SinkConfig(root=str(tmp_path)), "r")
+    ledger = Ledger(store)
+    n = 300
+    for i in range(n):  # as the driver does for new files: O(1) next_ordinal/next_shard
+        rec = FileRecord(ordinal=ledger.next_ordinal(), url=f"file:///c/{i:04d}.txt", fingerprint="x",
+                         first_shard=ledger.next_shard())
+        ledger.save(dataclasses.replace(rec, last_shard=rec.first_shard + 1, complete=True))
+    assert ledger.next_ordinal() == n and ledger.next_shard() == 2 * n
+    before = {r.url: dataclasses.asdict(r) for r in ledger.in_order()}
+
+    # Before compaction (the old layout): every record is its own object.
+    store.fs = CountingFS(store.fs)
+    old = Ledger(store)
+    assert store.fs.calls.count("open") == n
+    assert {u: dataclasses.asdict(r) for u, r in old.records.items()} == before
+    assert old.compact() is True
+    assert sorted(p.name for p in (tmp_path / "r" / "_plan").iterdir()) == ["ledger-000000.json"]
+
+    store.fs.calls.clear()
+    loaded = Ledger(store)
+    assert store.fs.calls == ["ls", "open"], store.fs.calls
+    assert {u: dataclasses.asdict(r) for u, r in loaded.records.items()} == before
+    assert loaded.next_ordinal() == n and loaded.next_shard() == 2 * n
+    assert loaded.compact() is False  # nothing changed: nothing written
+
+    # A record written after the snapshot (the log) overrides it; the next compaction folds it in.
+    changed = dataclasses.replace(loaded.records["file:///c/0007.txt"], reserved_shard=10 * n)
+    loaded.save(changed)
+    again = Ledger(store)
+    assert again.records[changed.url] == changed and again.next_shard() == 10 * n + 1
+    assert again.compact() is True
+    names = sorted(p.name for p in (tmp_path / "r" / "_plan").iterdir())
+    assert names == ["ledger-000001.json"]
+    store.fs.calls.clear()
+    final = Ledger(store)
+    assert store.fs.calls == ["ls", "open"] and final.records[changed.url] == changed
+
+
+def test_an_empty_file_gives_its_unused_first_shard_back(tmp_path):
+    """Same shard ids as the per-record ledger: a file read to its end with no shard
+    (last_shard = first_shard - 1, nothing reserved) does not use up an id."""
+    ledger = Ledger(RunStore(SinkConfig(root=str(tmp_path)), "r"))
+    a = FileRecord(ordinal=0, url="a", fingerprint="x", first_shard=0)
+    ledger.save(a)
+    ledger.save(dataclasses.replace(a, last_shard=1, reserved_shard=1, complete=True))
+    empty = FileRecord(ordinal=1, url="e", fingerprint="x", first_shard=ledger.next_shard())
+    ledger.save(empty)
+    assert ledger.next_shard() == 3
+    ledger.save(dataclasses.replace(empty, last_shard=1, complete=True))
+    assert ledger.next_shard() == 2 and Ledger(ledger.store).next_shard() == 2

@@ -151,28 +151,31 @@ def resolve_corpus(cfg: CorpusConfig, storage_options: dict | None = None,
         if entry.startswith("pkg:"):
             raise CorpusError(f"unknown embedded corpus {entry!r} ({where}); known: {DEFAULT_CORPUS}")
         fs, root = _fs(entry, storage_options)
+        # One listing per entry (glob / find with detail=True): sizes and fingerprints come from
+        # the listing itself, never from a per-object isfile/info request (issue 14).
         if globlib.has_magic(root):
             # Like the shell, a wildcard does not match hidden files unless the pattern says so.
             hidden_ok = os.path.basename(root).startswith(".")
-            matches = [p for p in sorted(fs.glob(root))
-                       if (hidden_ok or not os.path.basename(p).startswith(".")) and fs.isfile(p)]
+            listed = fs.glob(root, detail=True)
+            matches = [(p, listed[p]) for p in sorted(listed)
+                       if (hidden_ok or not os.path.basename(p).startswith(".")) and listed[p].get("type") == "file"]
             if not matches:
                 raise CorpusError(f"corpus glob {entry} matches no files ({where})")
-            for p in matches:
-                f = _make_file(fs, p, _format_of(p, cfg.format, where))
-                found.setdefault(f.url, f)
-        elif not fs.exists(root):
-            raise CorpusError(f"corpus path {entry} does not exist ({where})")
-        elif fs.isdir(root):
-            matches = [p for p in sorted(fs.find(root)) if _wanted_in_folder(p, cfg.format)]
-            if not matches:
-                exts = sorted(e for e, f in EXTENSIONS.items() if cfg.format in ("auto", f))
-                raise CorpusError(f"corpus folder {entry} has no files with extension {exts} ({where})")
-            for p in matches:
-                f = _make_file(fs, p, _format_of(p, cfg.format, where))
-                found.setdefault(f.url, f)
         else:
-            f = _make_file(fs, root, _format_of(root, cfg.format, where))
+            try:
+                info = fs.info(root)
+            except FileNotFoundError:
+                raise CorpusError(f"corpus path {entry} does not exist ({where})") from None
+            if info.get("type") == "directory":
+                listed = fs.find(root, detail=True)
+                matches = [(p, listed[p]) for p in sorted(listed) if _wanted_in_folder(p, cfg.format)]
+                if not matches:
+                    exts = sorted(e for e, f in EXTENSIONS.items() if cfg.format in ("auto", f))
+                    raise CorpusError(f"corpus folder {entry} has no files with extension {exts} ({where})")
+            else:
+                matches = [(root, info)]
+        for p, info in matches:
+            f = _make_file(fs, p, _format_of(p, cfg.format, where), info)
             found.setdefault(f.url, f)
 
     files = [found[u] for u in sorted(found)]
@@ -185,8 +188,7 @@ def resolve_corpus(cfg: CorpusConfig, storage_options: dict | None = None,
     return files
 
 
-def _make_file(fs, path: str, fmt: str) -> CorpusFile:
-    info = fs.info(path)
+def _make_file(fs, path: str, fmt: str, info: dict) -> CorpusFile:
     return CorpusFile(url=_url(fs, path), format=fmt, size=int(info.get("size") or 0),
                       fingerprint=_fingerprint(info))
 

@@ -3,7 +3,8 @@
     {sink}/{run_id}/
       manifest.json                                   MANIFEST_KEY
       summary.json, _runs/<UTC stamp>.json            SUMMARY_KEY, run_history_key()
-      _plan/file=NNNNNN.json                          plan_key()      (runtime/ledger.py)
+      _plan/ledger-NNNNNN.json                        ledger_snapshot_key()  compacted ledger (runtime/ledger.py)
+      _plan/file=NNNNNN.json                          plan_key()      records changed since the snapshot
       _commits/shard=NNNNNN.json                      commit_key()    written last per shard
       contexts/shard=NNNNNN/part-0.parquet            contexts_key()  CONTEXTS_SCHEMA
       latents/hookpoint=H/shard=NNNNNN/part-0.parquet latents_key()   latents_schema(k), LATENTS_PARQUET
@@ -94,6 +95,13 @@ def commit_key(shard_id: int) -> str:
 
 def plan_key(ordinal: int) -> str:
     return f"{PLAN_DIR}/file={ordinal:06d}.json"
+
+
+LEDGER_SNAPSHOT_PREFIX = "ledger-"
+
+
+def ledger_snapshot_key(seq: int) -> str:
+    return f"{PLAN_DIR}/{LEDGER_SNAPSHOT_PREFIX}{seq:06d}.json"
 
 
 def run_history_key(stamp: str) -> str:

@@ -71,6 +71,7 @@ def run(cfg: RunConfig, dispatcher=None) -> RunSummary:
             dispatcher.close()
 
     summary.seconds = time.perf_counter() - started
+    ledger.compact()  # next start-up reads one snapshot (runtime/ledger.py); no-op if nothing changed
     close_run(store, prep.manifest, ledger.summary(), ledger.quarantined(), fvu_check=summary.fvu)
     progress.update(summary, force=True)
     return summary

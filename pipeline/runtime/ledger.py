@@ -16,14 +16,35 @@ whose driver died mid-planning and which then vanished or changed still owns eve
 have used; `next_shard` also stays above every committed shard (ledgers written before
 `reserved_shard` existed).
 A record is rewritten only when its content changes, so a run with nothing to do writes nothing.
+
+Compaction (issue 14: planning reads the ledger in O(1) requests and runs in O(F) time):
+- `_plan/ledger-NNNNNN.json` is a snapshot of every record (plus the ordinal/shard high-water
+  marks); `_plan/file=NNNNNN.json` records are the log: each one written since the snapshot,
+  rewritten in place while its file is being planned (one PUT per change, as before).
+- Loading = one listing of `_plan/` + one GET of the newest snapshot + one GET per log record.
+  A record in the log overrides the snapshot's (it is the same or newer).
+- `compact()` (the driver calls it at run end, and only when the log is non-empty) writes the
+  next snapshot, then deletes the log records and older snapshots. A crash in between leaves
+  log records equal to the snapshot's: harmless, and compacted by the next run.
+- Ledgers written before compaction existed (only `file=` records) load as an all-log ledger
+  and are compacted by the first run of this version, after which start-up is O(1) requests.
+- The running maxima of ordinals and shard ids are kept in memory, so `next_ordinal` and
+  `next_shard` are O(1) (O(log F) amortized) and planning F new files is O(F log F) at worst,
+  not O(F^2). Shard ids are exactly those the per-record ledger gave.
 """
 from __future__ import annotations
 
 import dataclasses
+import heapq
+import json
+import logging
+from collections import Counter
 from dataclasses import dataclass, field
 
-from pipeline.outputs.layout import PLAN_DIR, plan_key
-from pipeline.outputs.sink import RunStore
+from pipeline.outputs.layout import LEDGER_SNAPSHOT_PREFIX, PLAN_DIR, ledger_snapshot_key, plan_key
+from pipeline.outputs.sink import RunStore, with_retries
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -44,33 +65,70 @@ class FileRecord:
         return 0 if self.last_shard is None else self.last_shard - self.first_shard + 1
 
 
+def _highest_shard(r: FileRecord) -> int:
+    known = r.last_shard if r.last_shard is not None else r.first_shard
+    return max(known, r.reserved_shard if r.reserved_shard is not None else -1)
+
+
 class Ledger:
     def __init__(self, store: RunStore):
         self.store = store
         self.records: dict[str, FileRecord] = {}
+        self._max_ordinal = -1
+        self._highest: dict[str, int] = {}
+        self._counts: Counter[int] = Counter()
+        self._heap: list[int] = []
+        prefix = store.path(PLAN_DIR)
         try:
-            names = store.fs.ls(store.path(PLAN_DIR), detail=False)
+            store.fs.invalidate_cache(prefix)
+            names = [n.rstrip("/").rsplit("/", 1)[-1] for n in store.fs.ls(prefix, detail=False)]
         except FileNotFoundError:
             names = []
-        for name in sorted(names):
-            if name.endswith(".json"):
-                rec = FileRecord(**store.read_json(f"{PLAN_DIR}/{name.rsplit('/', 1)[-1]}"))
-                self.records[rec.url] = rec
+        snapshots = sorted((n for n in names if n.startswith(LEDGER_SNAPSHOT_PREFIX) and n.endswith(".json")),
+                           key=lambda n: int(n[len(LEDGER_SNAPSHOT_PREFIX):-len(".json")]))
+        self._snapshot_names = snapshots
+        self._snapshot_seq = int(snapshots[-1][len(LEDGER_SNAPSHOT_PREFIX):-len(".json")]) if snapshots else -1
+        if snapshots:
+            snap = store.read_json(f"{PLAN_DIR}/{snapshots[-1]}")
+            for d in snap["records"]:
+                self._add(FileRecord(**d))
+        # The log: records written since the snapshot (or the whole ledger of an older run).
+        self._log = {n for n in names if n.startswith("file=") and n.endswith(".json")}
+        for name in sorted(self._log):
+            self._add(FileRecord(**store.read_json(f"{PLAN_DIR}/{name}")))
         self._written = {url: dataclasses.asdict(r) for url, r in self.records.items()}
+
+    def _add(self, rec: FileRecord) -> None:
+        self.records[rec.url] = rec
+        self._max_ordinal = max(self._max_ordinal, rec.ordinal)
+        # The highest shard over the records' *current* values (a finished empty file gives its
+        # unused first shard back, as before compaction): a multiset + lazy max-heap, O(log F).
+        old = self._highest.get(rec.url)
+        new = _highest_shard(rec)
+        if old == new:
+            return
+        if old is not None:
+            self._counts[old] -= 1
+        self._highest[rec.url] = new
+        self._counts[new] += 1
+        heapq.heappush(self._heap, -new)
+
+    @property
+    def _max_shard(self) -> int:
+        while self._heap and self._counts[-self._heap[0]] <= 0:
+            heapq.heappop(self._heap)
+        return -self._heap[0] if self._heap else -1
 
     def in_order(self) -> list[FileRecord]:
         return sorted(self.records.values(), key=lambda r: r.ordinal)
 
     def next_ordinal(self) -> int:
-        return 1 + max((r.ordinal for r in self.records.values()), default=-1)
+        return 1 + self._max_ordinal
 
     def next_shard(self, committed_max: int = -1) -> int:
         """The first shard id above every id any record may have handed out, and above
         `committed_max` (the highest committed shard id)."""
-        def highest(r: FileRecord) -> int:
-            known = r.last_shard if r.last_shard is not None else r.first_shard
-            return max(known, r.reserved_shard if r.reserved_shard is not None else -1)
-        return 1 + max([committed_max, *(highest(r) for r in self.records.values())])
+        return 1 + max(committed_max, self._max_shard)
 
     def reserve(self, rec: FileRecord, shard_id: int) -> FileRecord:
         """Record durably that `shard_id` belongs to `rec`'s file; call before submitting it."""
@@ -81,11 +139,32 @@ class Ledger:
         return rec
 
     def save(self, rec: FileRecord) -> None:
-        self.records[rec.url] = rec
+        self._add(rec)
         data = dataclasses.asdict(rec)
         if self._written.get(rec.url) != data:
-            self.store.write_json(plan_key(rec.ordinal), data)
+            key = plan_key(rec.ordinal)
+            self.store.write_json(key, data)
             self._written[rec.url] = data
+            self._log.add(key.rsplit("/", 1)[-1])
+
+    def compact(self) -> bool:
+        """Fold the log into a new snapshot; no-op (writes nothing) when the log is empty."""
+        if not self._log:
+            return False
+        self._snapshot_seq += 1
+        key = ledger_snapshot_key(self._snapshot_seq)
+        snapshot = {"version": 1, "max_ordinal": self._max_ordinal, "max_shard": self._max_shard,
+                    "records": [dataclasses.asdict(r) for r in self.in_order()]}
+        self.store.write_bytes(key, json.dumps(snapshot, sort_keys=True, separators=(",", ":")).encode())
+        stale = [self.store.path(f"{PLAN_DIR}/{n}") for n in sorted(self._log) + self._snapshot_names]
+        try:  # batched deletes on object stores; left-overs equal the snapshot and are harmless
+            with_retries("compact the ledger", lambda: self.store.fs.rm(stale), self.store.cfg.retries)
+        except (OSError, FileNotFoundError) as e:
+            log.warning(f"ledger compaction left old records behind ({e}); the next run compacts them")
+        self.store.fs.invalidate_cache(self.store.path(PLAN_DIR))
+        self._log = set()
+        self._snapshot_names = [key.rsplit("/", 1)[-1]]
+        return True
 
     def quarantined(self) -> list[dict]:
         return [q for r in self.in_order() for q in r.quarantined]
