@@ -126,6 +126,9 @@ class RunConfig:
     # input file pages someone instead of being skipped silently forever).
     fail_on_quarantine: bool = False
     quiet: bool = False  # warnings and errors only: no progress line, no summary (summary.json has it)
+    # After the run, check every committed shard against its commit marker (pipeline/outputs/verify.py):
+    # a missing, extra or corrupt part makes the command exit non-zero. The nightly preset turns it on.
+    verify: bool = False
 
 
 @dataclass
@@ -171,4 +174,16 @@ class BrowserConfig:
     out: str = "./browser"
     sink: SinkConfig = field(default_factory=SinkConfig)
     max_latents: int = 200  # pages per hookpoint
+    quiet: bool = False
+
+
+@dataclass
+class VerifyConfig:
+    """`python -m pipeline.verify`: check every committed shard's parts against its commit marker."""
+    run_id: str = "demo"
+    sink: SinkConfig = field(default_factory=SinkConfig)
+    # false: presence, sizes and Parquet row counts only (footers), no full read of every part.
+    hash: bool = True
+    batch_size: int = 256  # commit markers fetched per request batch (concurrent on object stores)
+    threads: int = 8  # parts hashed concurrently (I/O bound on object stores)
     quiet: bool = False

@@ -72,6 +72,10 @@ def with_retries(what: str, fn: Callable[[], T], retries: int, base_delay: float
     raise AssertionError("unreachable")
 
 
+class CorruptPartError(OSError):
+    """A committed part whose bytes differ from what its commit marker records."""
+
+
 @dataclass
 class WrittenFile:
     path: str  # relative to the run root
@@ -163,29 +167,46 @@ class RunStore:
                 shards.append(int(base[len("shard="):-len(".json")]))
         return sorted(shards)
 
-    def read_part(self, key: str, columns: list[str] | None = None, rows: int | None = None) -> pa.Table:
-        """One Parquet part; any failure is an OSError naming the file, as is a row count other than `rows`."""
+    def read_part(self, key: str, columns: list[str] | None = None, rows: int | None = None,
+                  sha256: str | None = None) -> pa.Table:
+        """One Parquet part; any failure is an OSError naming the file, as is a row count other than
+        `rows` or (given `sha256`) bytes whose hash differs: `CorruptPartError`."""
         try:
             with self.fs.open(self.path(key), "rb") as f:
-                table = pq.read_table(f, columns=columns)
+                if sha256 is None:
+                    table = pq.read_table(f, columns=columns)
+                else:  # the part is read whole anyway: hash the bytes, then parse the same bytes
+                    data = f.read()
+                    got = hashlib.sha256(data).hexdigest()
+                    if got != sha256:
+                        raise CorruptPartError(f"{self.path(key)} is corrupt: sha256 {got} but its commit "
+                                               f"marker says {sha256}")
+                    table = pq.read_table(pa.BufferReader(data), columns=columns)
+        except CorruptPartError:
+            raise
         except Exception as err:
             raise OSError(f"cannot read {self.path(key)}: {err}") from err
         if rows is not None and table.num_rows != rows:
             raise OSError(f"{self.path(key)} has {table.num_rows} rows but its commit says {rows}")
         return table
 
-    def read_committed_part(self, shard_id: int, key: str, columns: list[str] | None = None) -> pa.Table:
-        """A part of a committed shard, checked against the row count its commit marker lists."""
+    def read_committed_part(self, shard_id: int, key: str, columns: list[str] | None = None,
+                            verify: bool = False) -> pa.Table:
+        """A part of a committed shard, checked against the row count its commit marker lists
+        (and, with `verify`, against its sha256: `CorruptPartError` naming the key)."""
         commit = self.read_json(commit_key(shard_id))
         entry = next((f for f in commit["files"] if f["path"] == key), None)
         if entry is None:
             raise FileNotFoundError(f"{self.path(commit_key(shard_id))} lists no file {key}")
-        return self.read_part(key, columns, entry["rows"])
+        return self.read_part(key, columns, entry["rows"], entry["sha256"] if verify else None)
 
-    def read_committed(self, kind: str, hookpoint: str | None = None, columns: list[str] | None = None) -> pa.Table:
-        """Concatenate the committed parts of `contexts` or `latents` (one hookpoint); checks sizes."""
+    def read_committed(self, kind: str, hookpoint: str | None = None, columns: list[str] | None = None,
+                       verify: bool = False) -> pa.Table:
+        """Concatenate the committed parts of `contexts` or `latents` (one hookpoint); checks sizes,
+        and with `verify` each part's sha256 against its marker (`python -m pipeline.verify` checks a whole run)."""
         tables = [
-            self.read_committed_part(s, contexts_key(s) if kind == "contexts" else latents_key(hookpoint, s), columns)
+            self.read_committed_part(s, contexts_key(s) if kind == "contexts" else latents_key(hookpoint, s), columns,
+                                     verify)
             for s in self.committed_shards()
         ]
         if not tables:
