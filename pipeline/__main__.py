@@ -14,8 +14,9 @@ sweep resumes each member. Members that share corpus, tokenizer and ctx_len toke
 Output: a progress line every few seconds and a summary at the end, through module loggers to
 stdout (pipeline/cli.py). `quiet=true`: warnings and errors only; `hydra.verbose=true`: debug too.
 
-Exit status: non-zero when the run raised, or when `fail_on_quarantine` is set (the nightly
-preset) and a document was quarantined. Runs that did something leave `summary.json` and
+Exit status: non-zero when the run raised, when `fail_on_quarantine` is set (the nightly
+preset) and a document was quarantined, or when `verify` is set (the nightly preset) and a
+committed shard does not match its commit marker (pipeline/outputs/verify.py). Runs that did something leave `summary.json` and
 `_runs/<timestamp>.json` beside the manifest (pipeline/runtime/summary.py).
 """
 from __future__ import annotations

@@ -6,6 +6,7 @@ Commands (all Hydra apps composed from conf/, so config groups such as `sink=s3`
     python -m pipeline.outputs.postprocess      latent_stats, by_latent, examples (conf/postprocess.yaml)
     python -m pipeline.outputs.delphi_export    delphi latent cache (conf/delphi_export.yaml)
     python -m pipeline.outputs.browser          static HTML latent browser (conf/browser.yaml)
+    python -m pipeline.verify                   committed shards against their markers (conf/verify.yaml)
 
 Output goes through module loggers to stdout (conf/hydra/job_logging/pipeline.yaml);
 `quiet=true` keeps warnings and errors only, `hydra.verbose=true` adds debug messages.

@@ -162,8 +162,9 @@ def _read_markers(store: RunStore, shards: np.ndarray) -> dict[int, dict | Excep
 
 def check_part(store: RunStore, key: str, entry: dict, hash_parts: bool) -> tuple[Problem | None, int]:
     """(problem or None, rows) for one present part: sha256 streamed in blocks, then the row count
-    from the Parquet footer."""
-    def read() -> tuple[str | None, int]:
+    from the Parquet footer. Reads are retried (transient I/O); parsing happens after, from bytes,
+    so a damaged footer is reported as corruption and never retried as if it were I/O."""
+    def read() -> tuple[str | None, bytes]:
         with store.fs.open(store.path(key), "rb") as f:
             digest = None
             if hash_parts:
@@ -171,23 +172,27 @@ def check_part(store: RunStore, key: str, entry: dict, hash_parts: bool) -> tupl
                 while block := f.read(BLOCK):
                     h.update(block)
                 digest = h.hexdigest()
-                f.seek(0)
-            try:
-                rows = pq.ParquetFile(f).metadata.num_rows
-            except Exception as err:  # noqa: BLE001  an unparsable footer is corruption...
-                if isinstance(err, OSError) and not isinstance(err, pa.ArrowException):
-                    raise  # ...but an I/O error is not: with_retries sees it
-                rows = -1
-            return digest, rows
+            size = f.seek(0, 2)
+            f.seek(max(size - 8, 0))
+            tail = f.read(8)
+            footer_len = int.from_bytes(tail[:4], "little") if len(tail) == 8 else -1
+            if tail[4:] != b"PAR1" or not 0 < footer_len <= size - 12:
+                return digest, b""
+            f.seek(size - 8 - footer_len)
+            return digest, f.read(footer_len + 8)
 
     try:
-        digest, rows = with_retries(f"read {key}", read, store.cfg.retries)
+        digest, footer = with_retries(f"read {key}", read, store.cfg.retries)
     except FileNotFoundError:
         return Problem("missing", key, "listed, then gone while verifying"), 0
     if digest is not None and digest != entry["sha256"]:
         return Problem("corrupt", key, f"sha256 {digest[:16]}… but its commit marker says {entry['sha256'][:16]}…"), 0
+    try:
+        rows = pq.read_metadata(pa.BufferReader(b"PAR1" + footer)).num_rows if footer else -1
+    except Exception:  # noqa: BLE001  any unparsable footer is corruption
+        rows = -1
     if rows < 0:
-        return Problem("corrupt", key, "not a readable Parquet file"), 0
+        return Problem("corrupt", key, "not a readable Parquet file (footer)"), 0
     if rows != entry["rows"]:
         return Problem("corrupt", key, f"{rows} rows but its commit marker says {entry['rows']}"), 0
     return None, rows
