@@ -213,3 +213,18 @@ def test_nightly_on_s3_keeps_hydra_files_local_and_verifies(s3_server, tiny_mode
     out = verify_cli(root, "sink=s3", env={"AWS_ENDPOINT_URL": s3_server})
     assert out.returncode != 0 and f"CORRUPT  {latents_key('layers.2', 0)}" in out.stdout, out.stdout + out.stderr
     assert "1 corrupt" in out.stdout and SECRET not in out.stdout + out.stderr
+
+
+def test_hydra_files_are_saved_with_credentials_redacted(tmp_path):
+    """Hydra writes .hydra/ before the app runs, a refused `+sink.aws_secret=...` included: the app
+    rewrites those files redacted (and still refuses the key)."""
+    secret = "TopSecret-Value-1b2c3d"
+    out = subprocess.run([sys.executable, "-m", "pipeline", f"sink.root={tmp_path}", f"+sink.aws_secret={secret}"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120, check=False,
+                         env={**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"})
+    assert out.returncode != 0 and "aws_secret" in out.stderr, out.stderr
+    saved = list(tmp_path.glob("_hydra/demo/*/.hydra/*.yaml"))
+    assert {p.name for p in saved} == {"config.yaml", "hydra.yaml", "overrides.yaml"}
+    assert "+sink.aws_secret=***" in (saved[0].parent / "overrides.yaml").read_text()
+    for p in tmp_path.rglob("*"):
+        assert not p.is_file() or secret.encode() not in p.read_bytes(), p
