@@ -194,7 +194,7 @@ def test_nightly_on_s3_keeps_hydra_files_local_and_verifies(s3_server, tiny_mode
     # Hydra's files: local, under ./outputs/_hydra/<run_id>/<stamp>/.hydra, never a folder named `s3:`.
     assert not [p for p in tmp_path.rglob("*") if p.name.startswith("s3:")]
     saved = list(tmp_path.glob("outputs/_hydra/nightly/*/.hydra/config.yaml"))
-    assert len(saved) == 1 and root in saved[0].read_text()
+    assert len(saved) == 1 and "sink:" in saved[0].read_text() and "verify: true" in saved[0].read_text()
     for p in tmp_path.rglob("*"):
         if p.is_file() and "tokens" not in p.parts:
             assert SECRET.encode() not in p.read_bytes(), p
