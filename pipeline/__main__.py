@@ -14,8 +14,9 @@ sweep resumes each member. Members that share corpus, tokenizer and ctx_len toke
 Output: a progress line every few seconds and a summary at the end, through module loggers to
 stdout (pipeline/cli.py). `quiet=true`: warnings and errors only; `hydra.verbose=true`: debug too.
 
-Exit status: non-zero when the run raised, or when `fail_on_quarantine` is set (the nightly
-preset) and a document was quarantined. Runs that did something leave `summary.json` and
+Exit status: non-zero when the run raised, when `fail_on_quarantine` is set (the nightly
+preset) and a document was quarantined, or when `verify` is set (the nightly preset) and a
+committed shard does not match its commit marker (pipeline/outputs/verify.py). Runs that did something leave `summary.json` and
 `_runs/<timestamp>.json` beside the manifest (pipeline/runtime/summary.py).
 """
 from __future__ import annotations
@@ -24,6 +25,7 @@ import logging
 import re
 import sys
 from datetime import datetime, timezone
+from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
@@ -99,6 +101,39 @@ def _record_failure(cfg: RunConfig, started: datetime, err: Exception) -> None:
         log.error(f"[{cfg.run_id}] could not record the failure: {also}")
 
 
+def redact_hydra_files() -> None:
+    """Hydra saves config.yaml, hydra.yaml and overrides.yaml to `<run dir>/.hydra/` before the app
+    runs, overrides included (a refused `+sink.aws_secret=...` too): rewrite them with credentials
+    replaced, like the manifest (pipeline/runtime/manifest.py redact)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from pipeline.runtime.manifest import SECRET_KEY, redact
+
+    hc = HydraConfig.get()
+    if not hc.output_subdir:
+        return
+    # key=value strings (overrides, hydra.job.override_dirname "a=1,b=2"): blank the value of a secret key
+    pair = re.compile(r"([+~]*[\w.\-/]+)=([^,]*)")
+
+    def clean(obj):
+        if isinstance(obj, str):
+            return pair.sub(lambda m: f"{m[1]}=***" if SECRET_KEY.search(m[1]) else m[0], obj)
+        if isinstance(obj, dict):
+            return {k: clean(v) for k, v in obj.items()}
+        if isinstance(obj, list):
+            return [clean(v) for v in obj]
+        return obj
+
+    folder = Path(hc.runtime.output_dir) / hc.output_subdir
+    for name in ("config.yaml", "hydra.yaml", "overrides.yaml"):
+        path = folder / name
+        if path.exists():
+            data = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+            cleaned = clean(redact(data))
+            if cleaned != data:
+                path.write_text(OmegaConf.to_yaml(OmegaConf.create(cleaned)))
+
+
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def app(dcfg: DictConfig) -> None:
     from pipeline.outputs.sink import RunStore
@@ -125,9 +160,19 @@ def app(dcfg: DictConfig) -> None:
         from pipeline.outputs.demo import show_top_contexts
 
         show_top_contexts(cfg)
+    failed = []
+    if cfg.verify:  # the nightly preset: check every committed shard against its marker
+        from pipeline.outputs.verify import verify_run
+
+        report = verify_run(RunStore(cfg.sink, cfg.run_id))
+        (log.info if report.ok else log.error)(report.describe())
+        if not report.ok:
+            failed.append(f"[{cfg.run_id}] {report.describe()}")
     if cfg.fail_on_quarantine and summary.quarantined:
-        sys.exit(f"[{cfg.run_id}] {summary.quarantined} document(s) quarantined and fail_on_quarantine=true; "
-                 f"see manifest.json 'quarantined' under {summary.output}")
+        failed.append(f"[{cfg.run_id}] {summary.quarantined} document(s) quarantined and fail_on_quarantine=true; "
+                      f"see manifest.json 'quarantined' under {summary.output}")
+    if failed:
+        sys.exit("\n".join(failed))
 
 
 def main() -> None:

@@ -6,6 +6,7 @@ Commands (all Hydra apps composed from conf/, so config groups such as `sink=s3`
     python -m pipeline.outputs.postprocess      latent_stats, by_latent, examples (conf/postprocess.yaml)
     python -m pipeline.outputs.delphi_export    delphi latent cache (conf/delphi_export.yaml)
     python -m pipeline.outputs.browser          static HTML latent browser (conf/browser.yaml)
+    python -m pipeline.verify                   committed shards against their markers (conf/verify.yaml)
 
 Output goes through module loggers to stdout (conf/hydra/job_logging/pipeline.yaml);
 `quiet=true` keeps warnings and errors only, `hydra.verbose=true` adds debug messages.
@@ -23,7 +24,7 @@ import hydra
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline.config import BrowserConfig, DelphiExportConfig, PostprocessConfig, RunConfig
+from pipeline.config import BrowserConfig, DelphiExportConfig, PostprocessConfig, RunConfig, VerifyConfig
 
 # Absolute: a relative config_path is resolved against the *calling module* when an app is not
 # started with `python -m` (the `sae-harvest` console script, in-process sweeps in tests), and
@@ -32,9 +33,21 @@ CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 # Each command's conf/<name>.yaml lists its schema first, so every group merges into a typed config.
 SCHEMAS = {"run_schema": RunConfig, "postprocess_schema": PostprocessConfig,
-           "delphi_export_schema": DelphiExportConfig, "browser_schema": BrowserConfig}
+           "delphi_export_schema": DelphiExportConfig, "browser_schema": BrowserConfig,
+           "verify_schema": VerifyConfig}
 for _name, _schema in SCHEMAS.items():
     ConfigStore.instance().store(name=_name, node=_schema)
+
+
+def hydra_root(sink_root: str, local: str) -> str:
+    """Where Hydra's run folder goes (conf/config.yaml): beside the output for a local sink; for an
+    object store (`s3://...`) the local folder `local`, since Hydra writes with plain file I/O and
+    would otherwise create a folder literally named `s3:`."""
+    remote = "://" in sink_root and not sink_root.startswith("file://")
+    return local if remote else sink_root
+
+
+OmegaConf.register_new_resolver("hydra_root", hydra_root, replace=True)
 
 
 def unknown_keys(node, schema, prefix: str = "") -> list[str]:

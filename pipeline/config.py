@@ -147,6 +147,9 @@ class RunConfig:
     # input file pages someone instead of being skipped silently forever).
     fail_on_quarantine: bool = False
     quiet: bool = False  # warnings and errors only: no progress line, no summary (summary.json has it)
+    # After the run, check every committed shard against its commit marker (pipeline/outputs/verify.py):
+    # a missing, extra or corrupt part makes the command exit non-zero. The nightly preset turns it on.
+    verify: bool = False
 
 
 @dataclass
@@ -211,3 +214,15 @@ class BrowserConfig:
     # each latent page and in the index. None: no explanations.
     explanations: str | None = None
     index_shard_rows: int = 2000  # index rows per on-demand JS shard
+
+
+@dataclass
+class VerifyConfig:
+    """`python -m pipeline.verify`: check every committed shard's parts against its commit marker."""
+    run_id: str = "demo"
+    sink: SinkConfig = field(default_factory=SinkConfig)
+    # false: presence, sizes and Parquet row counts only (footers), no full read of every part.
+    hash: bool = True
+    batch_size: int = 256  # commit markers fetched per request batch (concurrent on object stores)
+    threads: int = 8  # parts hashed concurrently (I/O bound on object stores)
+    quiet: bool = False

@@ -91,6 +91,10 @@ def with_retries(what: str, fn: Callable[[], T], retries: int, base_delay: float
     raise AssertionError("unreachable")
 
 
+class CorruptPartError(OSError):
+    """A committed part whose bytes differ from what its commit marker records."""
+
+
 @dataclass
 class WrittenFile:
     path: str  # relative to the run root
@@ -182,37 +186,54 @@ class RunStore:
                 shards.append(int(base[len("shard="):-len(".json")]))
         return sorted(shards)
 
-    def read_part(self, key: str, columns: list[str] | None = None, rows: int | None = None) -> pa.Table:
-        """One Parquet part; any failure is an OSError naming the file, as is a row count other than `rows`."""
+    def read_part(self, key: str, columns: list[str] | None = None, rows: int | None = None,
+                  sha256: str | None = None) -> pa.Table:
+        """One Parquet part; any failure is an OSError naming the file, as is a row count other than
+        `rows` or (given `sha256`) bytes whose hash differs: `CorruptPartError`."""
         try:
             with self.fs.open(self.path(key), "rb") as f:
-                table = pq.read_table(f, columns=columns)
+                if sha256 is None:
+                    table = pq.read_table(f, columns=columns)
+                else:  # the part is read whole anyway: hash the bytes, then parse the same bytes
+                    data = f.read()
+                    got = hashlib.sha256(data).hexdigest()
+                    if got != sha256:
+                        raise CorruptPartError(f"{self.path(key)} is corrupt: sha256 {got} but its commit "
+                                               f"marker says {sha256}")
+                    table = pq.read_table(pa.BufferReader(data), columns=columns)
+        except CorruptPartError:
+            raise
         except Exception as err:
             raise OSError(f"cannot read {self.path(key)}: {err}") from err
         if rows is not None and table.num_rows != rows:
             raise OSError(f"{self.path(key)} has {table.num_rows} rows but its commit says {rows}")
         return table
 
-    def read_committed_part(self, shard_id: int, key: str, columns: list[str] | None = None) -> pa.Table:
-        """A part of a committed shard, checked against the row count its commit marker lists."""
+    def read_committed_part(self, shard_id: int, key: str, columns: list[str] | None = None,
+                            verify: bool = False) -> pa.Table:
+        """A part of a committed shard, checked against the row count its commit marker lists
+        (and, with `verify`, against its sha256: `CorruptPartError` naming the key)."""
         commit = self.read_json(commit_key(shard_id))
         entry = next((f for f in commit["files"] if f["path"] == key), None)
         if entry is None:
             raise FileNotFoundError(f"{self.path(commit_key(shard_id))} lists no file {key}")
-        return self.read_part(key, columns, entry["rows"])
+        return self.read_part(key, columns, entry["rows"], entry["sha256"] if verify else None)
 
     def iter_committed(self, kind: str, hookpoint: str | None = None, columns: list[str] | None = None,
-                       shards: list[int] | None = None) -> Iterator[pa.Table]:
+                       shards: list[int] | None = None, verify: bool = False) -> Iterator[pa.Table]:
         """One committed shard's part of `contexts` or `latents` (one hookpoint) at a time, in shard
-        order; each checked against its commit marker. Memory: one part."""
+        order; each checked against its commit marker (row count; with `verify` also sha256, raising
+        CorruptPartError naming the part; `python -m pipeline.verify` checks a whole run). Memory: one part."""
         if kind not in ("contexts", "latents") or (kind == "latents" and not hookpoint):
             raise ValueError(f"kind={kind!r} hookpoint={hookpoint!r}: want 'contexts', or 'latents' with a hookpoint")
         for s in self.committed_shards() if shards is None else shards:
-            yield self.read_committed_part(s, contexts_key(s) if kind == "contexts" else latents_key(hookpoint, s), columns)
+            key = contexts_key(s) if kind == "contexts" else latents_key(hookpoint, s)
+            yield self.read_committed_part(s, key, columns, verify)
 
-    def read_committed(self, kind: str, hookpoint: str | None = None, columns: list[str] | None = None) -> pa.Table:
+    def read_committed(self, kind: str, hookpoint: str | None = None, columns: list[str] | None = None,
+                       verify: bool = False) -> pa.Table:
         """Concatenate the committed parts (iter_committed) into one table: only for runs that fit in memory."""
-        tables = list(self.iter_committed(kind, hookpoint, columns))
+        tables = list(self.iter_committed(kind, hookpoint, columns, verify=verify))
         if not tables:
             raise FileNotFoundError(f"run {self.url} has no committed shards")
         return pa.concat_tables(tables)
