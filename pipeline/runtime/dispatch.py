@@ -46,13 +46,15 @@ class HarvestActor:
         model = load_model(cfg.model, device)
         saes = {}
         for hook, path in sae_by_hook.items():
-            sae = load_sae(path, hookpoint=hook).to(device)
+            # Encoder only, in the compute dtype, straight into the kernel layout on the device.
+            sae = load_sae(path, hookpoint=hook, dtype=cfg.sae.dtype, device=device, with_decoder=False)
             sae.k = cfg.sae.k or sae.k
             sae.backend = cfg.sae.backend
             saes[hook] = sae
         store = RunStore(cfg.sink, cfg.run_id)
         self.run_id = cfg.run_id
-        self.worker = ShardWorker(model, saes, store, cfg.model.batch_size, device, cfg.faults)
+        self.worker = ShardWorker(model, saes, store, cfg.model.batch_size, device, cfg.faults,
+                                  acts_dtype=cfg.output.acts_dtype)
 
     def process(self, payload: ShardPayload) -> ShardResult:
         import ray

@@ -71,7 +71,7 @@ def run(cfg: RunConfig, dispatcher=None) -> RunSummary:
             dispatcher.close()
 
     summary.seconds = time.perf_counter() - started
-    close_run(store, prep.manifest, ledger.summary(), ledger.quarantined())
+    close_run(store, prep.manifest, ledger.summary(), ledger.quarantined(), summary.acts_overflow)
     progress.update(summary, force=True)
     return summary
 

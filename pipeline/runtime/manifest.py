@@ -78,8 +78,14 @@ def open_run(store: RunStore, manifest: dict) -> None:
             )
 
 
-def close_run(store: RunStore, manifest: dict, files: list[dict], quarantined: list[dict]) -> None:
-    """Mark the run complete with its corpus files and quarantine; no write when nothing changed."""
-    final = {**manifest, "status": "complete", "files": files, "quarantined": quarantined}
-    if store.read_json(MANIFEST_KEY) != final:
+def close_run(store: RunStore, manifest: dict, files: list[dict], quarantined: list[dict],
+              acts_overflow: int = 0) -> None:
+    """Mark the run complete with its corpus files and quarantine; no write when nothing changed.
+
+    `acts_overflow`: this invocation's activations beyond the fp16 range, added to the total of
+    earlier invocations (each shard's own count is in its commit marker)."""
+    previous = store.read_json(MANIFEST_KEY)
+    total = int(previous.get("acts_overflow", 0)) + int(acts_overflow)
+    final = {**manifest, "status": "complete", "files": files, "quarantined": quarantined, "acts_overflow": total}
+    if previous != final:
         store.write_json(MANIFEST_KEY, final)

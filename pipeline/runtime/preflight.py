@@ -21,7 +21,7 @@ from pipeline.model.hookpoints import resolve_hookpoint
 from pipeline.model.loader import load_tokenizer, model_identity, resolve_model_dir
 from pipeline.outputs.sink import storage_options
 from pipeline.runtime.manifest import manifest_for
-from pipeline.sae.formats import load_sae
+from pipeline.sae.formats import SAEInfo, resolve_dtype, sae_info
 from pipeline.sae.sae import SAE
 
 
@@ -64,7 +64,7 @@ def check_hookpoints(model: torch.nn.Module, hookpoints: list[str]) -> None:
         resolve_hookpoint(model, h)  # raises HookpointError naming the hookpoint, the model and the valid names
 
 
-def check_sae_against_model(sae: SAE, hookpoint: str, shape: ModelShape, model_name: str, sae_cfg: SAEConfig) -> None:
+def check_sae_against_model(sae: SAE | SAEInfo, hookpoint: str, shape: ModelShape, model_name: str, sae_cfg: SAEConfig) -> None:
     if sae.d_in != shape.hidden_size:
         raise ConfigMismatch(
             f"SAE {sae.source or sae_cfg.name} for {hookpoint} has d_in={sae.d_in}, but model {model_name} "
@@ -190,10 +190,14 @@ def sae_paths(cfg: RunConfig, files: list[CorpusFile], tokenizer, identity: dict
 
 
 def check_saes(cfg: RunConfig, sae_by_hook: dict[str, str], shape: ModelShape) -> dict:
-    """SAE against model checks before any work; returns the SAE identities for the manifest."""
+    """SAE against model checks before any work; returns the SAE identities for the manifest.
+
+    From metadata only (cfg.json, safetensors headers, a memory-mapped .pt; digests from the hash
+    cache): the driver never reads a weight, so its memory does not grow with the SAE."""
+    resolve_dtype(cfg.sae.dtype)  # a bad sae.dtype fails here, not in every worker
     identities = {}
     for hook, path in sae_by_hook.items():
-        sae = load_sae(path, hookpoint=hook)
+        sae = sae_info(path, hookpoint=hook)
         check_sae_against_model(sae, hook, shape, cfg.model.name, cfg.sae)
         identities[hook] = {
             "path": path, "format": sae.format, "sha256": sae.sha256, "d_in": sae.d_in,

@@ -44,6 +44,7 @@ class RunSummary:
     shards_by_node: dict[str, int] = field(default_factory=dict)
     setup_seconds: float = 0.0  # config checks, tokenizer, demo-SAE fitting: before any shard
     hookpoints: list[str] = field(default_factory=list)
+    acts_overflow: int = 0  # activations saturated at the fp16 range (output.acts_dtype=float32 avoids)
 
     @property
     def tokens_per_second(self) -> float:
@@ -59,6 +60,7 @@ class RunSummary:
         self.tokens += result.tokens
         self.pairs += result.pairs
         self.bytes += result.bytes
+        self.acts_overflow += result.acts_overflow
 
     def describe(self) -> str:
         bpp = self.bytes / self.pairs if self.pairs else float("nan")
@@ -67,7 +69,9 @@ class RunSummary:
             f"{self.tokens:,} tokens, {self.pairs:,} (latent, act) pairs over {len(self.hookpoints)} hookpoint(s), "
             f"{self.bytes / 1e6:.1f} MB ({bpp:.2f} B/pair incl. contexts), {self.seconds:.1f}s extracting "
             f"(+{self.setup_seconds:.1f}s setup), {self.tokens_per_second:,.0f} tokens/s; "
-            f"quarantined documents: {self.quarantined}, shard retries: {self.retries}\n"
+            f"quarantined documents: {self.quarantined}, shard retries: {self.retries}"
+            + (f"; {self.acts_overflow:,} activations beyond fp16 stored saturated (output.acts_dtype=float32)"
+               if self.acts_overflow else "") + "\n"
             f"output: {self.output}"
         )
 
@@ -119,6 +123,7 @@ def summary_record(summary, *, started_at: datetime | None = None, failures: int
         "quarantined": summary.quarantined,
         "failures": failures,
         "retries": summary.retries,
+        "acts_overflow": getattr(summary, "acts_overflow", 0),
         "tokens_per_second": round(summary.tokens / seconds, 1) if seconds > 0 else 0.0,
         "error": error,
     }
