@@ -49,6 +49,7 @@ bench: setup
 	$(PY) bench/cpu.py
 	$(PY) bench/storage.py | tee bench/results/storage.txt
 	$(PY) bench/driver.py --shards 1000000 | tee bench/results/driver.txt
+	$(PY) bench/sae_scale.py | tee bench/results/sae_scale.txt
 	$(PY) bench/encode_gpu.py --quick
 
 bench-gpu: setup
