@@ -19,6 +19,7 @@ from pipeline.config import ModelConfig, RunConfig, SAEConfig
 from pipeline.data.corpus import CorpusFile, resolve_corpus
 from pipeline.model.hookpoints import resolve_hookpoint
 from pipeline.model.loader import load_tokenizer, model_identity, resolve_model_dir
+from pipeline.outputs.layout import latents_schema
 from pipeline.outputs.sink import storage_options
 from pipeline.runtime.manifest import manifest_for
 from pipeline.sae.formats import SAEInfo, resolve_dtype, sae_info
@@ -194,7 +195,8 @@ def check_saes(cfg: RunConfig, sae_by_hook: dict[str, str], shape: ModelShape) -
 
     From metadata only (cfg.json, safetensors headers, a memory-mapped .pt; digests from the hash
     cache): the driver never reads a weight, so its memory does not grow with the SAE."""
-    resolve_dtype(cfg.sae.dtype)  # a bad sae.dtype fails here, not in every worker
+    resolve_dtype(cfg.sae.dtype)  # a bad sae.dtype or output.acts_dtype fails here, not in every worker
+    latents_schema(1, cfg.output.acts_dtype)
     identities = {}
     for hook, path in sae_by_hook.items():
         sae = sae_info(path, hookpoint=hook)
