@@ -3,12 +3,13 @@ project's own format and an OpenAI `.pt` of the same weights. The driver runs in
 process so its peak RSS (VmHWM) can be read; it must stay near the same driver's peak with a
 96-latent SAE: the driver checks SAEs from metadata and never reads a weight.
 
-Bound (measured on the 2-core CI box, `flock ... pytest tests/test_sae_scale.py`): a driver
-with the 96-latent SAE peaks at ~PEAK MB; with the 2^24 SAEs it peaks within ~10 MB of that.
-The margin allowed is RSS_MARGIN_MB = 48 MB, well under what a weight read costs here: the
-encoder alone is 256 MB (2^24 x 8 bf16), the OpenAI decoder's transposed copy made by the old
-preflight 256 MB, the old own-format preflight read 512 MB (checked by reverting
-`check_saes` to `load_sae`: this test then fails)."""
+Bound (measured on the 2-core box, `flock ... pytest -s tests/test_sae_scale.py`): a driver
+with the 96-latent SAE peaks at ~529 MB. The margin allowed is RSS_MARGIN_MB = 48 MB, well under
+what reading a weight costs here (the encoder alone is 256 MB: 2^24 x 8 bf16). Checked by
+reverting formats.py, sae.py, preflight.py and dispatch.py to the pre-issue-13 code: the driver
+then peaks at 994 MB with the OpenAI file (+465 MB: its transposed decoder copy and the mapped
+encoder pages) and the test fails. (The old own-format preflight already mapped the file lazily
+through safetensors and did not grow: 529 MB.)"""
 from __future__ import annotations
 
 import json
