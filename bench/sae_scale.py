@@ -48,7 +48,9 @@ elif what == "none":
     pass
 else:
     sae = load_sae(path, dtype=what, with_decoder=False)
-    sae.W_enc.float().sum()  # one pass over every weight (a mapped file is read here)
+    if sae.W_enc.dtype != torch.float32:  # a mapped file is read here: one pass, in row blocks
+        for i in range(0, sae.W_enc.shape[0], 1 << 20):
+            sae.W_enc[i:i + (1 << 20)].float().sum()
     load_s = time.perf_counter() - t
     sae.encode(x)
 print(json.dumps({"peak": hwm() - base, "seconds": load_s if what not in ("driver", "none") else time.perf_counter() - t}))
