@@ -27,9 +27,9 @@ HOOK = "layers.1"
 
 @pytest.fixture(scope="module")
 def loud_sae(tmp_path_factory):
-    """A 32-wide SAE whose activations reach ~1e5..1e6 on the tiny Llama: many beyond fp16."""
+    """A 32-wide SAE whose activations reach far beyond 65504 on the tiny Llama: many beyond fp16."""
     sae = random_sae(32, 96, 8, seed=3, hookpoint=HOOK)
-    sae.W_enc = sae.W_enc * 2e5
+    sae.W_enc = sae.W_enc * 1e8  # the tiny random Llama's hidden states are ~1e-2..1e-1
     return sae.save(tmp_path_factory.mktemp("loud") / HOOK)
 
 
