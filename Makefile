@@ -51,6 +51,7 @@ bench: setup
 	$(PY) bench/storage.py | tee bench/results/storage.txt
 	$(PY) bench/driver.py --shards 1000000 | tee bench/results/driver.txt
 	$(PY) bench/postprocess.py --out bench/results/postprocess.txt
+	$(PY) bench/sae_scale.py | tee bench/results/sae_scale.txt
 	$(PY) bench/encode_gpu.py --quick
 
 # On a GPU box (python3 with torch, triton, transformers, pyarrow; no venv, no network): exactness,

@@ -25,7 +25,6 @@ import logging
 import re
 import sys
 from datetime import datetime, timezone
-from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
@@ -99,39 +98,6 @@ def _record_failure(cfg: RunConfig, started: datetime, err: Exception) -> None:
                                                 error=f"{type(err).__name__}: {err}"[:2000]))
     except Exception as also:  # noqa: BLE001  the original error is the one to report
         log.error(f"[{cfg.run_id}] could not record the failure: {also}")
-
-
-def redact_hydra_files() -> None:
-    """Hydra saves config.yaml, hydra.yaml and overrides.yaml to `<run dir>/.hydra/` before the app
-    runs, overrides included (a refused `+sink.aws_secret=...` too): rewrite them with credentials
-    replaced, like the manifest (pipeline/runtime/manifest.py redact)."""
-    from hydra.core.hydra_config import HydraConfig
-
-    from pipeline.runtime.manifest import SECRET_KEY, redact
-
-    hc = HydraConfig.get()
-    if not hc.output_subdir:
-        return
-    # key=value strings (overrides, hydra.job.override_dirname "a=1,b=2"): blank the value of a secret key
-    pair = re.compile(r"([+~]*[\w.\-/]+)=([^,]*)")
-
-    def clean(obj):
-        if isinstance(obj, str):
-            return pair.sub(lambda m: f"{m[1]}=***" if SECRET_KEY.search(m[1]) else m[0], obj)
-        if isinstance(obj, dict):
-            return {k: clean(v) for k, v in obj.items()}
-        if isinstance(obj, list):
-            return [clean(v) for v in obj]
-        return obj
-
-    folder = Path(hc.runtime.output_dir) / hc.output_subdir
-    for name in ("config.yaml", "hydra.yaml", "overrides.yaml"):
-        path = folder / name
-        if path.exists():
-            data = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
-            cleaned = clean(redact(data))
-            if cleaned != data:
-                path.write_text(OmegaConf.to_yaml(OmegaConf.create(cleaned)))
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")

@@ -46,6 +46,8 @@ class SAEConfig:
     hookpoints: list[str] = field(default_factory=lambda: ["layers.12"])
     k: int | None = None  # override the checkpoint's k
     backend: str = "auto"  # kernels backend: auto | torch | triton
+    # Weight dtype in the workers: auto (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16 | float16.
+    dtype: str = "auto"
     train: TrainSAEConfig = field(default_factory=TrainSAEConfig)
     # Split each SAE by latent range over this many Ray actors, one placement-group bundle each,
     # for an encoder too big for one device (docs/DESIGN.md, "Latent splits"). 1: off.
@@ -101,6 +103,14 @@ class SinkConfig:
 
 
 @dataclass
+class OutputConfig:
+    """How latents are stored (pipeline/outputs/layout.py)."""
+    # float16 (2 bytes a pair; beyond +-65504 saturates and is counted as acts_overflow in the
+    # commit marker, the run summary and the manifest) | float32 (exact, for SAEs that need it).
+    acts_dtype: str = "float16"
+
+
+@dataclass
 class ClusterConfig:
     address: str | None = None  # None: start a local Ray instance
     num_workers: int = 1
@@ -139,6 +149,7 @@ class RunConfig:
     sae: SAEConfig = field(default_factory=SAEConfig)
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
     sink: SinkConfig = field(default_factory=SinkConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     demo: DemoConfig | None = None
     faults: FaultConfig = field(default_factory=FaultConfig)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from pathlib import Path
 
 
@@ -15,14 +16,68 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("SAE_HARVEST_CACHE", "~/.cache/sae-harvest")).expanduser() / "remote"
 
 
-def sha256_of_files(paths: list[Path]) -> str:
-    """One digest over the given files in order (content only), streamed: SAE and model identities."""
+# A digest is trusted from the cache only when the file is older than this when it was hashed:
+# file times are coarse (a few ms locally, up to seconds on network filesystems), so a file
+# rewritten within the same tick could keep (size, mtime) while its content changed. Such a
+# "racily clean" entry is hashed again next time, as git does for its index.
+RACY_NS = 1_000_000_000
+
+
+def hash_cache_dir() -> Path:
+    return Path(os.environ.get("SAE_HARVEST_CACHE", "~/.cache/sae-harvest")).expanduser() / "hashes"
+
+
+def _stat_key(paths: list[Path]) -> list[list]:
+    """What identifies the files' content without reading it: path, size, mtime, ctime, inode.
+
+    ctime changes on every write and cannot be set back (os.utime sets only atime/mtime), and a
+    file replaced by rename has a new inode, so a changed file always misses the cache."""
+    out = []
+    for p in paths:
+        st = os.stat(p)
+        out.append([os.path.realpath(p), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev])
+    return out
+
+
+def _hash_files(paths: list[Path]) -> str:
     digest = hashlib.sha256()
     for p in paths:
         with open(p, "rb") as f:
             for block in iter(lambda: f.read(1 << 22), b""):
                 digest.update(block)
     return digest.hexdigest()
+
+
+def sha256_of_files(paths: list[Path], cache: bool = True) -> str:
+    """One digest over the given files in order (content only), streamed: SAE and model identities.
+
+    Cached by the files' (path, size, mtime, ctime, inode) in `hash_cache_dir()`: a nightly rerun
+    learns that 100 GB of unchanged weights are unchanged from a stat() per file, not a read."""
+    paths = [Path(p) for p in paths]
+    if not cache:
+        return _hash_files(paths)
+    before = _stat_key(paths)
+    key = hashlib.sha256(json.dumps(before).encode()).hexdigest()
+    entry = hash_cache_dir() / f"{key[:32]}.json"
+    try:
+        known = json.loads(entry.read_text())
+        if known["files"] == before:
+            return known["sha256"]
+    except (OSError, ValueError, KeyError):
+        pass
+    hashed_at = time.time_ns()
+    digest = _hash_files(paths)
+    newest = max((max(f[2], f[3]) for f in before), default=0)
+    # Not cached when a file changed while it was read, or is too fresh to be told apart by its times.
+    if _stat_key(paths) == before and hashed_at - newest > RACY_NS:
+        try:
+            entry.parent.mkdir(parents=True, exist_ok=True)
+            tmp = entry.with_name(f"{entry.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps({"files": before, "sha256": digest}))
+            os.replace(tmp, entry)  # atomic: concurrent workers and the driver may race here
+        except OSError:
+            pass  # a read-only cache costs a rehash next time, nothing else
+    return digest
 
 
 def fetch_to_cache(
@@ -35,8 +90,10 @@ def fetch_to_cache(
 
     Integrity: every file is hashed (sha256) while it streams in and checked against its size,
     against `expected_sha256[relative path]` when given and against a `<file>.sha256` sidecar
-    when the remote has one. The digests are kept in `.sha256.json`; a later call re-hashes the
-    cached files against it, so a truncated or corrupted cache is fetched again, never used.
+    when the remote has one. The digests (and the remote's size and ETag) are kept in `.sha256.json`;
+    a later call checks the cached files against it (through the stat-keyed hash cache, so an
+    unchanged file is not re-read), so a truncated or corrupted cache is fetched again, never
+    used, and a remote object whose ETag changed is fetched again.
     Credentials and endpoints come from `storage_options` or the environment (AWS_*).
     """
     import fsspec
@@ -62,9 +119,14 @@ def fetch_to_cache(
     manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
     for rel, rpath in sorted(remote.items()):
         local = base / rel
-        size = fs.size(rpath)
+        info = fs.info(rpath)
+        size = int(info["size"])
+        etag = info.get("ETag") or info.get("etag")  # S3: changes with the object's content
         known = manifest.get(rel)
-        if local.exists() and known and known["size"] == size == local.stat().st_size and sha256_of_files([local]) == known["sha256"]:
+        # Unchanged remote (size and ETag) and an intact local copy (its digest, from the hash
+        # cache when the local file's stat is unchanged): nothing is downloaded or re-read.
+        if (local.exists() and known and known["size"] == size == local.stat().st_size
+                and known.get("etag") == etag and sha256_of_files([local]) == known["sha256"]):
             continue
         local.parent.mkdir(parents=True, exist_ok=True)
         tmp = local.with_name(local.name + ".part")
@@ -82,7 +144,7 @@ def fetch_to_cache(
             tmp.unlink()
             raise OSError(f"{url}: {rel} failed its integrity check (size {size}, sha256 {got}, expected {want})")
         os.replace(tmp, local)
-        manifest[rel] = {"size": size, "sha256": got}
+        manifest[rel] = {"size": size, "sha256": got, "etag": etag}
         manifest_path.write_text(json.dumps(manifest, indent=1, sort_keys=True))
     return entry / name
 

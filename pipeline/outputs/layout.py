@@ -43,15 +43,31 @@ CONTEXTS_SCHEMA = pa.schema(
 )
 
 
-def latents_schema(k: int) -> pa.Schema:
+# `output.acts_dtype`: fp16 by default (2 bytes a pair); float32 for SAEs whose activations
+# exceed fp16's range. In fp16 a value beyond FP16_MAX is stored as +-FP16_MAX (never inf) and
+# counted: the commit marker, the run summary and the manifest report it (`acts_overflow`).
+ACTS_DTYPES = {"float16": pa.float16(), "float32": pa.float32()}
+FP16_MAX = 65504.0
+
+
+def latents_schema(k: int, acts_dtype: str = "float16") -> pa.Schema:
+    if acts_dtype not in ACTS_DTYPES:
+        raise ValueError(f"output.acts_dtype={acts_dtype!r} is not one of {sorted(ACTS_DTYPES)}")
     return pa.schema(
         [
             ("seq_id", pa.int64()),
             ("pos", pa.int32()),
             ("latent_ids", pa.list_(pa.int32(), k)),
-            ("acts", pa.list_(pa.float16(), k)),
+            ("acts", pa.list_(ACTS_DTYPES[acts_dtype], k)),
         ]
     )
+
+
+def acts_overflow(values: torch.Tensor, acts_dtype: str = "float16") -> int:
+    """How many activations are beyond what `acts_dtype` stores (0 for float32)."""
+    if acts_dtype != "float16":
+        return 0
+    return int((values.abs() > FP16_MAX).sum())
 
 
 # Dictionary encoding (plain where a dictionary outgrows its page) under zstd. Not
@@ -61,11 +77,16 @@ def latents_schema(k: int) -> pa.Schema:
 LATENTS_PARQUET = {"use_dictionary": True, "row_group_size": 1 << 17}
 
 
-def latents_table(seq_ids: np.ndarray, positions: np.ndarray, values: torch.Tensor, ids: torch.Tensor) -> pa.Table:
-    """One row per token: its k latent ids and fp16 activations (fixed-size lists)."""
+def latents_table(seq_ids: np.ndarray, positions: np.ndarray, values: torch.Tensor, ids: torch.Tensor,
+                  acts_dtype: str = "float16") -> pa.Table:
+    """One row per token: its k latent ids and activations (fixed-size lists; fp16 saturates at +-FP16_MAX)."""
     k = ids.shape[1]
     ids_flat = pa.array(ids.cpu().numpy().reshape(-1), type=pa.int32())
-    acts_flat = pa.array(values.half().cpu().numpy().reshape(-1), type=pa.float16())
+    if acts_dtype == "float16":
+        acts = values.float().clamp(-FP16_MAX, FP16_MAX).half()  # never inf; counted by acts_overflow
+    else:
+        acts = values.float()
+    acts_flat = pa.array(acts.cpu().numpy().reshape(-1), type=ACTS_DTYPES[acts_dtype])
     return pa.Table.from_arrays(
         [
             pa.array(seq_ids, type=pa.int64()),
@@ -73,7 +94,7 @@ def latents_table(seq_ids: np.ndarray, positions: np.ndarray, values: torch.Tens
             pa.FixedSizeListArray.from_arrays(ids_flat, k),
             pa.FixedSizeListArray.from_arrays(acts_flat, k),
         ],
-        schema=latents_schema(k),
+        schema=latents_schema(k, acts_dtype),
     )
 
 

@@ -51,14 +51,16 @@ class HarvestActor:
             if cfg.sae.latent_splits > 1:
                 sae = open_split_sae(cfg, path, hook, with_decoder)
             else:
-                sae = load_sae(path, hookpoint=hook, with_decoder=with_decoder).to(device)
+                # In the compute dtype, straight into the kernel layout on the device; the decoder
+                # only when the FVU check needs it.
+                sae = load_sae(path, hookpoint=hook, dtype=cfg.sae.dtype, device=device, with_decoder=with_decoder)
                 sae.backend = cfg.sae.backend
             sae.k = cfg.sae.k or sae.k
             saes[hook] = sae
         store = RunStore(cfg.sink, cfg.run_id)
         self.run_id = cfg.run_id
         self.worker = ShardWorker(model, saes, store, cfg.model.batch_size, device, cfg.faults,
-                                  fvu_sample=cfg.sae.fvu_sample)
+                                  fvu_sample=cfg.sae.fvu_sample, acts_dtype=cfg.output.acts_dtype)
 
     def close(self) -> None:
         """Remove the latent-split parts and their placement groups (Ray keeps a placement group

@@ -72,7 +72,8 @@ def run(cfg: RunConfig, dispatcher=None) -> RunSummary:
 
     summary.seconds = time.perf_counter() - started
     ledger.compact()  # next start-up reads one snapshot (runtime/ledger.py); no-op if nothing changed
-    close_run(store, prep.manifest, ledger.summary(), ledger.quarantined(), fvu_check=summary.fvu)
+    close_run(store, prep.manifest, ledger.summary(), ledger.quarantined(), fvu_check=summary.fvu,
+              acts_overflow=summary.acts_overflow)
     progress.update(summary, force=True)
     return summary
 

@@ -98,15 +98,18 @@ def open_run(store: RunStore, manifest: dict) -> None:
 
 
 def close_run(store: RunStore, manifest: dict, files: list[dict], quarantined: list[dict],
-              fvu_check: dict | None = None) -> None:
+              fvu_check: dict | None = None, acts_overflow: int = 0) -> None:
     """Mark the run complete with its corpus files and quarantine; no write when nothing changed.
 
     `fvu_check` (hookpoint -> this invocation's FVU record) is merged, token-weighted, into the
-    manifest's "fvu" from earlier invocations (pipeline/sae/fvu.py)."""
+    manifest's "fvu" from earlier invocations (pipeline/sae/fvu.py). `acts_overflow`: this
+    invocation's activations beyond the fp16 range, added to the total of earlier invocations
+    (each shard's own count is in its commit marker)."""
     from pipeline.sae import fvu
 
     previous = store.read_json(MANIFEST_KEY)
-    final = {**manifest, "status": "complete", "files": files, "quarantined": quarantined}
+    total = int(previous.get("acts_overflow", 0)) + int(acts_overflow)
+    final = {**manifest, "status": "complete", "files": files, "quarantined": quarantined, "acts_overflow": total}
     merged = fvu.merge(previous.get("fvu") or {}, fvu_check or {})
     if merged:
         final["fvu"] = merged

@@ -19,9 +19,10 @@ from pipeline.config import ModelConfig, RunConfig, SAEConfig
 from pipeline.data.corpus import CorpusFile, resolve_corpus
 from pipeline.model.hookpoints import resolve_hookpoint
 from pipeline.model.loader import load_tokenizer, model_identity, resolve_model_dir
+from pipeline.outputs.layout import latents_schema
 from pipeline.outputs.sink import storage_options
 from pipeline.runtime.manifest import manifest_for
-from pipeline.sae.formats import SAEFormatError, load_sae
+from pipeline.sae.formats import SAEFormatError, SAEInfo, resolve_dtype, sae_info
 from pipeline.sae.sae import SAE
 
 
@@ -64,7 +65,7 @@ def check_hookpoints(model: torch.nn.Module, hookpoints: list[str]) -> None:
         resolve_hookpoint(model, h)  # raises HookpointError naming the hookpoint, the model and the valid names
 
 
-def check_sae_against_model(sae: SAE, hookpoint: str, shape: ModelShape, model_name: str, sae_cfg: SAEConfig) -> None:
+def check_sae_against_model(sae: SAE | SAEInfo, hookpoint: str, shape: ModelShape, model_name: str, sae_cfg: SAEConfig) -> None:
     if sae.d_in != shape.hidden_size:
         raise ConfigMismatch(
             f"SAE {sae.source or sae_cfg.name} for {hookpoint} has d_in={sae.d_in}, but model {model_name} "
@@ -194,11 +195,16 @@ class SAELoadError(SAEFormatError):
 
 
 def check_saes(cfg: RunConfig, sae_by_hook: dict[str, str], shape: ModelShape) -> dict:
-    """SAE against model checks before any work; returns the SAE identities for the manifest."""
+    """SAE against model checks before any work; returns the SAE identities for the manifest.
+
+    From metadata only (cfg.json, safetensors headers, a memory-mapped .pt; digests from the hash
+    cache): the driver never reads a weight, so its memory does not grow with the SAE."""
+    resolve_dtype(cfg.sae.dtype)  # a bad sae.dtype or output.acts_dtype fails here, not in every worker
+    latents_schema(1, cfg.output.acts_dtype)
     identities = {}
     for hook, path in sae_by_hook.items():
         try:
-            sae = load_sae(path, hookpoint=hook)
+            sae = sae_info(path, hookpoint=hook)
         except Exception as e:  # missing, unreadable, truncated, refused pickle: name the setting
             raise SAELoadError(f"sae.path={cfg.sae.path!r}: cannot load the SAE for {hook} from {path}: "
                                f"{type(e).__name__}: {e}") from e

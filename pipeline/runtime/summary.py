@@ -47,6 +47,7 @@ class RunSummary:
     hookpoints: list[str] = field(default_factory=list)
     # hookpoint -> FVU check over this invocation's shards, token-weighted (pipeline/sae/fvu.py)
     fvu: dict[str, dict] = field(default_factory=dict)
+    acts_overflow: int = 0  # activations saturated at the fp16 range (output.acts_dtype=float32 avoids)
 
     @property
     def tokens_per_second(self) -> float:
@@ -64,6 +65,7 @@ class RunSummary:
         self.bytes += result.bytes
         if result.fvu:
             self.fvu = fvu.merge(self.fvu, result.fvu)
+        self.acts_overflow += result.acts_overflow
 
     def describe(self) -> str:
         bpp = self.bytes / self.pairs if self.pairs else float("nan")
@@ -72,7 +74,9 @@ class RunSummary:
             f"{self.tokens:,} tokens, {self.pairs:,} (latent, act) pairs over {len(self.hookpoints)} hookpoint(s), "
             f"{self.bytes / 1e6:.1f} MB ({bpp:.2f} B/pair incl. contexts), {self.seconds:.1f}s extracting "
             f"(+{self.setup_seconds:.1f}s setup), {self.tokens_per_second:,.0f} tokens/s; "
-            f"quarantined documents: {self.quarantined}, shard retries: {self.retries}\n"
+            f"quarantined documents: {self.quarantined}, shard retries: {self.retries}"
+            + (f"; {self.acts_overflow:,} activations beyond fp16 stored saturated (output.acts_dtype=float32)"
+               if self.acts_overflow else "") + "\n"
             + "".join(f"FVU check {hook}: FVU {s['fvu']:.4f}, dead in sample {s['dead_fraction']:.4f} "
                       f"({s['tokens']:,} sampled tokens, {s['shards']} shards)\n" for hook, s in self.fvu.items())
             + f"output: {self.output}"
@@ -126,6 +130,7 @@ def summary_record(summary, *, started_at: datetime | None = None, failures: int
         "quarantined": summary.quarantined,
         "failures": failures,
         "retries": summary.retries,
+        "acts_overflow": getattr(summary, "acts_overflow", 0),
         "tokens_per_second": round(summary.tokens / seconds, 1) if seconds > 0 else 0.0,
         "fvu": dict(getattr(summary, "fvu", {}) or {}),
         "error": error,

@@ -23,6 +23,7 @@ from pipeline.model.harvest import Harvester
 from pipeline.outputs.layout import (
     CONTEXTS_SCHEMA,
     LATENTS_PARQUET,
+    acts_overflow,
     commit_key,
     contexts_key,
     latents_key,
@@ -58,6 +59,7 @@ class ShardResult:
     skipped: bool = False
     node: str = ""  # the Ray node that did it (set by the actor)
     fvu: dict = field(default_factory=dict)  # hookpoint -> pipeline.sae.fvu record (sae.fvu_sample > 0)
+    acts_overflow: int = 0  # activations beyond the stored dtype's range (saturated, not inf)
 
 
 class ShardWorker:
@@ -70,8 +72,10 @@ class ShardWorker:
         device: str = "cpu",
         faults: FaultConfig | None = None,
         fvu_sample: int = 0,
+        acts_dtype: str = "float16",
     ):
         self.model = model
+        self.acts_dtype = acts_dtype
         self.faults = faults or FaultConfig()
         # Compute is serialized; writing a finished shard is not, so with two calls in flight
         # (a threaded actor) the next shard's forward overlaps this shard's Parquet upload.
@@ -196,8 +200,12 @@ class ShardWorker:
         )
         files = [self.store.write_table(contexts_key(payload.shard_id), contexts)]
         pairs = 0
+        overflow = {h: acts_overflow(v, self.acts_dtype) for h, (_, _, v, _) in encoded.items()}
+        if any(overflow.values()):
+            log.warning(f"shard {payload.shard_id}: activations beyond the {self.acts_dtype} range stored "
+                        f"saturated: {overflow} (output.acts_dtype=float32 stores them exactly)")
         for hook, (seq, pos, values, ids) in encoded.items():
-            table = latents_table(seq, pos, values, ids)
+            table = latents_table(seq, pos, values, ids, self.acts_dtype)
             files.append(self.store.write_table(latents_key(hook, payload.shard_id), table, **LATENTS_PARQUET))
             pairs += ids.numel()
         tokens = int(sum(len(t) for t in payload.token_ids))
@@ -211,8 +219,10 @@ class ShardWorker:
                 "tokens": tokens,
                 "files": [f.__dict__ for f in files],
                 **({"fvu": fvu} if fvu else {}),
+                "acts_overflow": overflow,
             },
         )
         return ShardResult(
-            payload.shard_id, n, tokens, pairs, sum(f.bytes for f in files), time.perf_counter() - started, fvu=fvu
+            payload.shard_id, n, tokens, pairs, sum(f.bytes for f in files), time.perf_counter() - started, fvu=fvu,
+            acts_overflow=sum(overflow.values()),
         )

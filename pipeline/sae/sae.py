@@ -32,7 +32,7 @@ ACTIVATIONS = ("topk_relu", "relu_topk")
 class SAE:
     W_enc: torch.Tensor  # [L, d]
     b_enc: torch.Tensor | None  # [L]
-    W_dec: torch.Tensor  # [L, d]
+    W_dec: torch.Tensor | None  # [L, d]; None when loaded encoder-only (`load_sae(with_decoder=False)`)
     b_dec: torch.Tensor | None  # [d], added on decode
     k: int
     b_pre: torch.Tensor | None = None  # [d], subtracted from the (normalized) input
@@ -51,7 +51,7 @@ class SAE:
             raise ValueError(f"input_norm {self.input_norm!r} is not one of {INPUT_NORMS}")
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"activation {self.activation!r} is not one of {ACTIVATIONS}")
-        if self.W_enc.shape != self.W_dec.shape:
+        if self.W_dec is not None and self.W_enc.shape != self.W_dec.shape:
             raise ValueError(f"W_enc {tuple(self.W_enc.shape)} and W_dec {tuple(self.W_dec.shape)} must both be [L, d]")
         if not 1 <= self.k <= self.n_latents:
             raise ValueError(f"SAE k={self.k} must be between 1 and its latent count {self.n_latents}")
@@ -115,6 +115,9 @@ class SAE:
 
     def decode(self, values: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Reconstruction in the normalized input space (plus b_dec): [N, d] fp32."""
+        if self.W_dec is None:
+            raise ValueError(f"SAE {self.source or self.format} was loaded without its decoder; "
+                             f"load it with load_sae(..., with_decoder=True) to decode")
         out = kernels.sparse_decode(values, ids, self.W_dec, backend=self.backend)
         if self.b_dec is not None:
             out = out + self.b_dec.float()
