@@ -78,8 +78,13 @@ def spill_settings(cfg: PostprocessConfig) -> dict:
             "hist_log2_min": cfg.hist_log2_min, "hist_log2_max": cfg.hist_log2_max}
 
 
+def hist_edges(cfg: PostprocessConfig) -> np.ndarray:
+    """The fixed histogram bin edges shared by every latent (inner edges; outer bins are open)."""
+    return np.exp2(np.linspace(cfg.hist_log2_min, cfg.hist_log2_max, cfg.hist_bins + 1))
+
+
 def hist_bin(acts32: np.ndarray, cfg: PostprocessConfig) -> np.ndarray:
-    edges = np.exp2(np.linspace(cfg.hist_log2_min, cfg.hist_log2_max, cfg.hist_bins + 1))
+    edges = hist_edges(cfg)
     return np.clip(np.searchsorted(edges[1:-1], acts32, side="right"), 0, cfg.hist_bins - 1).astype(np.uint8)
 
 

@@ -74,12 +74,6 @@ KINDS = ("top", "quantile", "random")
 POS_BITS = 24  # (seq_id, pos) packed into one int64 key: seq_id << POS_BITS | pos
 
 
-# -- keys ---------------------------------------------------------------------------------
-def hist_edges(cfg: PostprocessConfig) -> np.ndarray:
-    """The fixed histogram bin edges shared by every latent (inner edges; outer bins are open)."""
-    return np.exp2(np.linspace(cfg.hist_log2_min, cfg.hist_log2_max, cfg.hist_bins + 1))
-
-
 def window_start(pos: np.ndarray | int, length: np.ndarray | int, window: int):
     return np.clip(np.asarray(pos) - window // 2, 0, np.maximum(np.asarray(length) - window, 0))
 
