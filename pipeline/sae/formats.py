@@ -50,6 +50,9 @@ class SAEInfo:
     sha256: str
     dtype: str  # the encoder's stored dtype
     meta: dict = field(default_factory=dict)
+    kind: str = "sae"  # sae | transcoder | crosscoder (pipeline/sae/sae.py KINDS)
+    inputs: list[str] = field(default_factory=list)  # crosscoder sources, in concatenation order
+    output: str | None = None  # transcoder: the hookpoint it reconstructs
 
 
 # ---------------------------------------------------------------------------------------------
@@ -333,7 +336,8 @@ def info_own(path: Path) -> SAEInfo:
     n_latents, d_in = refs["W_enc"].shape
     return SAEInfo(OWN_FORMAT, d_in, n_latents, int(cfg["k"]), cfg.get("hookpoint"), str(path),
                    sha256_of_files([path / "cfg.json", path / "sae.safetensors"]),
-                   _dtype_name(refs["W_enc"].dtype), cfg.get("meta", {}))
+                   _dtype_name(refs["W_enc"].dtype), cfg.get("meta", {}),
+                   kind=cfg.get("kind", "sae"), inputs=list(cfg.get("inputs") or []), output=cfg.get("output"))
 
 
 def load_own(path: Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
@@ -356,6 +360,9 @@ def load_own(path: Path, dtype: torch.dtype | None = None, device: str | torch.d
         source=str(path),
         sha256=info.sha256,
         meta=info.meta,
+        kind=info.kind,
+        inputs=info.inputs,
+        output=info.output,
     )
 
 

@@ -26,6 +26,13 @@ import kernels
 OWN_FORMAT = "sae-harvest"
 INPUT_NORMS = ("none", "openai_layernorm", "constant_norm_rescale")
 ACTIVATIONS = ("topk_relu", "relu_topk")
+# What a dictionary reads and reconstructs (issue 17):
+#   sae         reads `hookpoint`, reconstructs it;
+#   transcoder  reads `hookpoint` (e.g. layers.N.mlp_in), reconstructs `output` (layers.N.mlp_out);
+#   crosscoder  reads the concatenation of `inputs` (hookpoints, or checkpoint/hookpoint pairs),
+#               each block of width d_in / len(inputs) normalized on its own, and reconstructs
+#               each input from its own block of W_dec.
+KINDS = ("sae", "transcoder", "crosscoder")
 
 
 @dataclass
@@ -45,8 +52,18 @@ class SAE:
     sha256: str = ""
     meta: dict = field(default_factory=dict)  # e.g. the model it was trained on, training report
     backend: str = "auto"  # kernels backend for encode/decode
+    kind: str = "sae"  # one of KINDS
+    inputs: list[str] = field(default_factory=list)  # crosscoder: its sources, in concatenation order
+    output: str | None = None  # transcoder: the hookpoint it reconstructs
 
     def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"kind {self.kind!r} is not one of {KINDS}")
+        if self.kind == "crosscoder" and (not self.inputs or self.d_in % len(self.inputs)):
+            raise ValueError(f"a crosscoder needs its inputs listed, and d_in={self.d_in} a multiple of their "
+                             f"number ({len(self.inputs)})")
+        if self.kind == "transcoder" and not self.output:
+            raise ValueError("a transcoder needs the hookpoint it reconstructs (output)")
         if self.input_norm not in INPUT_NORMS:
             raise ValueError(f"input_norm {self.input_norm!r} is not one of {INPUT_NORMS}")
         if self.activation not in ACTIVATIONS:
@@ -59,6 +76,11 @@ class SAE:
     @property
     def d_in(self) -> int:
         return self.W_enc.shape[1]
+
+    @property
+    def n_blocks(self) -> int:
+        """How many separately normalized blocks the input has (a crosscoder's sources; else 1)."""
+        return len(self.inputs) if self.kind == "crosscoder" else 1
 
     @property
     def n_latents(self) -> int:
@@ -76,16 +98,18 @@ class SAE:
         return self
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        """The input as the format's encoder sees it, in fp32 (`input_norm`)."""
+        """The input as the format's encoder sees it, in fp32 (`input_norm`, per block for a crosscoder)."""
         x = x.float()
+        if self.n_blocks > 1:
+            x = x.unflatten(-1, (self.n_blocks, -1))
         if self.input_norm == "openai_layernorm":
             # openai/sparse_autoencoder `LN`: mean-centre, divide by (unbiased std + eps).
             x = x - x.mean(dim=-1, keepdim=True)
-            return x / (x.std(dim=-1, keepdim=True) + 1e-5)
-        if self.input_norm == "constant_norm_rescale":
-            # SAELens `constant_norm_rescale`: every row rescaled to norm sqrt(d_in).
-            return x * ((self.d_in**0.5) / x.norm(dim=-1, keepdim=True))
-        return x
+            x = x / (x.std(dim=-1, keepdim=True) + 1e-5)
+        elif self.input_norm == "constant_norm_rescale":
+            # SAELens `constant_norm_rescale`: every row (block) rescaled to norm sqrt(its width).
+            x = x * ((x.shape[-1] ** 0.5) / x.norm(dim=-1, keepdim=True))
+        return x.flatten(-2) if self.n_blocks > 1 else x
 
     def encoder_input(self, x: torch.Tensor, k: int) -> torch.Tensor:
         """What the top-k sees: the input normalized per `input_norm`, minus `b_pre` (fp32)."""
@@ -142,6 +166,9 @@ class SAE:
             "input_norm": self.input_norm,
             "activation": self.activation,
             "hookpoint": self.hookpoint,
+            "kind": self.kind,
+            "inputs": self.inputs,
+            "output": self.output,
             "meta": self.meta,
         }
         (path / "cfg.json").write_text(json.dumps(cfg, indent=2) + "\n")

@@ -79,6 +79,10 @@ def main(model_dir: str, corpus_dir: str, sae_dir: str, out_dir: str) -> None:
         "removed_after_commits": len(removed_with),
         # Shards in flight on node 0 when it went: committed only after, so redone elsewhere.
         "redone": sorted(committed() - removed_with),
+        # Counted from the commit markers, not summary.shards_done: a shard node 0 committed
+        # just before its reply froze is found committed on retry and counts as skipped.
+        "committed_at_end": len(committed()),
+        "shards_skipped": summary.shards_skipped,
         "frozen_processes": len(frozen),
         "shards_done": summary.shards_done,
         "shards_by_node": summary.shards_by_node,
