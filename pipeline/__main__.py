@@ -29,7 +29,7 @@ from datetime import datetime, timezone
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline.cli import CONF_DIR, redact_hydra_files, setup_logging, to_typed
+from pipeline.cli import CONF_DIR, redact_hydra_files, run_app, setup_logging, to_typed
 from pipeline.config import RunConfig
 
 log = logging.getLogger(__name__)
@@ -89,13 +89,14 @@ def _sweep_member_run_id(dcfg: DictConfig) -> str | None:
 def _record_failure(cfg: RunConfig, started: datetime, err: Exception) -> None:
     """Best effort: a failed run leaves summary.json with status "failed" for the nightly monitor."""
     from pipeline.outputs.sink import RunStore
+    from pipeline.runtime.manifest import redact_text
     from pipeline.runtime.summary import RunSummary, summary_record, write_run_summary
 
     try:
         store = RunStore(cfg.sink, cfg.run_id)
         empty = RunSummary(cfg.run_id, store.url, hookpoints=list(cfg.sae.hookpoints))
         write_run_summary(store, summary_record(empty, started_at=started, failures=1,
-                                                error=f"{type(err).__name__}: {err}"[:2000]))
+                                                error=redact_text(f"{type(err).__name__}: {err}")[:2000]))
     except Exception as also:  # noqa: BLE001  the original error is the one to report
         log.error(f"[{cfg.run_id}] could not record the failure: {also}")
 
@@ -142,7 +143,7 @@ def app(dcfg: DictConfig) -> None:
 
 
 def main() -> None:
-    app()
+    run_app(app)
 
 
 if __name__ == "__main__":

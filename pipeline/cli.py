@@ -112,6 +112,38 @@ def redact_hydra_files() -> None:
                 OmegaConf.save(OmegaConf.create(clean), f)
 
 
+# Hydra flags that print the composed config and exit before the app runs.
+SHOW_CONFIG_FLAGS = ("--cfg", "-c", "--info", "-i")
+
+
+def run_app(app: Callable[[], None]) -> None:
+    """Run a Hydra app; when it only shows the config (`--cfg job`, `--info`), mask credentials
+    in what it prints, since a value given on the command line (`sink.storage_options.secret=...`)
+    would otherwise be printed as typed."""
+    if not any(a in SHOW_CONFIG_FLAGS or a.startswith(("--cfg=", "--info=")) for a in sys.argv[1:]):
+        app()
+        return
+    import contextlib
+    import io
+
+    import yaml
+
+    from pipeline.runtime.manifest import redact, redact_text
+
+    shown = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(shown):
+            app()
+    finally:
+        text = shown.getvalue()
+        try:  # `--cfg`: YAML, masked value by value so it stays valid YAML
+            data = yaml.safe_load(text)
+        except yaml.YAMLError:
+            data = None
+        text = yaml.safe_dump(redact(data), sort_keys=False) if isinstance(data, dict) else redact_text(text)
+        sys.stdout.write(text)
+
+
 def command(config_name: str, schema: type, body: Callable[[typing.Any], None]) -> Callable[[], None]:
     """A Hydra app over conf/<config_name>.yaml that hands `body` the typed, checked config."""
 
@@ -122,4 +154,4 @@ def command(config_name: str, schema: type, body: Callable[[typing.Any], None]) 
         setup_logging(cfg.quiet)
         body(cfg)
 
-    return app
+    return lambda: run_app(app)

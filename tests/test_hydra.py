@@ -123,3 +123,16 @@ def test_cli_cfg_job_prints_resolved_config_without_secrets():
     assert cfg.run_id == "demo" and cfg.corpus.ctx_len == 256
     for leaked in (secret, "AKIAEXAMPLE123"):
         assert leaked not in out.stdout + out.stderr
+
+
+def test_cli_cfg_job_masks_credentials_given_on_the_command_line():
+    """A credential typed as an override is printed masked by `--cfg job` (Hydra prints before our app runs)."""
+    secret = "wJalrXUtnFEMI-K7MDENG-bPxRfiCYEXAMPLEKEY"
+    out = _cli("sink=s3", f"+sink.storage_options.secret={secret}", "+sink.storage_options.key=AKIAEXAMPLE123",
+               "--cfg", "job")
+    assert out.returncode == 0, out.stderr
+    cfg = OmegaConf.create(out.stdout)
+    assert cfg.sink.storage_options.secret == "***" and cfg.sink.storage_options.key == "***", out.stdout
+    assert cfg.corpus.ctx_len == 256  # the rest printed as composed
+    for leaked in (secret, "AKIAEXAMPLE123"):
+        assert leaked not in out.stdout + out.stderr

@@ -40,6 +40,9 @@ def test_redact_masks_credential_names_values_and_urls():
     assert out["overrides"] == ["sink.storage_options.secret=***", "sink.storage_options={key:***,secret:***,token:***}",
                                 "corpus.max_tokens=7"]
     assert out["override_dirname"] == "sink.storage_options.token=***,run_id=x"
+    # YAML text (what `--cfg job` prints): a name at the end of one line never takes the next line's
+    # `secret:` as its value, so the secret itself is still found and masked.
+    assert redact({"shown": "storage_options:\n    secret: abc\n"})["shown"] == "storage_options:\n    secret: ***\n"
 
 
 def test_no_credential_in_any_output_or_log(s3_server, tiny_model_dir, tiny_corpus, tiny_sae_dir, tmp_path):  # noqa: F811

@@ -21,7 +21,7 @@ SECRET_KEY = re.compile(r"(secret|password|passwd|credential|access_key|session_
 # so `max_tokens` or `token_cache` stay readable.
 SECRET_NAMES = {"key", "token", "secret"}
 # `name=value` / `name: value` inside a string: Hydra's saved overrides, `override_dirname`.
-NAME_VALUE = re.compile(r"([+~]?[A-Za-z_][\w.]*)(\s*[:=]\s*)([^,{}\[\]\s]+)")
+NAME_VALUE = re.compile(r"([+~]?[A-Za-z_][\w.]*)([ \t]*[:=][ \t]*)([^,{}\[\]\s]+)")  # one line
 URL_USERINFO = re.compile(r"(\w+://)[^/@\s:]+:[^/@\s]+@")
 # What output already written depends on: a rerun that changes any of them needs a new run id.
 IDENTITY_KEYS = ("hookpoints", "ctx_len", "shard_size", "saes", "model")
