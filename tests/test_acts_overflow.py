@@ -97,3 +97,34 @@ def test_acts_dtype_float32_stores_them_exactly(tiny_model_dir, tiny_corpus, lou
     np.testing.assert_allclose(acts, np.concatenate([expected[s] for s in sorted(expected)]), rtol=1e-5)
     assert summary.acts_overflow == 0
     assert json.loads((root / "manifest.json").read_text())["acts_overflow"] == 0
+
+
+def test_float32_run_keeps_exact_acts_through_postprocessing(tiny_model_dir, tiny_corpus, loud_sae, tmp_path,
+                                                             ray_local):
+    """by_latent and examples of an `output.acts_dtype=float32` run hold the latents' float32
+    values bit for bit, those beyond 65504 included (a float16 by_latent would make them inf)."""
+    import pandas as pd
+
+    from pipeline.config import PostprocessConfig
+    from pipeline.outputs.postprocess import postprocess
+    from pipeline.outputs.sink import RunStore
+
+    _, root = _harvest(tiny_model_dir, tiny_corpus, loud_sae, tmp_path, "fp32", "float32")
+    postprocess(RunStore(SinkConfig(root=str(tmp_path)), "fp32"),
+                PostprocessConfig(bucket_size=32, top_n=3, n_quantiles=2, per_quantile=2, n_random=2, window=4))
+    lat = pq.read_table(root / "latents" / f"hookpoint={HOOK}").to_pandas()
+    k = len(lat.latent_ids.iloc[0])
+    pairs = pd.DataFrame({"seq_id": np.repeat(lat.seq_id.to_numpy(), k), "pos": np.repeat(lat.pos.to_numpy(), k),
+                          "latent_id": np.concatenate(lat.latent_ids.to_numpy()),
+                          "want": np.concatenate(lat.acts.to_numpy())})
+    pairs = pairs[pairs.want > 0]
+    by_latent = pq.read_table(root / "by_latent" / f"hookpoint={HOOK}")
+    assert by_latent.schema.field("act").type == "float" and by_latent.num_rows == len(pairs)
+    got = by_latent.to_pandas().merge(pairs, on=["latent_id", "seq_id", "pos"], validate="one_to_one")
+    assert len(got) == len(pairs) and got.act.max() > FP16_MAX
+    assert np.array_equal(got.act.to_numpy(), got.want.to_numpy())  # exact, not rounded to fp16
+    ex = pq.read_table(root / "examples" / f"hookpoint={HOOK}").to_pandas()
+    top = ex[(ex.kind == "top") & (ex["rank"] == 0)]
+    best = got.groupby("latent_id").act.max()
+    assert np.array_equal(np.asarray([max(a) for a in top.acts]), best.loc[top.latent_id].to_numpy())
+    assert all(np.isfinite(a).all() for a in ex.acts)

@@ -199,3 +199,39 @@ def test_from_path_gives_each_actor_only_its_slice_and_close_frees_it(tmp_path, 
         s.close()
     assert placement_group_table(pg)["state"] == "REMOVED"
     assert s.actors == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", ["own", "openai"])
+def test_split_honours_sae_dtype_like_the_unsplit_load(tmp_path, ray_local, fmt):
+    """`sae.dtype` through `open_split` (the harvest's entry point): own format (each part reads
+    its slice) and OpenAI (loaded once, slices shipped). fp32 weights with bits below bf16's
+    mantissa: the split encode equals `load_sae(dtype=...)`'s bit for bit, for bf16 and fp32,
+    and the bf16 result differs from the fp32 one (so the dtype really reached the parts)."""
+    from pipeline.sae.latent_split import open_split
+
+    g = torch.Generator().manual_seed(11)
+    n, k = 300, 16
+    if fmt == "own":
+        sae = random_sae(D, n, k=k, seed=9)
+        sae.W_enc = sae.W_enc + 1e-3 * torch.randn(n, D, generator=g)  # not bf16-representable
+        sae.b_enc = 0.1 * torch.randn(n, generator=g)
+        path = sae.save(tmp_path / "own")
+    else:
+        path = tmp_path / "8.pt"
+        torch.save({"pre_bias": 0.1 * torch.randn(D, generator=g), "encoder.weight": torch.randn(n, D, generator=g),
+                    "latent_bias": 0.1 * torch.randn(n, generator=g), "decoder.weight": torch.randn(D, n, generator=g),
+                    "activation": "TopK", "activation_state_dict": {"k": k, "postact_fn": "ReLU"}}, path)
+    x = inputs("float", n=64)
+    results = {}
+    for dtype in ("bfloat16", "float32", "auto"):
+        want = load_sae(path, dtype=dtype, with_decoder=False).encode(x)
+        split = open_split(str(path), None, 3, with_decoder=False, dtype=dtype, num_cpus=CPUS, ready_timeout_s=60)
+        try:
+            assert {p["dtype"] for p in split.part_info()} == {"torch.float32" if dtype != "bfloat16" else "torch.bfloat16"}
+            got = split.encode(x)
+        finally:
+            split.close()
+        assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0]), dtype
+        results[dtype] = got
+    assert not torch.equal(results["bfloat16"][0], results["float32"][0])

@@ -30,6 +30,25 @@ from pipeline.remote import fetch_to_cache, is_remote, sha256_of_files
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def cpu_has_native_bf16() -> bool:
+    """AVX512_BF16 or AMX: the CPU multiplies bfloat16 in hardware (torch's own CPU feature probes)."""
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
+
+
+def resolve_model_dtype(name: str, device: str | torch.device = "cpu") -> str:
+    """`model.dtype`: "auto" is bfloat16 on CUDA; on CPU float32, unless the CPU has native bf16
+    (AVX512_BF16 / AMX). Without it every bf16 matmul is emulated: several times slower than fp32
+    (`make demo` on an AVX2 CPU spent minutes in SmolLM2's bf16 matmuls). Explicit names pass through."""
+    if name == "auto":
+        if torch.device(device).type == "cuda" or cpu_has_native_bf16():
+            return "bfloat16"
+        return "float32"
+    if name not in DTYPES:
+        raise ModelError(f"model.dtype={name!r} is not one of auto, {', '.join(DTYPES)}")
+    return name
+
+
 class ModelError(ValueError):
     pass
 
@@ -80,14 +99,16 @@ def resolve_model_dir(path: str) -> Path:
     return folder
 
 
-def model_identity(cfg: ModelConfig) -> dict:
-    """Name, resolved location and a sha256 of the weight file(s), for the manifest."""
+def model_identity(cfg: ModelConfig, device: str | torch.device = "cpu") -> dict:
+    """Name, resolved location, dtype (resolved for the workers' `device`) and a sha256 of the
+    weight file(s), for the manifest."""
+    dtype = resolve_model_dtype(cfg.dtype, device)
     folder = resolve_model_dir(cfg.path)
     if cfg.gguf_file:
         files = [folder / cfg.gguf_file]
     else:
         files = sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin", ".json"))
-    return {"name": cfg.name, "path": cfg.path, "gguf_file": cfg.gguf_file, "dtype": cfg.dtype,
+    return {"name": cfg.name, "path": cfg.path, "gguf_file": cfg.gguf_file, "dtype": dtype,
             "sha256": sha256_of_files(files)}
 
 
@@ -104,11 +125,10 @@ def load_model(cfg: ModelConfig, device: str | torch.device = "cpu") -> torch.nn
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    if cfg.dtype not in DTYPES:
-        raise ModelError(f"model.dtype={cfg.dtype!r} is not one of {sorted(DTYPES)}")
+    dtype = DTYPES[resolve_model_dtype(cfg.dtype, device)]
     folder = resolve_model_dir(cfg.path)
     kwargs = {"gguf_file": cfg.gguf_file} if cfg.gguf_file else {}
-    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=DTYPES[cfg.dtype], **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, **kwargs)
     return model.to(device).eval()
 
 

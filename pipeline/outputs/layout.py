@@ -130,9 +130,18 @@ def run_history_key(stamp: str) -> str:
 
 
 # -- post-processing --------------------------------------------------------------------------------
-BY_LATENT_SCHEMA = pa.schema(
-    [("latent_id", pa.int32()), ("seq_id", pa.int64()), ("pos", pa.int32()), ("act", pa.float16())]
-)
+def by_latent_schema(acts_dtype: str = "float16") -> pa.Schema:
+    """by_latent keeps the run's `output.acts_dtype`: a float32 run's acts beyond 65504 stay exact."""
+    return pa.schema([("latent_id", pa.int32()), ("seq_id", pa.int64()), ("pos", pa.int32()),
+                      ("act", ACTS_DTYPES[acts_dtype])])
+
+
+BY_LATENT_SCHEMA = by_latent_schema("float16")
+
+
+def run_acts_dtype(manifest: dict) -> str:
+    """The run's `output.acts_dtype` from its manifest (runs written before the setting: float16)."""
+    return ((manifest.get("config") or {}).get("output") or {}).get("acts_dtype", "float16")
 EXAMPLES_SCHEMA = pa.schema(
     [
         ("latent_id", pa.int32()),

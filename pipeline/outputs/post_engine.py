@@ -7,7 +7,8 @@ reduce (one latent bucket): DuckDB over that bucket's spill parts, with `memory_
     `temp_directory`, so sorts and aggregates go out of core: memory is bounded whatever the
     corpus size (a Zipf-hot latent with 1e8 pairs only costs disk).
     1. one GROUP BY latent: counts, exact sums (activations are float16, so act * 2^24 is an
-       integer and the sums are int128: order-independent and deterministic), max;
+       integer and the sums are int128: order-independent and deterministic; a float32 run's acts
+       are rounded to 2^-24 for the sums only), max;
     2. one ORDER BY (latent, act desc, seq, pos) streamed in record batches: written straight to
        by_latent, histogram bins counted (np.bincount per batch), and the few rows at precomputed
        ranks (top-n, quantile picks, the order statistics of the quantiles) kept as they pass;
@@ -45,8 +46,14 @@ from pipeline.config import PostprocessConfig
 from pipeline.outputs.layout import contexts_key
 from pipeline.outputs.sink import RunStore, with_retries
 
-SPILL_SCHEMA = pa.schema([("latent_id", pa.int32()), ("seq_id", pa.int64()), ("pos", pa.int32()),
-                          ("act", pa.float16()), ("bin", pa.uint8())])
+
+def spill_schema(act_type: pa.DataType | None = None) -> pa.Schema:
+    """A spill part keeps the latents' act type (float16, or float32 for output.acts_dtype=float32)."""
+    return pa.schema([("latent_id", pa.int32()), ("seq_id", pa.int64()), ("pos", pa.int32()),
+                      ("act", act_type or pa.float16()), ("bin", pa.uint8())])
+
+
+SPILL_SCHEMA = spill_schema()
 SPILL_VERSION = 2
 POS_BITS = 24
 SCALE = 2.0 ** 24  # float16 values are integer multiples of 2^-24
@@ -94,6 +101,7 @@ def split_pairs(latents: pa.Table, cfg: PostprocessConfig) -> tuple[int, Iterato
     if cfg.hist_bins > 256:
         raise ValueError(f"hist_bins={cfg.hist_bins}: at most 256")
     ids_col, acts_col = latents["latent_ids"].combine_chunks(), latents["acts"].combine_chunks()
+    schema = spill_schema(acts_col.type.value_type)
     k = ids_col.type.list_size
     ids = ids_col.flatten().to_numpy()
     acts = acts_col.flatten().to_numpy(zero_copy_only=False)
@@ -114,8 +122,8 @@ def split_pairs(latents: pa.Table, cfg: PostprocessConfig) -> tuple[int, Iterato
     def parts() -> Iterator[tuple[int, pa.Table]]:
         for b, s, e in zip(touched.tolist(), starts.tolist(), ends.tolist()):
             yield b, pa.Table.from_arrays([pa.array(ids[s:e]), pa.array(seq[s:e]), pa.array(pos[s:e]),
-                                           pa.array(acts[s:e], pa.float16()), pa.array(bins[s:e])],
-                                          schema=SPILL_SCHEMA)
+                                           pa.array(acts[s:e], schema.field("act").type), pa.array(bins[s:e])],
+                                          schema=schema)
 
     return len(ids), parts()
 
@@ -284,8 +292,9 @@ def _reduce(store, hook, bucket, lo, hi, spill_keys, committed, shard_size, cfg,
     # 3. the sorted stream -> by_latent, keeping the needed rows.
     reader = con.sql("SELECT latent_id, seq_id, pos, act, bin FROM pairs ORDER BY latent_id, act DESC, seq_id, pos") \
         .to_arrow_reader(1 << 20)
-    from pipeline.outputs.layout import BY_LATENT_SCHEMA
+    from pipeline.outputs.layout import MANIFEST_KEY, by_latent_schema, run_acts_dtype
 
+    BY_LATENT_SCHEMA = by_latent_schema(run_acts_dtype(store.read_json(MANIFEST_KEY)))  # the run's acts dtype
     offset = 0
     with local_output(store, by_latent_key, scratch) as path, \
             pq.ParquetWriter(path, BY_LATENT_SCHEMA, compression=store.cfg.compression,
@@ -293,7 +302,7 @@ def _reduce(store, hook, bucket, lo, hi, spill_keys, committed, shard_size, cfg,
         for batch in reader:
             act = batch.column("act")
             writer.write_table(pa.Table.from_arrays(
-                [batch.column("latent_id"), batch.column("seq_id"), batch.column("pos"), act.cast(pa.float16())],
+                [batch.column("latent_id"), batch.column("seq_id"), batch.column("pos"), act.cast(BY_LATENT_SCHEMA.field("act").type)],
                 schema=BY_LATENT_SCHEMA))
             lat = batch.column("latent_id").to_numpy().astype(np.int64) - lo  # sorted: a short latent range
             cell = (lat - lat[0]) * cfg.hist_bins + batch.column("bin").to_numpy()

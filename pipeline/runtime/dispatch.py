@@ -100,7 +100,7 @@ def open_split_sae(cfg: RunConfig, path: str, hook: str, with_decoder: bool):
     owner = ray.get_runtime_context().get_actor_name() or "driver"
     gpus = cfg.sae.split_gpus if cfg.sae.split_gpus is not None else (1.0 if cfg.cluster.gpus_per_worker > 0 else 0.0)
     return open_split(path, hook, cfg.sae.latent_splits, with_decoder=with_decoder, backend=cfg.sae.backend,
-                      num_cpus=cfg.sae.split_cpus, num_gpus=gpus, strategy=cfg.sae.split_strategy,
+                      dtype=cfg.sae.dtype, num_cpus=cfg.sae.split_cpus, num_gpus=gpus, strategy=cfg.sae.split_strategy,
                       max_restarts=cfg.sae.split_max_restarts, name=f"{owner}/{hook}")
 
 

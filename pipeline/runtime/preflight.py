@@ -162,7 +162,7 @@ def prepare(cfg: RunConfig) -> Prepared:
     corpus_storage = storage_options(cfg.sink) if any(p.startswith("s3://") for p in cfg.corpus.paths) else None
     files = resolve_corpus(cfg.corpus, corpus_storage)
     tokenizer = load_tokenizer(cfg.model)
-    identity = model_identity(cfg.model)
+    identity = model_identity(cfg.model, "cuda" if cfg.cluster.gpus_per_worker > 0 else "cpu")  # dtype as workers resolve it
     meta = meta_model(cfg.model)
     check_hookpoints(meta, cfg.sae.hookpoints)  # before anything is loaded or fitted
     sae_by_hook = sae_paths(cfg, files, tokenizer, identity)

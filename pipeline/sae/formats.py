@@ -161,11 +161,12 @@ def load_openai(path: Path, dtype: torch.dtype | None = None, device: str | torc
                 with_decoder: bool = True) -> SAE:
     sd = _openai_state_dict(path)
     info = _openai_info(path, sd)
-    W_enc = kernel_matrix(sd["encoder.weight"], dtype, device)  # [L, d]
+    W_enc = kernel_matrix(sd["encoder.weight"], dtype, device, label=f"{path}: tensor 'encoder.weight'")  # [L, d]
     W_dec = None
     if with_decoder:
         if "decoder.weight" in sd:  # stored [d, L]: transposed block by block into [L, d]
-            W_dec = kernel_matrix(sd["decoder.weight"], dtype, device, transpose=True)
+            W_dec = kernel_matrix(sd["decoder.weight"], dtype, device, transpose=True,
+                                  label=f"{path}: tensor 'decoder.weight'")
         else:  # tied: TiedTranspose(encoder)
             W_dec = W_enc
     b_pre = vector(sd["pre_bias"], dtype, device)

@@ -34,6 +34,7 @@ import kernels
 from kernels.merge import merge_topk
 from pipeline.remote import sha256_of_files
 from pipeline.sae.sae import OWN_FORMAT, SAE
+from pipeline.sae.weights import kernel_matrix, safetensors_header, vector
 
 if TYPE_CHECKING:  # annotations are strings (__future__), so 3.10 never imports this
     from typing import Self
@@ -54,21 +55,21 @@ def split_ranges(n_latents: int, n_parts: int) -> list[tuple[int, int]]:
     return ranges
 
 
-def load_slices(path: str | os.PathLike, start: int, stop: int, with_decoder: bool = True) -> dict[str, torch.Tensor]:
+def load_slices(path: str | os.PathLike, start: int, stop: int, with_decoder: bool = True,
+                dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
     """Rows [start, stop) of W_enc, W_dec and b_enc from the project's own format.
 
-    `safe_open(...).get_slice` reads only those rows from the file, so an actor never holds
-    (or even reads) the whole matrix. `with_decoder=False` skips W_dec (extraction only encodes).
+    Rows of a row-major matrix are one byte range of the file (`TensorRef.rows`), read by the
+    unsplit loader's `kernel_matrix`/`vector`: only those rows are read, in `dtype` (the
+    unsplit SAE's `sae.dtype`; None keeps the file's), with the same casts, block by block, so
+    a part's weights are bit for bit the unsplit SAE's rows. `with_decoder=False` skips W_dec.
     """
-    from safetensors import safe_open
-
-    with safe_open(str(Path(path) / "sae.safetensors"), framework="pt") as f:
-        names = set(f.keys())
-        out = {"W_enc": f.get_slice("W_enc")[start:stop]}
-        if with_decoder:
-            out["W_dec"] = f.get_slice("W_dec")[start:stop]
-        if "b_enc" in names:
-            out["b_enc"] = f.get_slice("b_enc")[start:stop]
+    refs = safetensors_header(Path(path) / "sae.safetensors")
+    out = {"W_enc": kernel_matrix(refs["W_enc"].rows(start, stop), dtype, device)}
+    if with_decoder:
+        out["W_dec"] = kernel_matrix(refs["W_dec"].rows(start, stop), dtype, device)
+    if "b_enc" in refs:
+        out["b_enc"] = vector(refs["b_enc"].rows(start, stop), dtype, device)
     return out
 
 
@@ -89,24 +90,29 @@ class LatentPartActor:
         backend: str = "auto",
         torch_threads: int = 1,
         with_decoder: bool = True,
+        dtype: str | torch.dtype | None = None,
     ) -> None:
+        from pipeline.sae.formats import resolve_dtype
+
         if (tensors is None) == (path is None):
             raise ValueError("give exactly one of tensors or path")
         torch.set_num_threads(max(1, torch_threads))
-        tensors = load_slices(path, start, stop, with_decoder) if path is not None else tensors
+        # `sae.dtype` as the unsplit SAE resolves it on this part's device ("auto": bf16 on CUDA).
+        dtype = resolve_dtype(dtype, device)
+        if path is not None:
+            tensors = load_slices(path, start, stop, with_decoder, dtype, device)
         if tensors["W_enc"].shape[0] != stop - start:
             raise ValueError(f"W_enc slice has {tensors['W_enc'].shape[0]} rows for range [{start}, {stop})")
         self.start, self.stop, self.device, self.backend = start, stop, torch.device(device), backend
-        self.W_enc = tensors["W_enc"].to(self.device)
+        self.W_enc = kernel_matrix(tensors["W_enc"], dtype, self.device)
         # Without the decoder a meta tensor keeps the shape (info, checks) and holds no memory.
         w_dec = tensors.get("W_dec") if with_decoder else None
-        self.W_dec = w_dec.to(self.device) if w_dec is not None else torch.empty(self.W_enc.shape, device="meta")
-        b_enc = tensors.get("b_enc")
-        self.b_enc = None if b_enc is None else b_enc.to(self.device)
+        self.W_dec = kernel_matrix(w_dec, dtype, self.device) if w_dec is not None else torch.empty(self.W_enc.shape, device="meta")
+        self.b_enc = vector(tensors.get("b_enc"), dtype, self.device)
 
     def info(self) -> dict:
         return {"start": self.start, "stop": self.stop, "W_enc": tuple(self.W_enc.shape),
-                "W_dec": tuple(self.W_dec.shape), "device": str(self.device)}
+                "W_dec": tuple(self.W_dec.shape), "device": str(self.device), "dtype": str(self.W_enc.dtype)}
 
     def encode_part(self, x: torch.Tensor, k: int, bounds: list[int] | None = None,
                     crash_once: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -173,6 +179,7 @@ class LatentSplitSAE:
         with_decoder: bool = True,
         max_restarts: int = 0,
         name: str = "",
+        dtype: str | torch.dtype | None = None,
     ) -> None:
         ranges = split_ranges(sae.n_latents, n_parts)
         sources = []
@@ -182,9 +189,9 @@ class LatentSplitSAE:
                 tensors["W_dec"] = sae.W_dec[start:stop]
             if sae.b_enc is not None:
                 tensors["b_enc"] = sae.b_enc[start:stop]
-            # contiguous copies: otherwise pickling a view would ship the whole base tensor.
-            sources.append({"tensors": {n: t.detach().cpu().contiguous() for n, t in tensors.items()},
-                            "with_decoder": with_decoder})
+            # copies: pickling a view (even a contiguous row range) would ship the whole base storage.
+            sources.append({"tensors": {n: t.detach().cpu().clone() for n, t in tensors.items()},
+                            "with_decoder": with_decoder, "dtype": dtype})
         self._start(_driver_sae(sae), ranges, sources, num_cpus, num_gpus, strategy, ready_timeout_s, max_restarts,
                     name)
 
@@ -203,25 +210,27 @@ class LatentSplitSAE:
         max_restarts: int = 0,
         backend: str = "auto",
         name: str = "",
+        dtype: str | torch.dtype | None = None,
     ) -> LatentSplitSAE:
         """Project's own format (cfg.json + sae.safetensors); no process loads a whole matrix.
 
         `hash_files=False` skips the sha256 of the checkpoint (a streamed read of the whole
         file on the driver: minutes for a 16M-latent SAE). `with_decoder=False`: parts hold
         W_enc/b_enc only. `max_restarts`: Ray restarts of a dead part (it reloads its slice and
-        reruns the call) before the caller sees `RayActorError`.
+        reruns the call) before the caller sees `RayActorError`. `dtype`: `sae.dtype`, resolved as
+        `load_sae` does on the parts' device (CUDA when `num_gpus > 0`).
         """
-        from safetensors import safe_open
+        from pipeline.sae.formats import resolve_dtype
 
         path = Path(path)
         cfg = json.loads((path / "cfg.json").read_text())
         if cfg.get("format") != OWN_FORMAT:
             raise ValueError(f"{path}: sliced loading supports the {OWN_FORMAT!r} format only, got {cfg.get('format')!r}")
-        with safe_open(str(path / "sae.safetensors"), framework="pt") as f:
-            names = set(f.keys())
-            n_latents, d_in = f.get_slice("W_enc").get_shape()
-            small = {name: f.get_tensor(name) if name in names else None
-                     for name in ("b_dec", "b_pre", "latent_scale")}
+        refs = safetensors_header(path / "sae.safetensors")
+        n_latents, d_in = refs["W_enc"].shape
+        # The small vectors as load_own reads them for this dtype (fp32 once a compute dtype is set).
+        resolved = resolve_dtype(dtype, "cuda" if num_gpus > 0 else "cpu")
+        small = {name: vector(refs.get(name), resolved) for name in ("b_dec", "b_pre", "latent_scale")}
         meta = torch.empty(n_latents, d_in, device="meta")
         # Same cfg fields as pipeline.sae.formats.load_own, minus the matrices.
         driver_sae = SAE(
@@ -233,7 +242,7 @@ class LatentSplitSAE:
         )
         ranges = split_ranges(n_latents, n_parts)
         self = cls.__new__(cls)
-        self._start(driver_sae, ranges, [{"path": str(path), "with_decoder": with_decoder}] * n_parts,
+        self._start(driver_sae, ranges, [{"path": str(path), "with_decoder": with_decoder, "dtype": dtype}] * n_parts,
                     num_cpus, num_gpus, strategy, ready_timeout_s, max_restarts, name)
         return self
 
@@ -384,17 +393,18 @@ class LatentSplitSAE:
 
 
 def open_split(path: str, hookpoint: str | None, n_parts: int, *, with_decoder: bool = True,
-               backend: str = "auto", **options) -> LatentSplitSAE:
+               backend: str = "auto", dtype: str | torch.dtype | None = None, **options) -> LatentSplitSAE:
     """The harvest's entry point (`sae.latent_splits`): a `LatentSplitSAE` for any SAE path.
 
     A local checkpoint in the project's own format is read slice by slice by the parts
     (`from_path`); any other format, or a remote path, is loaded once by the caller and its
     slices are shipped to the parts (the caller then needs the memory of the whole SAE once).
+    `dtype`: `sae.dtype`, honoured exactly as the unsplit `load_sae` does on the parts' device.
     `options`: num_cpus, num_gpus, strategy, ready_timeout_s, max_restarts, name (of the
     placement group; a new one of the same name replaces it).
     """
     from pipeline.remote import is_remote
-    from pipeline.sae.formats import detect_format, load_sae
+    from pipeline.sae.formats import detect_format, load_sae, resolve_dtype
 
     local = Path(str(path).removeprefix("file://"))
     if hookpoint is not None and local.is_dir() and (local / hookpoint).is_dir():
@@ -402,7 +412,9 @@ def open_split(path: str, hookpoint: str | None, n_parts: int, *, with_decoder: 
     if not is_remote(str(path)) and local.is_dir() and detect_format(local) == OWN_FORMAT:
         # The driver's preflight already hashed the checkpoint for the manifest.
         return LatentSplitSAE.from_path(local, n_parts, hash_files=False, with_decoder=with_decoder,
-                                        backend=backend, **options)
-    sae = load_sae(path, hookpoint=hookpoint)
+                                        backend=backend, dtype=dtype, **options)
+    # Cast here (CPU) as the parts' device would resolve it; the parts keep that dtype.
+    part_device = "cuda" if options.get("num_gpus", 0) > 0 else "cpu"
+    sae = load_sae(path, hookpoint=hookpoint, dtype=resolve_dtype(dtype, part_device), with_decoder=with_decoder)
     sae.backend = backend
     return LatentSplitSAE(sae, n_parts, with_decoder=with_decoder, **options)
