@@ -409,33 +409,46 @@ def window_start(pos, length, window: int):
     return np.clip(np.asarray(pos) - window // 2, 0, np.maximum(np.asarray(length) - window, 0))
 
 
+def cut_windows(store: RunStore, contexts: ContextsLRU, seq: np.ndarray, pos: np.ndarray, shard_size: int,
+                W: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(start, wlen, widx, windows): each example's window start and length, and its row in `windows`
+    [U, W] int32, the distinct (seq_id, start) windows' tokens (past wlen: padding). One pass over
+    the contexts shards the examples refer to, in shard order; each distinct window is cut once, as
+    one row gather from a sliding-window view (no per-token index arrays)."""
+    m = len(seq)
+    start, wlen, widx = np.zeros(m, np.int64), np.zeros(m, np.int64), np.zeros(m, np.int64)
+    order = np.argsort(seq, kind="stable")
+    shards, cuts = np.unique(seq[order] // shard_size, return_index=True)
+    parts, n_win = [], 0
+    for shard, members in zip(shards.tolist(), np.split(order, cuts[1:])):
+        cseq, offsets, values = contexts.get(shard)
+        row = np.searchsorted(cseq, seq[members])
+        if np.any(row >= len(cseq)) or np.any(cseq[np.minimum(row, len(cseq) - 1)] != seq[members]):
+            raise OSError(f"{store.path(contexts_key(shard))} lacks a context that latents refer to")
+        length = offsets[row + 1] - offsets[row]
+        st = window_start(pos[members], length, W)
+        start[members], wlen[members] = st, np.minimum(W, length)
+        key, inv = np.unique((row.astype(np.int64) << 32) | st, return_inverse=True)
+        widx[members] = n_win + inv.reshape(-1)
+        padded = np.concatenate([values, np.zeros(W, values.dtype)])  # windows past the end read padding
+        view = np.lib.stride_tricks.sliding_window_view(padded, W)
+        parts.append(view[offsets[key >> 32] + (key & 0xFFFFFFFF)])
+        n_win += len(key)
+    windows = np.concatenate(parts).astype(np.int32, copy=False) if parts else np.zeros((0, W), np.int32)
+    return start, wlen, widx, windows
+
+
 def write_examples(con, store: RunStore, contexts: ContextsLRU, key: str, scratch: str, lat, kind, rank, seq, pos,
                    shard_size: int, cfg: PostprocessConfig, chunk: int = 1 << 16) -> None:
-    """Token windows and this latent's activations in them. Windows are cut in contexts-shard order
-    (each shard read once) into a disk-backed array; activations come from one DuckDB join streamed
-    in example order; the part is written in chunks of examples."""
+    """Token windows and this latent's activations in them. The distinct windows are cut once
+    (cut_windows); activations come from one DuckDB join streamed in example order; the part is
+    written in chunks of examples."""
     from pipeline.outputs.layout import EXAMPLES_SCHEMA
 
     W, m = cfg.window, len(lat)
     kinds = pa.array(list(KIND_CODES), pa.string())
-    start, wlen = np.zeros(m, np.int64), np.zeros(m, np.int64)
-    windows = np.lib.format.open_memmap(os.path.join(scratch, "windows.npy"), mode="w+", dtype=np.int32,
-                                        shape=(max(m, 1), W))
-    shard_of = seq // shard_size
-    by_shard = np.argsort(shard_of, kind="stable")
-    shards, cuts = np.unique(shard_of[by_shard], return_index=True)
-    for shard, members in zip(shards.tolist(), np.split(by_shard, cuts[1:])):
-        cseq, offsets, values = contexts.get(shard)
-        for c0 in range(0, len(members), chunk):
-            sel = members[c0:c0 + chunk]
-            row = np.searchsorted(cseq, seq[sel])
-            if np.any(row >= len(cseq)) or np.any(cseq[np.minimum(row, len(cseq) - 1)] != seq[sel]):
-                raise OSError(f"{store.path(contexts_key(shard))} lacks a context that latents refer to")
-            length = offsets[row + 1] - offsets[row]
-            start[sel] = window_start(pos[sel], length, W)
-            wlen[sel] = np.minimum(W, length)
-            idx = offsets[row][:, None] + start[sel][:, None] + np.arange(W)[None, :]
-            windows[sel] = values[np.minimum(idx, max(len(values) - 1, 0))] if len(values) else 0
+    start, wlen, widx, windows = cut_windows(store, contexts, seq, pos, shard_size, W)
+    full = bool(np.all(wlen == W))  # contexts at least a window long: every list is W long, no mask
 
     nr = np.flatnonzero(kind != 2)  # random windows have no activations by construction
     con.register("ex", pa.table({"ex": nr, "latent_id": lat[nr].astype(np.int32), "seq_id": seq[nr],
@@ -445,11 +458,13 @@ def write_examples(con, store: RunStore, contexts: ContextsLRU, key: str, scratc
                       ORDER BY e.ex, off""").to_arrow_reader(1 << 20)
     pending = [np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)]
     exhausted = False
+    in_window = np.arange(W)[None, :]
 
     with local_output(store, key, scratch) as path, \
             pq.ParquetWriter(path, EXAMPLES_SCHEMA, compression=store.cfg.compression,
                              compression_level=store.cfg.compression_level,
-                             use_dictionary=["latent_id", "kind"]) as writer:  # token lists: dictionaries cost, save little
+                             use_dictionary=["latent_id", "kind"],  # token lists: dictionaries cost, save little
+                             write_statistics=["latent_id", "kind", "rank", "seq_id", "pos"]) as writer:
         for c0 in range(0, m, chunk):
             c1 = min(m, c0 + chunk)
             while not exhausted and (len(pending[0]) == 0 or pending[0][-1] < c1):
@@ -465,11 +480,17 @@ def write_examples(con, store: RunStore, contexts: ContextsLRU, key: str, scratc
             h_ex, h_off, h_act = (x[:cut] for x in pending)
             pending = [x[cut:] for x in pending]
             wl = wlen[c0:c1]
-            out_off = np.concatenate([[0], np.cumsum(wl)])
-            tokens = np.asarray(windows[c0:c1])[np.arange(W)[None, :] < wl[:, None]]
-            acts = np.zeros(out_off[-1], np.float32)
-            acts[out_off[h_ex - c0] + h_off] = h_act
-            off32 = pa.array(out_off.astype(np.int32))
+            acts = np.zeros((c1 - c0, W), np.float32)
+            acts[h_ex - c0, h_off] = h_act
+            tokens = windows[widx[c0:c1]]
+            if full:
+                out_off = np.arange(c1 - c0 + 1, dtype=np.int32) * W
+                tokens, acts = tokens.reshape(-1), acts.reshape(-1)
+            else:
+                out_off = np.concatenate([[0], np.cumsum(wl)]).astype(np.int32)
+                mask = in_window < wl[:, None]
+                tokens, acts = tokens[mask], acts[mask]
+            off32 = pa.array(out_off)
             writer.write_table(pa.Table.from_arrays([
                 pa.array(lat[c0:c1].astype(np.int32)), kinds.take(pa.array(kind[c0:c1])), pa.array(rank[c0:c1], pa.int32()),
                 pa.array(seq[c0:c1].astype(np.int64)), pa.array(pos[c0:c1].astype(np.int32)),
@@ -478,4 +499,3 @@ def write_examples(con, store: RunStore, contexts: ContextsLRU, key: str, scratc
         if m == 0:
             writer.write_table(EXAMPLES_SCHEMA.empty_table())
     con.unregister("ex")
-    del windows
