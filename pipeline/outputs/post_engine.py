@@ -195,8 +195,9 @@ def quantile_ranks(n: np.ndarray, cfg: PostprocessConfig):
     return n[:, None] - 1 - prev, n[:, None] - 1 - nxt, gamma  # descending rank = n - 1 - ascending
 
 
-def quantile_picks(latent_ids: np.ndarray, n: np.ndarray, cfg: PostprocessConfig):
-    """(latent index, rank in act-desc order, example rank) of every quantile pick (see module doc)."""
+def quantile_picks(latent_ids: np.ndarray, n: np.ndarray, cfg: PostprocessConfig) -> tuple[np.ndarray, np.ndarray]:
+    """(pick [latents, Q, P] rank in act-desc order, valid [latents, Q, P]) of every quantile pick (see
+    module doc): valid picks come first in each group, sorted; example rank = q * per_quantile + j."""
     Q, P = cfg.n_quantiles, cfg.per_quantile
     q = np.arange(Q)[None, :]
     base, extra = (n // Q)[:, None], (n % Q)[:, None]
@@ -209,8 +210,7 @@ def quantile_picks(latent_ids: np.ndarray, n: np.ndarray, cfg: PostprocessConfig
     valid = j < m[:, :, None]
     pick = gstart[:, :, None] + (u[:, :, None] + j * size[:, :, None] // np.maximum(m, 1)[:, :, None]) % np.maximum(size, 1)[:, :, None]
     pick = np.sort(np.where(valid, pick, np.iinfo(np.int64).max), axis=2)
-    li, qi, ji = np.nonzero(valid)  # valid picks are the first m after sorting
-    return li, pick[li, qi, ji], qi * P + ji
+    return np.where(valid, pick, 0), valid  # invalid: rank 0, a real row whose value is ignored
 
 
 def reduce_bucket(store: RunStore, hook: str, bucket: int, lo: int, hi: int, spill_keys: list[str],
@@ -267,21 +267,25 @@ def _reduce(store, hook, bucket, lo, hi, spill_keys, committed, shard_size, cfg,
     max_act[local] = g["mx"].to_numpy()
     hist = np.zeros((n_lat, cfg.hist_bins), np.int64)
     lap("stats")
-    # 2. the ranks whose rows we need from the sorted stream.
+    # 2. the ranks whose rows we need from the sorted stream, one row of columns per active latent:
+    # the quantiles' two order statistics, top_n, the quantile picks (missing ones: rank 0, ignored).
     active = np.flatnonzero(n)
     na = n[active]
-    first = np.concatenate([[0], np.cumsum(n)])[:-1]  # global index of each latent's first pair
+    first = (np.cumsum(n) - n)[active]  # global index of each active latent's first pair
     q_hi, q_lo, gamma = quantile_ranks(na, cfg)  # [active, Q+1]; desc ranks of the two order statistics
-    top_cnt = np.minimum(cfg.top_n, na)
-    top_li = np.repeat(np.arange(len(active)), top_cnt)
-    top_rank = np.arange(top_cnt.sum()) - np.repeat(np.cumsum(top_cnt) - top_cnt, top_cnt)
-    q_li, q_row, q_rank = quantile_picks(active + lo, na, cfg)
-    need = np.unique(np.concatenate([
-        (first[active][:, None] + q_hi).ravel(), (first[active][:, None] + q_lo).ravel(),
-        first[active][top_li] + top_rank, first[active][q_li] + q_row]))
-    got_seq, got_pos, got_act = np.zeros(len(need), np.int64), np.zeros(len(need), np.int64), np.zeros(len(need), np.float32)
+    top = np.arange(cfg.top_n)[None, :]
+    top_valid = top < na[:, None]
+    q_pick, q_valid = quantile_picks(active + lo, na, cfg)
+    nq1 = cfg.n_quantiles + 1
+    cols = {"q_hi": slice(0, nq1), "q_lo": slice(nq1, 2 * nq1), "top": slice(2 * nq1, 2 * nq1 + cfg.top_n),
+            "pick": slice(2 * nq1 + cfg.top_n, None)}
+    need = first[:, None] + np.concatenate(
+        [q_hi, q_lo, np.where(top_valid, top, 0), q_pick.reshape(len(active), -1)], axis=1)  # [active, cols]
+    got_seq, got_pos = np.zeros(need.shape, np.int64), np.zeros(need.shape, np.int64)
+    got_act = np.zeros(need.shape, np.float32)
+    ends = first + na
 
-    # 3. the sorted stream -> by_latent, keeping the needed rows.
+    # 3. the sorted stream -> by_latent, keeping the needed rows (a batch overlaps a range of latents' rows).
     reader = con.sql("SELECT latent_id, seq_id, pos, act, bin FROM pairs ORDER BY latent_id, act DESC, seq_id, pos") \
         .to_arrow_reader(1 << 20)
     from pipeline.outputs.layout import BY_LATENT_SCHEMA
@@ -299,47 +303,46 @@ def _reduce(store, hook, bucket, lo, hi, spill_keys, committed, shard_size, cfg,
             cell = (lat - lat[0]) * cfg.hist_bins + batch.column("bin").to_numpy()
             hist.reshape(-1)[lat[0] * cfg.hist_bins:(lat[-1] + 1) * cfg.hist_bins] += \
                 np.bincount(cell, minlength=(lat[-1] - lat[0] + 1) * cfg.hist_bins)
-            a, b = np.searchsorted(need, [offset, offset + batch.num_rows])
-            idx = need[a:b] - offset
-            got_seq[a:b] = batch.column("seq_id").to_numpy()[idx]
-            got_pos[a:b] = batch.column("pos").to_numpy()[idx]
-            got_act[a:b] = act.to_numpy()[idx]
-            offset += batch.num_rows
+            end = offset + batch.num_rows
+            r0, r1 = np.searchsorted(ends, offset, side="right"), np.searchsorted(first, end, side="left")
+            sub = need[r0:r1]
+            inside = (sub >= offset) & (sub < end)
+            idx = sub[inside] - offset
+            got_seq[r0:r1][inside] = batch.column("seq_id").to_numpy()[idx]
+            got_pos[r0:r1][inside] = batch.column("pos").to_numpy()[idx]
+            got_act[r0:r1][inside] = act.to_numpy()[idx]
+            offset = end
         if offset == 0:
             writer.write_table(BY_LATENT_SCHEMA.empty_table())
 
     lap("sort")
 
-    def at(global_idx):
-        return np.searchsorted(need, global_idx)
-
     # quantiles exactly as np.quantile(acts, linspace(0, 1, Q + 1)) ('linear') computes them
-    a_val = got_act[at(first[active][:, None] + q_hi)]
-    b_val = got_act[at(first[active][:, None] + q_lo)]
+    a_val, b_val = got_act[:, cols["q_hi"]], got_act[:, cols["q_lo"]]
     diff = b_val - a_val
     quant = np.where(gamma >= 0.5, b_val - diff * (1 - gamma), a_val + diff * gamma).astype(np.float32)
     quantiles = np.zeros((n_lat, cfg.n_quantiles + 1), np.float32)
     quantiles[active] = quant
     stats = _stats_table(lo, hi, n, max_act, sum_act, sum_sq, quantiles, hist)
 
-    # 4. examples: top and quantile rows, then random candidates.
-    ti, qi = at(first[active][top_li] + top_rank), at(first[active][q_li] + q_row)
-    ex_lat = np.concatenate([active[top_li], active[q_li]]) + lo
-    ex_kind = np.concatenate([np.zeros(len(ti), np.int8), np.ones(len(qi), np.int8)])
-    ex_rank = np.concatenate([top_rank, q_rank]).astype(np.int32)
-    ex_seq = np.concatenate([got_seq[ti], got_seq[qi]])
-    ex_pos = np.concatenate([got_pos[ti], got_pos[qi]])
+    # 4. examples: top and quantile rows, then random candidates; each list is in (latent, rank)
+    # order, so one stable sort by latent gives (latent, kind, rank) order.
+    q_valid = q_valid.reshape(len(active), -1)
+    q_rank = np.broadcast_to(np.arange(q_valid.shape[1], dtype=np.int32), q_valid.shape)[q_valid]
     contexts = ContextsLRU(store)
+    lap("select")
     r_lat, r_rank, r_seq, r_pos = random_examples(con, store, contexts, hook, bucket, active + lo, committed, shard_size, cfg)
-    ex_lat = np.concatenate([ex_lat, r_lat])
-    ex_kind = np.concatenate([ex_kind, np.full(len(r_lat), 2, np.int8)])
-    ex_rank = np.concatenate([ex_rank, r_rank]).astype(np.int32)
-    ex_seq = np.concatenate([ex_seq, r_seq])
-    ex_pos = np.concatenate([ex_pos, r_pos])
-    order = np.lexsort((ex_rank, ex_kind, ex_lat))
+    lat_rows = np.broadcast_to((active + lo)[:, None], need.shape)
+    ex_lat = np.concatenate([lat_rows[:, cols["top"]][top_valid], lat_rows[:, cols["pick"]][q_valid], r_lat])
+    ex_kind = np.repeat(np.array([0, 1, 2], np.int8), [int(top_valid.sum()), int(q_valid.sum()), len(r_lat)])
+    ex_rank = np.concatenate([np.broadcast_to(top, top_valid.shape)[top_valid], q_rank, r_rank]).astype(np.int32)
+    ex_seq = np.concatenate([got_seq[:, cols["top"]][top_valid], got_seq[:, cols["pick"]][q_valid], r_seq])
+    ex_pos = np.concatenate([got_pos[:, cols["top"]][top_valid], got_pos[:, cols["pick"]][q_valid], r_pos])
+    lap("random")
+    order = np.argsort(ex_lat, kind="stable")
     ex_lat, ex_kind, ex_rank, ex_seq, ex_pos = ex_lat[order], ex_kind[order], ex_rank[order], ex_seq[order], ex_pos[order]
     write_examples(con, store, contexts, examples_key, scratch, ex_lat, ex_kind, ex_rank, ex_seq, ex_pos,
-                   shard_size, cfg)
+                   shard_size, cfg, lap)
     con.close()
     lap("examples")
     return int(n.sum()), stats, timings
@@ -439,7 +442,7 @@ def cut_windows(store: RunStore, contexts: ContextsLRU, seq: np.ndarray, pos: np
 
 
 def write_examples(con, store: RunStore, contexts: ContextsLRU, key: str, scratch: str, lat, kind, rank, seq, pos,
-                   shard_size: int, cfg: PostprocessConfig, chunk: int = 1 << 16) -> None:
+                   shard_size: int, cfg: PostprocessConfig, lap=lambda name: None, chunk: int = 1 << 16) -> None:
     """Token windows and this latent's activations in them. The distinct windows are cut once
     (cut_windows); activations come from one DuckDB join streamed in example order; the part is
     written in chunks of examples."""
@@ -449,15 +452,25 @@ def write_examples(con, store: RunStore, contexts: ContextsLRU, key: str, scratc
     kinds = pa.array(list(KIND_CODES), pa.string())
     start, wlen, widx, windows = cut_windows(store, contexts, seq, pos, shard_size, W)
     full = bool(np.all(wlen == W))  # contexts at least a window long: every list is W long, no mask
+    lap("windows")
 
+    # This latent's activations in each non-random window, dense: [examples, W] float16 (the pairs'
+    # own dtype, exact), filled from one unordered DuckDB join (no sort of the hits).
     nr = np.flatnonzero(kind != 2)  # random windows have no activations by construction
-    con.register("ex", pa.table({"ex": nr, "latent_id": lat[nr].astype(np.int32), "seq_id": seq[nr],
+    win_acts = np.zeros((len(nr), W), np.float16)
+    con.register("ex", pa.table({"ex": np.arange(len(nr)), "latent_id": lat[nr].astype(np.int32), "seq_id": seq[nr],
                                  "lo": start[nr], "hi": start[nr] + wlen[nr]}))
     hits = con.sql("""SELECT e.ex, p.pos - e.lo AS off, p.act FROM ex e JOIN pairs p
-                      ON p.latent_id = e.latent_id AND p.seq_id = e.seq_id AND p.pos >= e.lo AND p.pos < e.hi
-                      ORDER BY e.ex, off""").to_arrow_reader(1 << 20)
-    pending = [np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)]
-    exhausted = False
+                      ON p.latent_id = e.latent_id AND p.seq_id = e.seq_id AND p.pos >= e.lo AND p.pos < e.hi""")
+    for b in hits.to_arrow_reader(1 << 20):
+        cell = (b.column("ex").to_numpy(), b.column("off").to_numpy())
+        act = np.maximum(win_acts[cell], b.column("act").to_numpy().astype(np.float16))
+        win_acts[cell] = act
+        lost = win_acts[cell] < act  # a latent twice at one position (never from a top-k): the max
+        if lost.any():
+            np.maximum.at(win_acts, (cell[0][lost], cell[1][lost]), act[lost])
+    con.unregister("ex")
+    lap("acts")
     in_window = np.arange(W)[None, :]
 
     with local_output(store, key, scratch) as path, \
@@ -467,21 +480,10 @@ def write_examples(con, store: RunStore, contexts: ContextsLRU, key: str, scratc
                              write_statistics=["latent_id", "kind", "rank", "seq_id", "pos"]) as writer:
         for c0 in range(0, m, chunk):
             c1 = min(m, c0 + chunk)
-            while not exhausted and (len(pending[0]) == 0 or pending[0][-1] < c1):
-                try:
-                    b = next(hits)
-                except StopIteration:
-                    exhausted = True
-                    break
-                pending = [np.concatenate([pending[0], b.column("ex").to_numpy()]),
-                           np.concatenate([pending[1], b.column("off").to_numpy()]),
-                           np.concatenate([pending[2], b.column("act").to_numpy()])]
-            cut = np.searchsorted(pending[0], c1)
-            h_ex, h_off, h_act = (x[:cut] for x in pending)
-            pending = [x[cut:] for x in pending]
-            wl = wlen[c0:c1]
+            a, b = np.searchsorted(nr, [c0, c1])
             acts = np.zeros((c1 - c0, W), np.float32)
-            acts[h_ex - c0, h_off] = h_act
+            acts[nr[a:b] - c0] = win_acts[a:b]
+            wl = wlen[c0:c1]
             tokens = windows[widx[c0:c1]]
             if full:
                 out_off = np.arange(c1 - c0 + 1, dtype=np.int32) * W
@@ -498,4 +500,3 @@ def write_examples(con, store: RunStore, contexts: ContextsLRU, key: str, scratc
                 pa.ListArray.from_arrays(off32, pa.array(acts)).cast(pa.list_(pa.float32()))], schema=EXAMPLES_SCHEMA))
         if m == 0:
             writer.write_table(EXAMPLES_SCHEMA.empty_table())
-    con.unregister("ex")
