@@ -296,7 +296,7 @@ def _reduce(store, hook, bucket, lo, hi, spill_keys, committed, shard_size, cfg,
             "pick": slice(2 * nq1 + cfg.top_n, None)}
     need = first[:, None] + np.concatenate(
         [q_hi, q_lo, np.where(top_valid, top, 0), q_pick.reshape(len(active), -1)], axis=1)  # [active, cols]
-    got_seq, got_pos = np.zeros(need.shape, np.int64), np.zeros(need.shape, np.int64)
+    got_seq, got_pos = np.zeros(need.shape, np.int64), np.zeros(need.shape, np.int32)
     got_act = np.zeros(need.shape, np.float32)
     ends = first + na
 
@@ -354,8 +354,11 @@ def _reduce(store, hook, bucket, lo, hi, spill_keys, committed, shard_size, cfg,
     ex_seq = np.concatenate([got_seq[:, cols["top"]][top_valid], got_seq[:, cols["pick"]][q_valid], r_seq])
     ex_pos = np.concatenate([got_pos[:, cols["top"]][top_valid], got_pos[:, cols["pick"]][q_valid], r_pos])
     lap("random")
+    del need, got_seq, got_pos, got_act, lat_rows, r_lat, r_rank, r_seq, r_pos
     order = np.argsort(ex_lat, kind="stable")
     ex_lat, ex_kind, ex_rank, ex_seq, ex_pos = ex_lat[order], ex_kind[order], ex_rank[order], ex_seq[order], ex_pos[order]
+    del order
+    pa.default_memory_pool().release_unused()  # the sorted stream's batches: memory for the examples
     write_examples(con, store, contexts, examples_key, scratch, ex_lat, ex_kind, ex_rank, ex_seq, ex_pos,
                    shard_size, cfg, lap)
     con.close()
@@ -437,10 +440,12 @@ def cut_windows(store: RunStore, contexts: ContextsLRU, seq: np.ndarray, pos: np
     the contexts shards the examples refer to, in shard order; each distinct window is cut once, as
     one row gather from a sliding-window view (no per-token index arrays)."""
     m = len(seq)
-    start, wlen, widx = np.zeros(m, np.int64), np.zeros(m, np.int64), np.zeros(m, np.int64)
+    start, wlen, widx = np.zeros(m, np.int32), np.zeros(m, np.int32), np.zeros(m, np.int64)
+    # at most m distinct windows: rows past the last one written are never touched (never resident)
+    windows = np.empty((max(m, 1), W), np.int32)
     order = np.argsort(seq, kind="stable")
     shards, cuts = np.unique(seq[order] // shard_size, return_index=True)
-    parts, n_win = [], 0
+    n_win = 0
     for shard, members in zip(shards.tolist(), np.split(order, cuts[1:])):
         cseq, offsets, values = contexts.get(shard)
         row = np.searchsorted(cseq, seq[members])
@@ -453,9 +458,9 @@ def cut_windows(store: RunStore, contexts: ContextsLRU, seq: np.ndarray, pos: np
         widx[members] = n_win + inv.reshape(-1)
         padded = np.concatenate([values, np.zeros(W, values.dtype)])  # windows past the end read padding
         view = np.lib.stride_tricks.sliding_window_view(padded, W)
-        parts.append(view[offsets[key >> 32] + (key & 0xFFFFFFFF)])
+        windows[n_win:n_win + len(key)] = view[offsets[key >> 32] + (key & 0xFFFFFFFF)]
         n_win += len(key)
-    windows = np.concatenate(parts).astype(np.int32, copy=False) if parts else np.zeros((0, W), np.int32)
+    windows = windows[:n_win]
     return start, wlen, widx, windows
 
 
@@ -476,8 +481,9 @@ def write_examples(con, store: RunStore, contexts: ContextsLRU, key: str, scratc
     # own dtype, exact), filled from one unordered DuckDB join (no sort of the hits).
     nr = np.flatnonzero(kind != 2)  # random windows have no activations by construction
     win_acts = np.zeros((len(nr), W), np.float16)
-    con.register("ex", pa.table({"ex": np.arange(len(nr)), "latent_id": lat[nr].astype(np.int32), "seq_id": seq[nr],
-                                 "lo": start[nr], "hi": start[nr] + wlen[nr]}))
+    con.register("ex", pa.table({"ex": np.arange(len(nr), dtype=np.int32), "latent_id": lat[nr].astype(np.int32),
+                                 "seq_id": seq[nr], "lo": start[nr].astype(np.int32),
+                                 "hi": (start[nr] + wlen[nr]).astype(np.int32)}))
     hits = con.sql("""SELECT e.ex, p.pos - e.lo AS off, p.act FROM ex e JOIN pairs p
                       ON p.latent_id = e.latent_id AND p.seq_id = e.seq_id AND p.pos >= e.lo AND p.pos < e.hi""")
     for b in hits.to_arrow_reader(1 << 20):
