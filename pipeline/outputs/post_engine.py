@@ -10,10 +10,18 @@ reduce (one latent bucket): DuckDB over that bucket's spill parts, with `memory_
        integer and the sums are int128: order-independent and deterministic), max;
     2. one ORDER BY (latent, act desc, seq, pos) streamed in record batches: written straight to
        by_latent, histogram bins counted (np.bincount per batch), and the few rows at precomputed
-       ranks (top-n, quantile picks, the order statistics of the quantiles) kept as they pass;
-    3. two hash joins against small tables: the window activations of the chosen examples and the
-       (latent, candidate window) hits that rule out random examples;
-    4. windows' tokens from the contexts, grouped by contexts shard, a bounded LRU of shards.
+       ranks (top-n, quantile picks, the order statistics of the quantiles: one [latents, columns]
+       matrix, no search) kept as they pass;
+    3. two hash joins against small tables: the (latent, candidate window) hits that rule out
+       random examples, and, unordered, the window activations of the chosen examples, scattered
+       into a dense [examples, window] float16 array (a latent twice at one position, which a
+       top-k never gives: the max);
+    4. windows' tokens from the contexts, one pass in contexts-shard order (a bounded LRU of
+       shards): each distinct (seq_id, start) window is cut once, as a row of a sliding-window view;
+    5. the examples part written in chunks of examples (Parquet's list encoding and zstd of the
+       token windows are most of the reduce's time: ~90 windows of 32 tokens per live latent).
+    Memory beyond DuckDB's limit is per example (about 300 bytes), bounded by bucket_size * ~90,
+    not by the corpus.
 
 Example selection is by rank and by a deterministic hash (splitmix64 of the seed and ids), so
 reruns give the same set and nothing depends on the order of Python loops:
