@@ -271,7 +271,8 @@ def _reduce(store, hook, bucket, lo, hi, spill_keys, committed, shard_size, cfg,
     if paths:
         con.read_parquet(paths).create_view("pairs")
     else:
-        con.register("pairs", SPILL_SCHEMA.empty_table())
+        # no pairs (a bucket no shard touched): DuckDB has no Arrow float16; it reads the spill's as FLOAT
+        con.register("pairs", SPILL_SCHEMA.set(3, pa.field("act", pa.float32())).empty_table())
     lap("fetch")
 
     # 1. statistics: one scan grouped by latent; exact int128 sums. The histogram is counted in 3.
@@ -303,7 +304,7 @@ def _reduce(store, hook, bucket, lo, hi, spill_keys, committed, shard_size, cfg,
     cols = {"q_hi": slice(0, nq1), "q_lo": slice(nq1, 2 * nq1), "top": slice(2 * nq1, 2 * nq1 + cfg.top_n),
             "pick": slice(2 * nq1 + cfg.top_n, None)}
     need = first[:, None] + np.concatenate(
-        [q_hi, q_lo, np.where(top_valid, top, 0), q_pick.reshape(len(active), -1)], axis=1)  # [active, cols]
+        [q_hi, q_lo, np.where(top_valid, top, 0), q_pick.reshape(len(active), q_pick.shape[1] * q_pick.shape[2])], axis=1)
     got_seq, got_pos = np.zeros(need.shape, np.int64), np.zeros(need.shape, np.int32)
     got_act = np.zeros(need.shape, np.float32)
     ends = first + na
@@ -350,7 +351,7 @@ def _reduce(store, hook, bucket, lo, hi, spill_keys, committed, shard_size, cfg,
 
     # 4. examples: top and quantile rows, then random candidates; each list is in (latent, rank)
     # order, so one stable sort by latent gives (latent, kind, rank) order.
-    q_valid = q_valid.reshape(len(active), -1)
+    q_valid = q_valid.reshape(len(active), q_valid.shape[1] * q_valid.shape[2])
     q_rank = np.broadcast_to(np.arange(q_valid.shape[1], dtype=np.int32), q_valid.shape)[q_valid]
     contexts = ContextsLRU(store)
     lap("select")
