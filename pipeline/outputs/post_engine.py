@@ -60,6 +60,7 @@ SPILL_VERSION = 2
 POS_BITS = 24
 SCALE = 2.0 ** 24  # float16 values are integer multiples of 2^-24
 KIND_CODES = ("top", "quantile", "random")
+EXAMPLES_PER_PASS = 1 << 20  # examples whose windows and activations are held at once (~300 bytes each)
 _M1, _M2, _GOLDEN = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB), np.uint64(0x9E3779B97F4A7C15)
 
 
@@ -263,7 +264,7 @@ def _reduce(store, hook, bucket, lo, hi, spill_keys, committed, shard_size, cfg,
 
     def lap(name: str) -> None:
         now = time.perf_counter()
-        timings[name] = now - clock[0]
+        timings[name] = timings.get(name, 0.0) + now - clock[0]
         clock[0] = now
 
     con = duckdb_connect(scratch, cfg.task_memory_mb, int(max(1, cfg.num_cpus)))
@@ -473,28 +474,21 @@ def cut_windows(store: RunStore, contexts: ContextsLRU, seq: np.ndarray, pos: np
     return start, wlen, widx, windows
 
 
-def write_examples(con, store: RunStore, contexts: ContextsLRU, key: str, scratch: str, lat, kind, rank, seq, pos,
-                   shard_size: int, cfg: PostprocessConfig, lap=lambda name: None, chunk: int = 1 << 16) -> None:
-    """Token windows and this latent's activations in them. The distinct windows are cut once
-    (cut_windows); activations come from one DuckDB join streamed in example order; the part is
-    written in chunks of examples."""
-    from pipeline.outputs.layout import EXAMPLES_SCHEMA
-
-    W, m = cfg.window, len(lat)
-    kinds = pa.array(list(KIND_CODES), pa.string())
-    start, wlen, widx, windows = cut_windows(store, contexts, seq, pos, shard_size, W)
-    full = bool(np.all(wlen == W))  # contexts at least a window long: every list is W long, no mask
-    lap("windows")
-
-    # This latent's activations in each non-random window, dense: [examples, W] float16 (the pairs'
-    # own dtype, exact), filled from one unordered DuckDB join (no sort of the hits).
-    nr = np.flatnonzero(kind != 2)  # random windows have no activations by construction
+def window_acts(con, lat, kind, seq, start, wlen, W: int) -> tuple[np.ndarray, np.ndarray]:
+    """(acts [non-random examples, W] float16, their indices): each example's latent's activations in
+    its window (the pairs' own dtype, exact), from one unordered DuckDB join restricted to these
+    examples' latent range, scattered (no sort of the hits). Random windows have none by construction."""
+    nr = np.flatnonzero(kind != 2)
     win_acts = np.zeros((len(nr), W), np.float16)
+    if not len(nr):
+        return win_acts, nr
     con.register("ex", pa.table({"ex": np.arange(len(nr), dtype=np.int32), "latent_id": lat[nr].astype(np.int32),
                                  "seq_id": seq[nr], "lo": start[nr].astype(np.int32),
                                  "hi": (start[nr] + wlen[nr]).astype(np.int32)}))
-    hits = con.sql("""SELECT e.ex, p.pos - e.lo AS off, p.act FROM ex e JOIN pairs p
-                      ON p.latent_id = e.latent_id AND p.seq_id = e.seq_id AND p.pos >= e.lo AND p.pos < e.hi""")
+    hits = con.sql(f"""SELECT e.ex, p.pos - e.lo AS off, p.act FROM ex e JOIN
+                         (SELECT latent_id, seq_id, pos, act FROM pairs
+                          WHERE latent_id BETWEEN {int(lat[nr[0]])} AND {int(lat[nr[-1]])}) p
+                       ON p.latent_id = e.latent_id AND p.seq_id = e.seq_id AND p.pos >= e.lo AND p.pos < e.hi""")
     for b in hits.to_arrow_reader(1 << 20):
         cell = (b.column("ex").to_numpy(), b.column("off").to_numpy())
         act = np.maximum(win_acts[cell], b.column("act").to_numpy().astype(np.float16))
@@ -503,33 +497,55 @@ def write_examples(con, store: RunStore, contexts: ContextsLRU, key: str, scratc
         if lost.any():
             np.maximum.at(win_acts, (cell[0][lost], cell[1][lost]), act[lost])
     con.unregister("ex")
-    lap("acts")
-    in_window = np.arange(W)[None, :]
+    return win_acts, nr
 
+
+def write_examples(con, store: RunStore, contexts: ContextsLRU, key: str, scratch: str, lat, kind, rank, seq, pos,
+                   shard_size: int, cfg: PostprocessConfig, lap=lambda name: None, chunk: int = 1 << 16) -> None:
+    """Token windows and this latent's activations in them, `per_pass` examples (a latent range) at
+    a time, so memory does not follow the example count: the distinct windows are cut once
+    (cut_windows), activations come from one unordered DuckDB join over that latent range, and the
+    part is written in chunks of examples."""
+    from pipeline.outputs.layout import EXAMPLES_SCHEMA
+
+    W, m, per_pass = cfg.window, len(lat), EXAMPLES_PER_PASS
+    kinds = pa.array(list(KIND_CODES), pa.string())
+    in_window = np.arange(W)[None, :]
     with local_output(store, key, scratch) as path, \
             pq.ParquetWriter(path, EXAMPLES_SCHEMA, compression=store.cfg.compression,
                              compression_level=store.cfg.compression_level,
                              use_dictionary=["latent_id", "kind"],  # token lists: dictionaries cost, save little
                              write_statistics=["latent_id", "kind", "rank", "seq_id", "pos"]) as writer:
-        for c0 in range(0, m, chunk):
-            c1 = min(m, c0 + chunk)
-            a, b = np.searchsorted(nr, [c0, c1])
-            acts = np.zeros((c1 - c0, W), np.float32)
-            acts[nr[a:b] - c0] = win_acts[a:b]
-            wl = wlen[c0:c1]
-            tokens = windows[widx[c0:c1]]
-            if full:
-                out_off = np.arange(c1 - c0 + 1, dtype=np.int32) * W
-                tokens, acts = tokens.reshape(-1), acts.reshape(-1)
-            else:
-                out_off = np.concatenate([[0], np.cumsum(wl)]).astype(np.int32)
-                mask = in_window < wl[:, None]
-                tokens, acts = tokens[mask], acts[mask]
-            off32 = pa.array(out_off)
-            writer.write_table(pa.Table.from_arrays([
-                pa.array(lat[c0:c1].astype(np.int32)), kinds.take(pa.array(kind[c0:c1])), pa.array(rank[c0:c1], pa.int32()),
-                pa.array(seq[c0:c1].astype(np.int64)), pa.array(pos[c0:c1].astype(np.int32)),
-                pa.ListArray.from_arrays(off32, pa.array(tokens)).cast(pa.list_(pa.int32())),
-                pa.ListArray.from_arrays(off32, pa.array(acts)).cast(pa.list_(pa.float32()))], schema=EXAMPLES_SCHEMA))
+        for g0 in range(0, m, per_pass):
+            g = slice(g0, min(m, g0 + per_pass))
+            start, wlen, widx, windows = cut_windows(store, contexts, seq[g], pos[g], shard_size, W)
+            lap("windows")
+            win_acts, nr = window_acts(con, lat[g], kind[g], seq[g], start, wlen, W)
+            lap("acts")
+            full = bool(np.all(wlen == W))  # contexts at least a window long: every list is W long, no mask
+            for c0 in range(0, len(start), chunk):
+                c1 = min(len(start), c0 + chunk)
+                a, b = np.searchsorted(nr, [c0, c1])
+                acts = np.zeros((c1 - c0, W), np.float32)
+                acts[nr[a:b] - c0] = win_acts[a:b]
+                wl = wlen[c0:c1]
+                tokens = windows[widx[c0:c1]]
+                if full:
+                    out_off = np.arange(c1 - c0 + 1, dtype=np.int32) * W
+                    tokens, acts = tokens.reshape(-1), acts.reshape(-1)
+                else:
+                    out_off = np.concatenate([[0], np.cumsum(wl)]).astype(np.int32)
+                    mask = in_window < wl[:, None]
+                    tokens, acts = tokens[mask], acts[mask]
+                off32 = pa.array(out_off)
+                e0, e1 = g0 + c0, g0 + c1
+                writer.write_table(pa.Table.from_arrays([
+                    pa.array(lat[e0:e1].astype(np.int32)), kinds.take(pa.array(kind[e0:e1])),
+                    pa.array(rank[e0:e1], pa.int32()), pa.array(seq[e0:e1].astype(np.int64)),
+                    pa.array(pos[e0:e1].astype(np.int32)),
+                    pa.ListArray.from_arrays(off32, pa.array(tokens)).cast(pa.list_(pa.int32())),
+                    pa.ListArray.from_arrays(off32, pa.array(acts)).cast(pa.list_(pa.float32()))], schema=EXAMPLES_SCHEMA))
+            del start, wlen, widx, windows, win_acts, nr
+            lap("examples")
         if m == 0:
             writer.write_table(EXAMPLES_SCHEMA.empty_table())
