@@ -111,7 +111,7 @@ def task_rss(store: RunStore, bucket: int, cfg: PostprocessConfig, n_latents: in
     """Re-run one bucket's reduce in a fresh process; its peak RSS."""
     store.fs.rm(store.path(bucket_marker_key(HOOK, bucket)))
     args = {"root": store.cfg.root, "hook": HOOK, "bucket": bucket, "n_latents": n_latents, "shard_size": shard_size,
-            "cfg": {k: v for k, v in cfg.__dict__.items() if k not in ("sink", "hookpoints")}}
+            "cfg": {k: v for k, v in cfg.__dict__.items() if k not in ("sink", "hookpoints", "logit_effects")}}
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     out = subprocess.run([sys.executable, "-c", TASK, json.dumps(args)], capture_output=True, text=True, env=env, check=True)
     return json.loads(out.stdout[out.stdout.rindex("{"):])
@@ -170,7 +170,7 @@ def main() -> None:
         ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
         cfg = PostprocessConfig(run_id="bench", bucket_size=args.bucket_size, num_cpus=1, task_memory_mb=1024)
         t0 = time.perf_counter()
-        summary = postprocess(store, cfg, log=lambda m: None)
+        summary = postprocess(store, cfg)
         wall = time.perf_counter() - t0
         ray.shutdown()
         pairs = summary["pairs"]

@@ -198,6 +198,48 @@ def test_output_is_deterministic(tmp_path, ray_local):
         assert outs[0][key].equals(outs[1][key]), key
 
 
+def test_buckets_no_shard_touched_get_empty_outputs(tmp_path, ray_local):
+    """Latents 16.. never fire (a dead bucket range): their buckets still get empty by_latent and
+    examples parts and dead rows in latent_stats (the reduce over no spill part used to fail)."""
+    store = RunStore(SinkConfig(root=str(tmp_path)), "dead")
+    store.write_json("manifest.json", {"run_id": "dead", "hookpoints": [HOOK], "shard_size": SHARD_SIZE,
+                                       "ctx_len": CTX, "saes": {HOOK: {"n_latents": N_LATENTS, "k": K}}})
+    rng = np.random.default_rng(3)
+    for shard in range(2):
+        write_shard(store, shard, rng, latent_range=(0, CFG.bucket_size))
+    summary = postprocess(store, CFG)
+    assert summary["buckets_run"] == -(-N_LATENTS // CFG.bucket_size)
+    run = tmp_path / "dead"
+    stats = pq.read_table(run / "latent_stats" / f"hookpoint={HOOK}" / "part-0.parquet").to_pandas()
+    assert stats.latent_id.tolist() == list(range(N_LATENTS))
+    assert (stats.n_active[CFG.bucket_size:] == 0).all() and stats.is_dead[CFG.bucket_size:].all()
+    assert stats.n_active[:CFG.bucket_size].sum() == len(brute_force(run, [0, 1])[0])
+    for b in range(1, -(-N_LATENTS // CFG.bucket_size)):
+        for kind in ("by_latent", "examples"):
+            t = pq.read_table(run / kind / f"hookpoint={HOOK}" / f"bucket={b:06d}" / "part-0.parquet")
+            assert t.num_rows == 0, (kind, b)
+
+
+def test_examples_in_several_passes_are_identical(tmp_path, monkeypatch):
+    """A bucket's examples are built EXAMPLES_PER_PASS at a time (memory): any pass size gives the
+    same part. Run in-process (scatter, then one bucket's reduce), with 1 << 20 and with 7."""
+    from pipeline.outputs import post_engine
+    from pipeline.outputs.layout import bucket_marker_key, examples_key
+    from pipeline.outputs.postprocess import process_bucket, scatter_shard
+
+    store = make_run(tmp_path, "passes", n_shards=3)
+    for s in range(3):
+        scatter_shard(store, HOOK, s, CFG.bucket_size, CFG)
+    parts = []
+    for per_pass in (1 << 20, 7):
+        monkeypatch.setattr(post_engine, "EXAMPLES_PER_PASS", per_pass)
+        process_bucket(store, HOOK, 1, [0, 1, 2], N_LATENTS, [0, 1, 2], SHARD_SIZE, CFG)
+        store.fs.rm(store.path(bucket_marker_key(HOOK, 1)))
+        parts.append(pq.read_table(tmp_path / "passes" / examples_key(HOOK, 1)))
+    assert parts[0].num_rows > 7 * 3
+    assert parts[0].equals(parts[1])
+
+
 def test_corrupt_committed_part_is_an_error_naming_the_file(tmp_path, ray_local):
     store = make_run(tmp_path, "bad", n_shards=2)
     part = tmp_path / "bad" / latents_key(HOOK, 1)

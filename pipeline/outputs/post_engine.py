@@ -11,10 +11,18 @@ reduce (one latent bucket): DuckDB over that bucket's spill parts, with `memory_
        are rounded to 2^-24 for the sums only), max;
     2. one ORDER BY (latent, act desc, seq, pos) streamed in record batches: written straight to
        by_latent, histogram bins counted (np.bincount per batch), and the few rows at precomputed
-       ranks (top-n, quantile picks, the order statistics of the quantiles) kept as they pass;
-    3. two hash joins against small tables: the window activations of the chosen examples and the
-       (latent, candidate window) hits that rule out random examples;
-    4. windows' tokens from the contexts, grouped by contexts shard, a bounded LRU of shards.
+       ranks (top-n, quantile picks, the order statistics of the quantiles: one [latents, columns]
+       matrix, no search) kept as they pass;
+    3. two hash joins against small tables: the (latent, candidate window) hits that rule out
+       random examples, and, unordered, the window activations of the chosen examples, scattered
+       into a dense [examples, window] float16 array (a latent twice at one position, which a
+       top-k never gives: the max);
+    4. windows' tokens from the contexts, one pass in contexts-shard order (a bounded LRU of
+       shards): each distinct (seq_id, start) window is cut once, as a row of a sliding-window view;
+    5. the examples part written in chunks of examples (Parquet's list encoding and zstd of the
+       token windows are most of the reduce's time: ~90 windows of 32 tokens per live latent).
+    Memory beyond DuckDB's limit is per example (about 300 bytes), bounded by bucket_size * ~90,
+    not by the corpus.
 
 Example selection is by rank and by a deterministic hash (splitmix64 of the seed and ids), so
 reruns give the same set and nothing depends on the order of Python loops:
@@ -31,6 +39,7 @@ reruns give the same set and nothing depends on the order of Python loops:
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import shutil
 import tempfile
@@ -58,6 +67,7 @@ SPILL_VERSION = 2
 POS_BITS = 24
 SCALE = 2.0 ** 24  # float16 values are integer multiples of 2^-24
 KIND_CODES = ("top", "quantile", "random")
+EXAMPLES_PER_PASS = 1 << 20  # examples whose windows and activations are held at once (~300 bytes each)
 _M1, _M2, _GOLDEN = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB), np.uint64(0x9E3779B97F4A7C15)
 
 
@@ -90,9 +100,21 @@ def hist_edges(cfg: PostprocessConfig) -> np.ndarray:
     return np.exp2(np.linspace(cfg.hist_log2_min, cfg.hist_log2_max, cfg.hist_bins + 1))
 
 
-def hist_bin(acts32: np.ndarray, cfg: PostprocessConfig) -> np.ndarray:
+def hist_bin(acts: np.ndarray, cfg: PostprocessConfig) -> np.ndarray:
+    """Each activation's histogram bin (uint8), searched as float32. float16 input: a lookup in the
+    bins of all 65536 float16 bit patterns, computed the same way (identical bins, no search per pair)."""
+    if acts.dtype == np.float16:
+        return _hist_lut(cfg.hist_log2_min, cfg.hist_log2_max, cfg.hist_bins)[acts.view(np.uint16)]
     edges = hist_edges(cfg)
-    return np.clip(np.searchsorted(edges[1:-1], acts32, side="right"), 0, cfg.hist_bins - 1).astype(np.uint8)
+    return np.clip(np.searchsorted(edges[1:-1], acts.astype(np.float32), side="right"), 0, cfg.hist_bins - 1).astype(np.uint8)
+
+
+@functools.lru_cache(maxsize=8)
+def _hist_lut(log2_min: float, log2_max: float, bins: int) -> np.ndarray:
+    every = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16)
+    with np.errstate(invalid="ignore"):  # the NaN patterns (never active: post-processing keeps act > 0)
+        return hist_bin(every.astype(np.float32),
+                        PostprocessConfig(hist_log2_min=log2_min, hist_log2_max=log2_max, hist_bins=bins))
 
 
 # -- map ------------------------------------------------------------------------------------------
@@ -117,7 +139,7 @@ def split_pairs(latents: pa.Table, cfg: PostprocessConfig) -> tuple[int, Iterato
     touched, starts = np.unique(bucket, return_index=True) if bucket.size else (np.zeros(0, np.int32), np.zeros(0, np.int64))
     ends = np.append(starts[1:], len(bucket))
     ids, seq, pos, acts = ids[order], seq[order], pos[order], acts[order]
-    bins = hist_bin(acts.astype(np.float32), cfg)
+    bins = hist_bin(acts, cfg)
 
     def parts() -> Iterator[tuple[int, pa.Table]]:
         for b, s, e in zip(touched.tolist(), starts.tolist(), ends.tolist()):
@@ -203,8 +225,9 @@ def quantile_ranks(n: np.ndarray, cfg: PostprocessConfig):
     return n[:, None] - 1 - prev, n[:, None] - 1 - nxt, gamma  # descending rank = n - 1 - ascending
 
 
-def quantile_picks(latent_ids: np.ndarray, n: np.ndarray, cfg: PostprocessConfig):
-    """(latent index, rank in act-desc order, example rank) of every quantile pick (see module doc)."""
+def quantile_picks(latent_ids: np.ndarray, n: np.ndarray, cfg: PostprocessConfig) -> tuple[np.ndarray, np.ndarray]:
+    """(pick [latents, Q, P] rank in act-desc order, valid [latents, Q, P]) of every quantile pick (see
+    module doc): valid picks come first in each group, sorted; example rank = q * per_quantile + j."""
     Q, P = cfg.n_quantiles, cfg.per_quantile
     q = np.arange(Q)[None, :]
     base, extra = (n // Q)[:, None], (n % Q)[:, None]
@@ -217,8 +240,7 @@ def quantile_picks(latent_ids: np.ndarray, n: np.ndarray, cfg: PostprocessConfig
     valid = j < m[:, :, None]
     pick = gstart[:, :, None] + (u[:, :, None] + j * size[:, :, None] // np.maximum(m, 1)[:, :, None]) % np.maximum(size, 1)[:, :, None]
     pick = np.sort(np.where(valid, pick, np.iinfo(np.int64).max), axis=2)
-    li, qi, ji = np.nonzero(valid)  # valid picks are the first m after sorting
-    return li, pick[li, qi, ji], qi * P + ji
+    return np.where(valid, pick, 0), valid  # invalid: rank 0, a real row whose value is ignored
 
 
 def reduce_bucket(store: RunStore, hook: str, bucket: int, lo: int, hi: int, spill_keys: list[str],
@@ -250,7 +272,7 @@ def _reduce(store, hook, bucket, lo, hi, spill_keys, committed, shard_size, cfg,
 
     def lap(name: str) -> None:
         now = time.perf_counter()
-        timings[name] = now - clock[0]
+        timings[name] = timings.get(name, 0.0) + now - clock[0]
         clock[0] = now
 
     con = duckdb_connect(scratch, cfg.task_memory_mb, int(max(1, cfg.num_cpus)))
@@ -258,13 +280,16 @@ def _reduce(store, hook, bucket, lo, hi, spill_keys, committed, shard_size, cfg,
     if paths:
         con.read_parquet(paths).create_view("pairs")
     else:
-        con.register("pairs", SPILL_SCHEMA.empty_table())
+        # no pairs (a bucket no shard touched): DuckDB has no Arrow float16; it reads the spill's as FLOAT
+        con.register("pairs", SPILL_SCHEMA.set(3, pa.field("act", pa.float32())).empty_table())
     lap("fetch")
 
     # 1. statistics: one scan grouped by latent; exact int128 sums. The histogram is counted in 3.
+    # v * v as DOUBLE is exact (v = a float16's 11-bit significand * 2^j: its square has <= 22 bits),
+    # and far cheaper than an int128 multiply per row; only the sum needs int128.
     g = con.sql(f"""
-        SELECT latent_id, count(*) AS n, CAST(sum(v) AS DOUBLE) AS s, CAST(sum(CAST(v AS HUGEINT) * v) AS DOUBLE) AS sq,
-               max(act) AS mx
+        SELECT latent_id, count(*) AS n, CAST(sum(v) AS DOUBLE) AS s,
+               CAST(sum(CAST(CAST(v AS DOUBLE) * v AS HUGEINT)) AS DOUBLE) AS sq, max(act) AS mx
         FROM (SELECT latent_id, act, CAST(act * {SCALE} AS BIGINT) AS v FROM pairs) GROUP BY latent_id""").to_arrow_table()
     local = g["latent_id"].to_numpy().astype(np.int64) - lo
     n = np.zeros(n_lat, np.int64)
@@ -275,21 +300,25 @@ def _reduce(store, hook, bucket, lo, hi, spill_keys, committed, shard_size, cfg,
     max_act[local] = g["mx"].to_numpy()
     hist = np.zeros((n_lat, cfg.hist_bins), np.int64)
     lap("stats")
-    # 2. the ranks whose rows we need from the sorted stream.
+    # 2. the ranks whose rows we need from the sorted stream, one row of columns per active latent:
+    # the quantiles' two order statistics, top_n, the quantile picks (missing ones: rank 0, ignored).
     active = np.flatnonzero(n)
     na = n[active]
-    first = np.concatenate([[0], np.cumsum(n)])[:-1]  # global index of each latent's first pair
+    first = (np.cumsum(n) - n)[active]  # global index of each active latent's first pair
     q_hi, q_lo, gamma = quantile_ranks(na, cfg)  # [active, Q+1]; desc ranks of the two order statistics
-    top_cnt = np.minimum(cfg.top_n, na)
-    top_li = np.repeat(np.arange(len(active)), top_cnt)
-    top_rank = np.arange(top_cnt.sum()) - np.repeat(np.cumsum(top_cnt) - top_cnt, top_cnt)
-    q_li, q_row, q_rank = quantile_picks(active + lo, na, cfg)
-    need = np.unique(np.concatenate([
-        (first[active][:, None] + q_hi).ravel(), (first[active][:, None] + q_lo).ravel(),
-        first[active][top_li] + top_rank, first[active][q_li] + q_row]))
-    got_seq, got_pos, got_act = np.zeros(len(need), np.int64), np.zeros(len(need), np.int64), np.zeros(len(need), np.float32)
+    top = np.arange(cfg.top_n)[None, :]
+    top_valid = top < na[:, None]
+    q_pick, q_valid = quantile_picks(active + lo, na, cfg)
+    nq1 = cfg.n_quantiles + 1
+    cols = {"q_hi": slice(0, nq1), "q_lo": slice(nq1, 2 * nq1), "top": slice(2 * nq1, 2 * nq1 + cfg.top_n),
+            "pick": slice(2 * nq1 + cfg.top_n, None)}
+    need = first[:, None] + np.concatenate(
+        [q_hi, q_lo, np.where(top_valid, top, 0), q_pick.reshape(len(active), q_pick.shape[1] * q_pick.shape[2])], axis=1)
+    got_seq, got_pos = np.zeros(need.shape, np.int64), np.zeros(need.shape, np.int32)
+    got_act = np.zeros(need.shape, np.float32)
+    ends = first + na
 
-    # 3. the sorted stream -> by_latent, keeping the needed rows.
+    # 3. the sorted stream -> by_latent, keeping the needed rows (a batch overlaps a range of latents' rows).
     reader = con.sql("SELECT latent_id, seq_id, pos, act, bin FROM pairs ORDER BY latent_id, act DESC, seq_id, pos") \
         .to_arrow_reader(1 << 20)
     from pipeline.outputs.layout import MANIFEST_KEY, by_latent_schema, run_acts_dtype
@@ -308,47 +337,49 @@ def _reduce(store, hook, bucket, lo, hi, spill_keys, committed, shard_size, cfg,
             cell = (lat - lat[0]) * cfg.hist_bins + batch.column("bin").to_numpy()
             hist.reshape(-1)[lat[0] * cfg.hist_bins:(lat[-1] + 1) * cfg.hist_bins] += \
                 np.bincount(cell, minlength=(lat[-1] - lat[0] + 1) * cfg.hist_bins)
-            a, b = np.searchsorted(need, [offset, offset + batch.num_rows])
-            idx = need[a:b] - offset
-            got_seq[a:b] = batch.column("seq_id").to_numpy()[idx]
-            got_pos[a:b] = batch.column("pos").to_numpy()[idx]
-            got_act[a:b] = act.to_numpy()[idx]
-            offset += batch.num_rows
+            end = offset + batch.num_rows
+            r0, r1 = np.searchsorted(ends, offset, side="right"), np.searchsorted(first, end, side="left")
+            sub = need[r0:r1]
+            inside = (sub >= offset) & (sub < end)
+            idx = sub[inside] - offset
+            got_seq[r0:r1][inside] = batch.column("seq_id").to_numpy()[idx]
+            got_pos[r0:r1][inside] = batch.column("pos").to_numpy()[idx]
+            got_act[r0:r1][inside] = act.to_numpy()[idx]
+            offset = end
         if offset == 0:
             writer.write_table(BY_LATENT_SCHEMA.empty_table())
 
     lap("sort")
 
-    def at(global_idx):
-        return np.searchsorted(need, global_idx)
-
     # quantiles exactly as np.quantile(acts, linspace(0, 1, Q + 1)) ('linear') computes them
-    a_val = got_act[at(first[active][:, None] + q_hi)]
-    b_val = got_act[at(first[active][:, None] + q_lo)]
+    a_val, b_val = got_act[:, cols["q_hi"]], got_act[:, cols["q_lo"]]
     diff = b_val - a_val
     quant = np.where(gamma >= 0.5, b_val - diff * (1 - gamma), a_val + diff * gamma).astype(np.float32)
     quantiles = np.zeros((n_lat, cfg.n_quantiles + 1), np.float32)
     quantiles[active] = quant
     stats = _stats_table(lo, hi, n, max_act, sum_act, sum_sq, quantiles, hist)
 
-    # 4. examples: top and quantile rows, then random candidates.
-    ti, qi = at(first[active][top_li] + top_rank), at(first[active][q_li] + q_row)
-    ex_lat = np.concatenate([active[top_li], active[q_li]]) + lo
-    ex_kind = np.concatenate([np.zeros(len(ti), np.int8), np.ones(len(qi), np.int8)])
-    ex_rank = np.concatenate([top_rank, q_rank]).astype(np.int32)
-    ex_seq = np.concatenate([got_seq[ti], got_seq[qi]])
-    ex_pos = np.concatenate([got_pos[ti], got_pos[qi]])
+    # 4. examples: top and quantile rows, then random candidates; each list is in (latent, rank)
+    # order, so one stable sort by latent gives (latent, kind, rank) order.
+    q_valid = q_valid.reshape(len(active), q_valid.shape[1] * q_valid.shape[2])
+    q_rank = np.broadcast_to(np.arange(q_valid.shape[1], dtype=np.int32), q_valid.shape)[q_valid]
     contexts = ContextsLRU(store)
+    lap("select")
     r_lat, r_rank, r_seq, r_pos = random_examples(con, store, contexts, hook, bucket, active + lo, committed, shard_size, cfg)
-    ex_lat = np.concatenate([ex_lat, r_lat])
-    ex_kind = np.concatenate([ex_kind, np.full(len(r_lat), 2, np.int8)])
-    ex_rank = np.concatenate([ex_rank, r_rank]).astype(np.int32)
-    ex_seq = np.concatenate([ex_seq, r_seq])
-    ex_pos = np.concatenate([ex_pos, r_pos])
-    order = np.lexsort((ex_rank, ex_kind, ex_lat))
+    lat_rows = np.broadcast_to((active + lo)[:, None], need.shape)
+    ex_lat = np.concatenate([lat_rows[:, cols["top"]][top_valid], lat_rows[:, cols["pick"]][q_valid], r_lat])
+    ex_kind = np.repeat(np.array([0, 1, 2], np.int8), [int(top_valid.sum()), int(q_valid.sum()), len(r_lat)])
+    ex_rank = np.concatenate([np.broadcast_to(top, top_valid.shape)[top_valid], q_rank, r_rank]).astype(np.int32)
+    ex_seq = np.concatenate([got_seq[:, cols["top"]][top_valid], got_seq[:, cols["pick"]][q_valid], r_seq])
+    ex_pos = np.concatenate([got_pos[:, cols["top"]][top_valid], got_pos[:, cols["pick"]][q_valid], r_pos])
+    lap("random")
+    del need, got_seq, got_pos, got_act, lat_rows, r_lat, r_rank, r_seq, r_pos
+    order = np.argsort(ex_lat, kind="stable")
     ex_lat, ex_kind, ex_rank, ex_seq, ex_pos = ex_lat[order], ex_kind[order], ex_rank[order], ex_seq[order], ex_pos[order]
+    del order
+    pa.default_memory_pool().release_unused()  # the sorted stream's batches: memory for the examples
     write_examples(con, store, contexts, examples_key, scratch, ex_lat, ex_kind, ex_rank, ex_seq, ex_pos,
-                   shard_size, cfg)
+                   shard_size, cfg, lap)
     con.close()
     lap("examples")
     return int(n.sum()), stats, timings
@@ -404,7 +435,10 @@ def random_examples(con, store: RunStore, contexts: ContextsLRU, hook: str, buck
         sel = (lat_index >= c0) & (lat_index < c0 + len(lat))
         blocked[lat_index[sel] - c0, hits["cand"][sel]] = True
         key[blocked] = np.iinfo(np.uint64).max
-        order = np.argsort(key, axis=1, kind="stable")[:, :cfg.n_random]
+        order = np.arange(key.shape[1])[None, :].repeat(len(lat), 0)
+        if key.shape[1] > cfg.n_random:  # the n_random smallest, then sorted: the first of a stable argsort
+            order = np.argpartition(key, cfg.n_random - 1, axis=1)[:, :cfg.n_random]
+        order = np.take_along_axis(order, np.argsort(np.take_along_axis(key, order, 1), axis=1, kind="stable"), 1)
         ok = ~np.take_along_axis(blocked, order, axis=1)
         li, j = np.nonzero(ok)  # unblocked come first in each row, so j is the rank
         out[0].append(lat[li])
@@ -418,73 +452,109 @@ def window_start(pos, length, window: int):
     return np.clip(np.asarray(pos) - window // 2, 0, np.maximum(np.asarray(length) - window, 0))
 
 
+def cut_windows(store: RunStore, contexts: ContextsLRU, seq: np.ndarray, pos: np.ndarray, shard_size: int,
+                W: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(start, wlen, widx, windows): each example's window start and length, and its row in `windows`
+    [U, W] int32, the distinct (seq_id, start) windows' tokens (past wlen: padding). One pass over
+    the contexts shards the examples refer to, in shard order; each distinct window is cut once, as
+    one row gather from a sliding-window view (no per-token index arrays)."""
+    m = len(seq)
+    start, wlen, widx = np.zeros(m, np.int32), np.zeros(m, np.int32), np.zeros(m, np.int64)
+    # at most m distinct windows: rows past the last one written are never touched (never resident)
+    windows = np.empty((max(m, 1), W), np.int32)
+    order = np.argsort(seq, kind="stable")
+    shards, cuts = np.unique(seq[order] // shard_size, return_index=True)
+    n_win = 0
+    for shard, members in zip(shards.tolist(), np.split(order, cuts[1:])):
+        cseq, offsets, values = contexts.get(shard)
+        row = np.searchsorted(cseq, seq[members])
+        if np.any(row >= len(cseq)) or np.any(cseq[np.minimum(row, len(cseq) - 1)] != seq[members]):
+            raise OSError(f"{store.path(contexts_key(shard))} lacks a context that latents refer to")
+        length = offsets[row + 1] - offsets[row]
+        st = window_start(pos[members], length, W)
+        start[members], wlen[members] = st, np.minimum(W, length)
+        key, inv = np.unique((row.astype(np.int64) << 32) | st, return_inverse=True)
+        widx[members] = n_win + inv.reshape(-1)
+        padded = np.concatenate([values, np.zeros(W, values.dtype)])  # windows past the end read padding
+        view = np.lib.stride_tricks.sliding_window_view(padded, W)
+        windows[n_win:n_win + len(key)] = view[offsets[key >> 32] + (key & 0xFFFFFFFF)]
+        n_win += len(key)
+    windows = windows[:n_win]
+    return start, wlen, widx, windows
+
+
+def window_acts(con, lat, kind, seq, start, wlen, W: int) -> tuple[np.ndarray, np.ndarray]:
+    """(acts [non-random examples, W] float16, their indices): each example's latent's activations in
+    its window (the pairs' own dtype, exact), from one unordered DuckDB join restricted to these
+    examples' latent range, scattered (no sort of the hits). Random windows have none by construction."""
+    nr = np.flatnonzero(kind != 2)
+    win_acts = np.zeros((len(nr), W), np.float16)
+    if not len(nr):
+        return win_acts, nr
+    con.register("ex", pa.table({"ex": np.arange(len(nr), dtype=np.int32), "latent_id": lat[nr].astype(np.int32),
+                                 "seq_id": seq[nr], "lo": start[nr].astype(np.int32),
+                                 "hi": (start[nr] + wlen[nr]).astype(np.int32)}))
+    hits = con.sql(f"""SELECT e.ex, p.pos - e.lo AS off, p.act FROM ex e JOIN
+                         (SELECT latent_id, seq_id, pos, act FROM pairs
+                          WHERE latent_id BETWEEN {int(lat[nr[0]])} AND {int(lat[nr[-1]])}) p
+                       ON p.latent_id = e.latent_id AND p.seq_id = e.seq_id AND p.pos >= e.lo AND p.pos < e.hi""")
+    for b in hits.to_arrow_reader(1 << 20):
+        cell = (b.column("ex").to_numpy(), b.column("off").to_numpy())
+        act = np.maximum(win_acts[cell], b.column("act").to_numpy().astype(np.float16))
+        win_acts[cell] = act
+        lost = win_acts[cell] < act  # a latent twice at one position (never from a top-k): the max
+        if lost.any():
+            np.maximum.at(win_acts, (cell[0][lost], cell[1][lost]), act[lost])
+    con.unregister("ex")
+    return win_acts, nr
+
+
 def write_examples(con, store: RunStore, contexts: ContextsLRU, key: str, scratch: str, lat, kind, rank, seq, pos,
-                   shard_size: int, cfg: PostprocessConfig, chunk: int = 1 << 16) -> None:
-    """Token windows and this latent's activations in them. Windows are cut in contexts-shard order
-    (each shard read once) into a disk-backed array; activations come from one DuckDB join streamed
-    in example order; the part is written in chunks of examples."""
+                   shard_size: int, cfg: PostprocessConfig, lap=lambda name: None, chunk: int = 1 << 16) -> None:
+    """Token windows and this latent's activations in them, `per_pass` examples (a latent range) at
+    a time, so memory does not follow the example count: the distinct windows are cut once
+    (cut_windows), activations come from one unordered DuckDB join over that latent range, and the
+    part is written in chunks of examples."""
     from pipeline.outputs.layout import EXAMPLES_SCHEMA
 
-    W, m = cfg.window, len(lat)
+    W, m, per_pass = cfg.window, len(lat), EXAMPLES_PER_PASS
     kinds = pa.array(list(KIND_CODES), pa.string())
-    start, wlen = np.zeros(m, np.int64), np.zeros(m, np.int64)
-    windows = np.lib.format.open_memmap(os.path.join(scratch, "windows.npy"), mode="w+", dtype=np.int32,
-                                        shape=(max(m, 1), W))
-    shard_of = seq // shard_size
-    by_shard = np.argsort(shard_of, kind="stable")
-    shards, cuts = np.unique(shard_of[by_shard], return_index=True)
-    for shard, members in zip(shards.tolist(), np.split(by_shard, cuts[1:])):
-        cseq, offsets, values = contexts.get(shard)
-        for c0 in range(0, len(members), chunk):
-            sel = members[c0:c0 + chunk]
-            row = np.searchsorted(cseq, seq[sel])
-            if np.any(row >= len(cseq)) or np.any(cseq[np.minimum(row, len(cseq) - 1)] != seq[sel]):
-                raise OSError(f"{store.path(contexts_key(shard))} lacks a context that latents refer to")
-            length = offsets[row + 1] - offsets[row]
-            start[sel] = window_start(pos[sel], length, W)
-            wlen[sel] = np.minimum(W, length)
-            idx = offsets[row][:, None] + start[sel][:, None] + np.arange(W)[None, :]
-            windows[sel] = values[np.minimum(idx, max(len(values) - 1, 0))] if len(values) else 0
-
-    nr = np.flatnonzero(kind != 2)  # random windows have no activations by construction
-    con.register("ex", pa.table({"ex": nr, "latent_id": lat[nr].astype(np.int32), "seq_id": seq[nr],
-                                 "lo": start[nr], "hi": start[nr] + wlen[nr]}))
-    hits = con.sql("""SELECT e.ex, p.pos - e.lo AS off, p.act FROM ex e JOIN pairs p
-                      ON p.latent_id = e.latent_id AND p.seq_id = e.seq_id AND p.pos >= e.lo AND p.pos < e.hi
-                      ORDER BY e.ex, off""").to_arrow_reader(1 << 20)
-    pending = [np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)]
-    exhausted = False
-
+    in_window = np.arange(W)[None, :]
     with local_output(store, key, scratch) as path, \
             pq.ParquetWriter(path, EXAMPLES_SCHEMA, compression=store.cfg.compression,
                              compression_level=store.cfg.compression_level,
-                             use_dictionary=["latent_id", "kind"]) as writer:  # token lists: dictionaries cost, save little
-        for c0 in range(0, m, chunk):
-            c1 = min(m, c0 + chunk)
-            while not exhausted and (len(pending[0]) == 0 or pending[0][-1] < c1):
-                try:
-                    b = next(hits)
-                except StopIteration:
-                    exhausted = True
-                    break
-                pending = [np.concatenate([pending[0], b.column("ex").to_numpy()]),
-                           np.concatenate([pending[1], b.column("off").to_numpy()]),
-                           np.concatenate([pending[2], b.column("act").to_numpy()])]
-            cut = np.searchsorted(pending[0], c1)
-            h_ex, h_off, h_act = (x[:cut] for x in pending)
-            pending = [x[cut:] for x in pending]
-            wl = wlen[c0:c1]
-            out_off = np.concatenate([[0], np.cumsum(wl)])
-            tokens = np.asarray(windows[c0:c1])[np.arange(W)[None, :] < wl[:, None]]
-            acts = np.zeros(out_off[-1], np.float32)
-            acts[out_off[h_ex - c0] + h_off] = h_act
-            off32 = pa.array(out_off.astype(np.int32))
-            writer.write_table(pa.Table.from_arrays([
-                pa.array(lat[c0:c1].astype(np.int32)), kinds.take(pa.array(kind[c0:c1])), pa.array(rank[c0:c1], pa.int32()),
-                pa.array(seq[c0:c1].astype(np.int64)), pa.array(pos[c0:c1].astype(np.int32)),
-                pa.ListArray.from_arrays(off32, pa.array(tokens)).cast(pa.list_(pa.int32())),
-                pa.ListArray.from_arrays(off32, pa.array(acts)).cast(pa.list_(pa.float32()))], schema=EXAMPLES_SCHEMA))
+                             use_dictionary=["latent_id", "kind"],  # token lists: dictionaries cost, save little
+                             write_statistics=["latent_id", "kind", "rank", "seq_id", "pos"]) as writer:
+        for g0 in range(0, m, per_pass):
+            g = slice(g0, min(m, g0 + per_pass))
+            start, wlen, widx, windows = cut_windows(store, contexts, seq[g], pos[g], shard_size, W)
+            lap("windows")
+            win_acts, nr = window_acts(con, lat[g], kind[g], seq[g], start, wlen, W)
+            lap("acts")
+            full = bool(np.all(wlen == W))  # contexts at least a window long: every list is W long, no mask
+            for c0 in range(0, len(start), chunk):
+                c1 = min(len(start), c0 + chunk)
+                a, b = np.searchsorted(nr, [c0, c1])
+                acts = np.zeros((c1 - c0, W), np.float32)
+                acts[nr[a:b] - c0] = win_acts[a:b]
+                wl = wlen[c0:c1]
+                tokens = windows[widx[c0:c1]]
+                if full:
+                    out_off = np.arange(c1 - c0 + 1, dtype=np.int32) * W
+                    tokens, acts = tokens.reshape(-1), acts.reshape(-1)
+                else:
+                    out_off = np.concatenate([[0], np.cumsum(wl)]).astype(np.int32)
+                    mask = in_window < wl[:, None]
+                    tokens, acts = tokens[mask], acts[mask]
+                off32 = pa.array(out_off)
+                e0, e1 = g0 + c0, g0 + c1
+                writer.write_table(pa.Table.from_arrays([
+                    pa.array(lat[e0:e1].astype(np.int32)), kinds.take(pa.array(kind[e0:e1])),
+                    pa.array(rank[e0:e1], pa.int32()), pa.array(seq[e0:e1].astype(np.int64)),
+                    pa.array(pos[e0:e1].astype(np.int32)),
+                    pa.ListArray.from_arrays(off32, pa.array(tokens)).cast(pa.list_(pa.int32())),
+                    pa.ListArray.from_arrays(off32, pa.array(acts)).cast(pa.list_(pa.float32()))], schema=EXAMPLES_SCHEMA))
+            del start, wlen, widx, windows, win_acts, nr
+            lap("examples")
         if m == 0:
             writer.write_table(EXAMPLES_SCHEMA.empty_table())
-    con.unregister("ex")
-    del windows

@@ -120,11 +120,13 @@ def scatter_shard(store: RunStore, hook: str, shard: int, bucket_size: int, cfg:
         return {**done, "scattered": False}
     t = store.read_committed_part(shard, latents_key(hook, shard), ["seq_id", "pos", "latent_ids", "acts"])
     pairs, parts = split_pairs(t, cfg)
-    touched = []
+    touched, counts = [], []
     for b, part in parts:
         write_spill(store, spill_key(hook, b, shard), part)
         touched.append(b)
-    marker = {"shard": shard, "tokens": int(t.num_rows), "pairs": pairs, "buckets": touched, "settings": settings}
+        counts.append(part.num_rows)
+    marker = {"shard": shard, "tokens": int(t.num_rows), "pairs": pairs, "buckets": touched, "bucket_pairs": counts,
+              "settings": settings}
     store.write_json(scatter_marker_key(hook, shard), marker)  # last: the spill files are complete
     return {**marker, "scattered": True}
 
@@ -233,7 +235,7 @@ def _scatter_task(sink: SinkConfig, run_id: str, hook: str, shard: int, cfg: Pos
     t0 = time.perf_counter()
     m = scatter_shard(RunStore(sink, run_id), hook, shard, cfg.bucket_size, cfg)
     return {"shard": m["shard"], "tokens": m["tokens"], "buckets": m["buckets"], "scattered": m["scattered"],
-            "seconds": time.perf_counter() - t0}
+            "bucket_pairs": m.get("bucket_pairs", [0] * len(m["buckets"])), "seconds": time.perf_counter() - t0}
 
 
 def _bucket_task(sink: SinkConfig, run_id: str, *args) -> dict:
@@ -278,10 +280,11 @@ def postprocess(store: RunStore, cfg: PostprocessConfig) -> dict:
             new, total_tokens, dirty = committed, 0, np.ones(n_buckets, bool)
 
         # Pass 1: every new shard through a task, which scatters it or reads its existing marker.
-        scattered = 0
+        scattered, weight = 0, np.zeros(n_buckets, np.int64)  # new pairs per bucket: biggest buckets first
         for m in _bounded(scatter_fn, ((store.cfg, store.run_id, hook, int(s), cfg) for s in new), in_flight):
             total_tokens += m["tokens"]
             dirty[np.asarray(m["buckets"], np.int64)] = True
+            weight[np.asarray(m["buckets"], np.int64)] += np.asarray(m["bucket_pairs"], np.int64)
             scattered += m["scattered"]
             summary["task_seconds"]["scatter"] = summary["task_seconds"].get("scatter", 0.0) + m["seconds"]
         summary["scattered"] += scattered
@@ -293,7 +296,7 @@ def postprocess(store: RunStore, cfg: PostprocessConfig) -> dict:
 
             committed_ref = ray.put(committed)
             todo = ((store.cfg, store.run_id, hook, int(b), None, n_latents, committed_ref, shard_size, cfg)
-                    for b in np.flatnonzero(dirty))
+                    for b in sorted(np.flatnonzero(dirty).tolist(), key=lambda b: -weight[b]))  # the tail is short
             for m in _bounded(bucket_fn, todo, in_flight):
                 summary["pairs"] += 0 if m["skipped"] else m["pairs"]
                 run += not m["skipped"]
