@@ -379,7 +379,7 @@ def _reduce(store, hook, bucket, lo, hi, spill_keys, committed, shard_size, cfg,
     del order
     pa.default_memory_pool().release_unused()  # the sorted stream's batches: memory for the examples
     write_examples(con, store, contexts, examples_key, scratch, ex_lat, ex_kind, ex_rank, ex_seq, ex_pos,
-                   shard_size, cfg, lap)
+                   shard_size, cfg, lap, act_dtype=BY_LATENT_SCHEMA.field("act").type.to_pandas_dtype())
     con.close()
     lap("examples")
     return int(n.sum()), stats, timings
@@ -483,12 +483,12 @@ def cut_windows(store: RunStore, contexts: ContextsLRU, seq: np.ndarray, pos: np
     return start, wlen, widx, windows
 
 
-def window_acts(con, lat, kind, seq, start, wlen, W: int) -> tuple[np.ndarray, np.ndarray]:
-    """(acts [non-random examples, W] float16, their indices): each example's latent's activations in
+def window_acts(con, lat, kind, seq, start, wlen, W: int, act_dtype=np.float16) -> tuple[np.ndarray, np.ndarray]:
+    """(acts [non-random examples, W] in the run's act dtype, their indices): each example's latent's activations in
     its window (the pairs' own dtype, exact), from one unordered DuckDB join restricted to these
     examples' latent range, scattered (no sort of the hits). Random windows have none by construction."""
     nr = np.flatnonzero(kind != 2)
-    win_acts = np.zeros((len(nr), W), np.float16)
+    win_acts = np.zeros((len(nr), W), act_dtype)
     if not len(nr):
         return win_acts, nr
     con.register("ex", pa.table({"ex": np.arange(len(nr), dtype=np.int32), "latent_id": lat[nr].astype(np.int32),
@@ -500,7 +500,7 @@ def window_acts(con, lat, kind, seq, start, wlen, W: int) -> tuple[np.ndarray, n
                        ON p.latent_id = e.latent_id AND p.seq_id = e.seq_id AND p.pos >= e.lo AND p.pos < e.hi""")
     for b in hits.to_arrow_reader(1 << 20):
         cell = (b.column("ex").to_numpy(), b.column("off").to_numpy())
-        act = np.maximum(win_acts[cell], b.column("act").to_numpy().astype(np.float16))
+        act = np.maximum(win_acts[cell], b.column("act").to_numpy().astype(act_dtype))
         win_acts[cell] = act
         lost = win_acts[cell] < act  # a latent twice at one position (never from a top-k): the max
         if lost.any():
@@ -510,7 +510,8 @@ def window_acts(con, lat, kind, seq, start, wlen, W: int) -> tuple[np.ndarray, n
 
 
 def write_examples(con, store: RunStore, contexts: ContextsLRU, key: str, scratch: str, lat, kind, rank, seq, pos,
-                   shard_size: int, cfg: PostprocessConfig, lap=lambda name: None, chunk: int = 1 << 16) -> None:
+                   shard_size: int, cfg: PostprocessConfig, lap=lambda name: None, chunk: int = 1 << 16,
+                   act_dtype=np.float16) -> None:
     """Token windows and this latent's activations in them, `per_pass` examples (a latent range) at
     a time, so memory does not follow the example count: the distinct windows are cut once
     (cut_windows), activations come from one unordered DuckDB join over that latent range, and the
@@ -529,7 +530,7 @@ def write_examples(con, store: RunStore, contexts: ContextsLRU, key: str, scratc
             g = slice(g0, min(m, g0 + per_pass))
             start, wlen, widx, windows = cut_windows(store, contexts, seq[g], pos[g], shard_size, W)
             lap("windows")
-            win_acts, nr = window_acts(con, lat[g], kind[g], seq[g], start, wlen, W)
+            win_acts, nr = window_acts(con, lat[g], kind[g], seq[g], start, wlen, W, act_dtype)
             lap("acts")
             full = bool(np.all(wlen == W))  # contexts at least a window long: every list is W long, no mask
             for c0 in range(0, len(start), chunk):
