@@ -41,7 +41,13 @@ import logging
 from collections import Counter
 from dataclasses import dataclass, field
 
-from pipeline.outputs.layout import LEDGER_SNAPSHOT_PREFIX, PLAN_DIR, ledger_snapshot_key, plan_key
+from pipeline.outputs.layout import (
+    LEDGER_LOG_PREFIX,
+    LEDGER_SNAPSHOT_PREFIX,
+    PLAN_DIR,
+    ledger_log_key,
+    ledger_snapshot_key,
+)
 from pipeline.outputs.sink import RunStore, with_retries
 
 log = logging.getLogger(__name__)
@@ -78,6 +84,7 @@ class Ledger:
         self._highest: dict[str, int] = {}
         self._counts: Counter[int] = Counter()
         self._heap: list[int] = []
+        self.writes = 0  # durable log writes by this process (bench/driver.py, tests)
         prefix = store.path(PLAN_DIR)
         try:
             store.fs.invalidate_cache(prefix)
@@ -92,10 +99,18 @@ class Ledger:
             snap = store.read_json(f"{PLAN_DIR}/{snapshots[-1]}")
             for d in snap["records"]:
                 self._add(FileRecord(**d))
-        # The log: records written since the snapshot (or the whole ledger of an older run).
-        self._log = {n for n in names if n.startswith("file=") and n.endswith(".json")}
-        for name in sorted(self._log):
+        # The log: records written since the snapshot (or the whole ledger of an older run):
+        # per-record `file=` objects of older versions first, then the batches in write order.
+        legacy = sorted(n for n in names if n.startswith("file=") and n.endswith(".json"))
+        batches = sorted((n for n in names if n.startswith(LEDGER_LOG_PREFIX) and n.endswith(".json")),
+                         key=lambda n: int(n[len(LEDGER_LOG_PREFIX):-len(".json")]))
+        self._log = set(legacy) | set(batches)
+        for name in legacy:
             self._add(FileRecord(**store.read_json(f"{PLAN_DIR}/{name}")))
+        for name in batches:
+            for d in store.read_json(f"{PLAN_DIR}/{name}")["records"]:
+                self._add(FileRecord(**d))
+        self._log_seq = int(batches[-1][len(LEDGER_LOG_PREFIX):-len(".json")]) if batches else -1
         self._written = {url: dataclasses.asdict(r) for url, r in self.records.items()}
 
     def _add(self, rec: FileRecord) -> None:
@@ -138,14 +153,32 @@ class Ledger:
         self.save(rec)
         return rec
 
-    def save(self, rec: FileRecord) -> None:
+    def remember(self, rec: FileRecord) -> None:
+        """Take `rec` into account for ordinals and shard ids now; `save_many` makes it durable
+        (the caller submits none of its shards before that)."""
         self._add(rec)
-        data = dataclasses.asdict(rec)
-        if self._written.get(rec.url) != data:
-            key = plan_key(rec.ordinal)
-            self.store.write_json(key, data)
-            self._written[rec.url] = data
-            self._log.add(key.rsplit("/", 1)[-1])
+
+    def save(self, rec: FileRecord) -> None:
+        self.save_many([rec])
+
+    def save_many(self, recs: list[FileRecord]) -> None:
+        """Make `recs` durable in one write (one `_plan/log=` object); nothing if none changed.
+        The driver saves a batch of files' records before submitting any of their shards."""
+        changed = []
+        for rec in recs:
+            self._add(rec)
+            data = dataclasses.asdict(rec)
+            if self._written.get(rec.url) != data:
+                changed.append(data)
+        if not changed:
+            return
+        self._log_seq += 1
+        key = ledger_log_key(self._log_seq)
+        self.store.write_bytes(key, json.dumps({"records": changed}, sort_keys=True, separators=(",", ":")).encode())
+        for data in changed:
+            self._written[data["url"]] = data
+        self._log.add(key.rsplit("/", 1)[-1])
+        self.writes += 1
 
     def compact(self) -> bool:
         """Fold the log into a new snapshot; no-op (writes nothing) when the log is empty."""
