@@ -1,8 +1,13 @@
-"""Tokenize once: a disk cache of each corpus file's packed contexts, replayed as the same shards.
+"""Tokenize once: a disk cache of each corpus file's packed contexts, replayed in the same order.
 
-`cached_plan_shards` (what the driver plans with) has `pipeline.data.packing.plan_shards`'s
-signature and yields identical `Shard` objects (same ids, seq_ids, doc ids, offsets, tokens;
-quarantined records reported again). The cache lives under `corpus.token_cache` (default `./.cache/tokens`; null turns it off).
+`cached_file_items` (what the tokenize tasks read every file through, pipeline/runtime/staging.py)
+yields what `pack_documents(read_documents(file))` yields, contexts and quarantined records in
+stream order, from the cache when an entry covers it. `cached_plan_shards` has
+`pipeline.data.packing.plan_shards`'s signature and yields identical `Shard` objects (tests).
+The cache lives with the workers: under `corpus.token_cache` on the node a tokenize task runs
+on (default `./.cache/tokens`, made absolute by the driver; null turns it off), so sweep members
+on one node share it. The run's own staging area (`_tokens/` on the sink) is what the harvest
+workers read; this cache only saves tokenizing.
 
 Why per FILE, not per corpus: packing never crosses files and every file starts a new shard
 (pipeline/data/packing.py), so a file's local shards are a pure function of
@@ -16,9 +21,9 @@ when complete, so a crash or a concurrent sweep member never leaves a half entry
     meta.json               key inputs, complete flag, n_shards, tokens, quarantined records
     shard=NNNNNN.npz        local shard NNNNNN: tokens (flat int32), lengths, doc_offsets, doc_ids
 
-`corpus.max_tokens` can stop planning inside a file. That file's entry is then partial
-(`complete: false`, holding the contexts planned so far, which are a prefix of the file's full
-packing); a later plan reuses it only when the cached tokens reach that plan's budget too.
+`corpus.max_tokens` can stop packing inside a file (`cap`). That file's entry is then partial
+(`complete: false`, holding the contexts packed so far, which are a prefix of the file's full
+packing); a later read reuses it only when the cached tokens reach that read's cap too.
 """
 from __future__ import annotations
 
@@ -48,7 +53,8 @@ _identities: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 def tokenizer_identity(tokenizer) -> str:
     """A digest of everything that decides token ids: the full fast-tokenizer definition.
-    Memoized per tokenizer object: run.py plans file by file, and the definition is megabytes."""
+    Memoized per tokenizer object: a tokenize task's process stages many files, and the
+    definition is megabytes."""
     try:
         return _identities[tokenizer]
     except (KeyError, TypeError):

@@ -1,13 +1,16 @@
 """The driver: prepare -> plan -> dispatch -> finalize.
 
-    prepare   pipeline/runtime/preflight.py   corpus files, tokenizer, SAEs checked against the model
+    prepare   pipeline/runtime/preflight.py   corpus files and SAEs checked against the model (no tokenizer)
     plan      plan_run (here)                 shards still to do, in ledger order (runtime/ledger.py),
-                                              tokenized and packed as a stream (data/)
+                                              from the metadata of tokenize tasks (runtime/staging.py)
     dispatch  pipeline/runtime/dispatch.py    harvest actors: harvest + encode + write + commit marker
     finalize  pipeline/runtime/manifest.py    manifest "complete"; the summary goes back to the CLI
 
-The driver holds only the shards in flight and a sorted array of committed shard ids, so its
-memory does not grow with the corpus. Re-running a run id skips committed shards; a run with
+The driver never loads the tokenizer and never holds a token: Ray tasks tokenize each file into
+the run's staging area, the driver assigns shard ids from their counts and sends each harvest
+actor a `ShardTask` (where its contexts are staged). It holds only the shards in flight, a window
+of tokenize results and a sorted array of committed shard ids, so its memory does not grow with
+the corpus. Re-running a run id skips committed shards; a run with
 nothing left to do changes no file.
 """
 from __future__ import annotations

@@ -1,9 +1,10 @@
 """The run's ledger: which corpus file owns which shards, kept in `_plan/file=NNNNNN.json`.
 
-Each file gets an ordinal the first time a run sees it, and starts a new shard. Its record is
-written *before* its first shard is submitted (first shard known) and again when the file
-has been read to its end (last shard, counts, quarantined documents). Later runs of the same
-run id therefore:
+Each file gets an ordinal the first time a run sees it, and starts a new shard. Its record
+(first and last shard, counts, quarantined documents; the driver knows them all once the file's
+tokenize task has reported) is durable *before* any of its shards is submitted: the driver
+saves the records of a batch of files in one write (`save_many`, one `_plan/log=NNNNNN.json`),
+then submits their shards. Later runs of the same run id therefore:
 - skip a finished file whose shards are all committed without reading it again;
 - re-plan an unfinished file from the same first shard (deterministic, committed shards skipped);
 - give new files the next ordinals and the shards after every known one (nightly incremental),
@@ -19,9 +20,11 @@ A record is rewritten only when its content changes, so a run with nothing to do
 
 Compaction (issue 14: planning reads the ledger in O(1) requests and runs in O(F) time):
 - `_plan/ledger-NNNNNN.json` is a snapshot of every record (plus the ordinal/shard high-water
-  marks); `_plan/file=NNNNNN.json` records are the log: each one written since the snapshot,
-  rewritten in place while its file is being planned (one PUT per change, as before).
-- Loading = one listing of `_plan/` + one GET of the newest snapshot + one GET per log record.
+  marks); `_plan/log=NNNNNN.json` objects are the log: each a batch of records written since the
+  snapshot (one PUT per batch; planning 100k new files is ~100 writes, not 200k), applied in
+  sequence order. `_plan/file=NNNNNN.json` (one record each) is the log of older versions, read
+  before the batches.
+- Loading = one listing of `_plan/` + one GET of the newest snapshot + one GET per log object.
   A record in the log overrides the snapshot's (it is the same or newer).
 - `compact()` (the driver calls it at run end, and only when the log is non-empty) writes the
   next snapshot, then deletes the log records and older snapshots. A crash in between leaves
