@@ -170,7 +170,7 @@ def plan_files_main(args) -> None:
         wr = r["new_write_s_per_file"] * f
         req = "" if r.get("list_req") is None else (
             f" | requests: listing {r['list_req']}, rerun plan {r['rerun_req']}, "
-            f"{r['new_write_req_per_file']:.2f}/new file")
+            f"{r['new_write_req_per_file']:.3f}/new file")
         print(f"{label} F={f:>7,}: listing {r['list_s']:6.2f} s | rerun plan (ledger+commits+plan_run) "
               f"{r['rerun_s']:6.2f} s | new-file ledger in memory {r['new_mem_s']:5.2f} s + ledger writes "
               f"{wr:7.1f} s ({r['new_writes_sample']} batched writes for {min(WRITE_SAMPLE, f)} files, extrapolated) | peak RSS {r['rss_mb']:5.0f} MB{req}")
