@@ -167,7 +167,19 @@ def plan_run(cfg: RunConfig, files: list[CorpusFile], ledger: Ledger, committed:
         jobs[i] = pool.add(f, max_tokens)  # a single file never needs more than the whole budget
     budget = max_tokens
     batch_recs: list[FileRecord] = []
-    batch_tasks: list[ShardTask] = []
+    batch_files: list[tuple[FileRecord, str, int]] = []  # (record, staged key, contexts planned)
+    batch_shards = 0
+
+    def shard_tasks() -> Iterator[ShardTask]:
+        # Made at submit time, one at a time: a file of a million shards is not a list of them.
+        for rec, key, n in batch_files:
+            for local in range(rec.n_shards):
+                shard_id = rec.first_shard + local
+                if is_committed(shard_id):
+                    summary.shards_skipped += 1
+                else:
+                    yield ShardTask(shard_id, shard_id * size, key, local, min(size, n - local * size))
+
     try:
         for i, (f, rec) in enumerate(order):
             if budget is not None and budget <= 0:
@@ -179,10 +191,10 @@ def plan_run(cfg: RunConfig, files: list[CorpusFile], ledger: Ledger, committed:
                 continue
             # Flush the batch before blocking on a result that is not there yet: its shards can run.
             if batch_recs and (not pool.ready(jobs[i]) or len(batch_recs) >= BATCH_FILES
-                               or len(batch_tasks) >= BATCH_SHARDS):
+                               or batch_shards >= BATCH_SHARDS):
                 ledger.save_many(batch_recs)  # durable before any of these shards is submitted
-                yield from batch_tasks
-                batch_recs, batch_tasks = [], []
+                yield from shard_tasks()
+                batch_recs, batch_files, batch_shards = [], [], 0
             meta = pool.result(jobs[i])
             if on_tokenizer is not None:
                 on_tokenizer(meta["tokenizer"])
@@ -214,20 +226,15 @@ def plan_run(cfg: RunConfig, files: list[CorpusFile], ledger: Ledger, committed:
                                       complete=not truncated, quarantined=quarantined)
             ledger.remember(rec)  # in memory now (the next file's first shard comes after it), durable below
             batch_recs.append(rec)
-            for local in range(n_shards):
-                shard_id = rec.first_shard + local
-                if is_committed(shard_id):
-                    summary.shards_skipped += 1
-                else:
-                    batch_tasks.append(ShardTask(shard_id, shard_id * size, meta["key"], local,
-                                                 min(size, n - local * size)))
+            batch_files.append((rec, meta["key"], n))
+            batch_shards += n_shards
             summary.quarantined += len(quarantined)
             summary.planned_bytes += f.size
             if budget is not None:
                 budget -= tokens
         if batch_recs:
             ledger.save_many(batch_recs)
-            yield from batch_tasks
+            yield from shard_tasks()
     finally:
         if pool is not None:
             pool.close()
