@@ -179,7 +179,7 @@ def test_batched_log_loads_after_older_per_record_files_and_in_write_order(tmp_p
     ledger = Ledger(store)
     v2 = dataclasses.replace(old, last_shard=3, reserved_shard=3, complete=True)
     ledger.save_many([v2, FileRecord(ordinal=1, url="w", fingerprint="y", first_shard=4)])
-    for i in range(11):  # log=000010 sorts before log=000002 by name; write order must win
+    for i in range(11):  # eleven more batches: the last one written wins
         ledger.save(dataclasses.replace(v2, tokens=i))
     loaded = Ledger(store)
     assert loaded.records["u"] == dataclasses.replace(v2, tokens=10) and loaded.next_shard() == 5
