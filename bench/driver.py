@@ -13,7 +13,7 @@ Prints driver peak RSS growth (MB), seconds, and shards/s.
 a fresh subprocess (clean peak RSS): `resolve_corpus` (one listing), ledger start-up from the
 compacted snapshot, the committed-shard listing and `plan_run` over F known, finished files (a
 rerun: nothing tokenized, nothing written), and the ledger bookkeeping for F *new* files
-(next_ordinal/next_shard/save, O(1) each; its per-record PUTs are timed on a sample of 1000 and
+(next_ordinal/next_shard, O(1) each; its batched ledger writes are timed on a sample of 1000 and
 extrapolated, labelled). `--s3-sample N` does the same against a real moto_server with N objects,
 counts the HTTP requests per phase from the server's log, and extrapolates to the largest F.
 """
@@ -33,8 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline.config import ClusterConfig, CorpusConfig, ModelConfig, RunConfig, SAEConfig, SinkConfig  # noqa: E402
 from pipeline.outputs.layout import commit_key  # noqa: E402
 from pipeline.outputs.sink import RunStore  # noqa: E402
-from pipeline.runtime.dispatch import InlineDispatcher  # noqa: E402
-from pipeline.runtime.worker import ShardPayload, ShardResult  # noqa: E402
+from pipeline.runtime.dispatch import InlineDispatcher, inline_tokenize_pool  # noqa: E402
+from pipeline.runtime.worker import ShardResult, ShardTask  # noqa: E402
 
 
 def rss_mb() -> float:
@@ -82,7 +82,7 @@ def plan_files_once(n_files: int, root: str, corpus: str, storage: dict | None) 
     ledger = Ledger(store)
     committed = np.asarray(store.committed_shards(), dtype=np.int64)
     summary = RunSummary(cfg.run_id, store.url)
-    todo = list(plan_run(cfg, files, ledger, committed, None, None, summary))  # tokenizer=None: never used
+    todo = list(plan_run(cfg, files, ledger, committed, None, summary))  # nothing to tokenize: no pool made
     out["rerun_s"], out["rerun_req"], mark = time.perf_counter() - t, _requests_since(mark), _request_mark()
     assert not todo and summary.shards_skipped == n_files, (len(todo), summary.shards_skipped)
     # -- 3. new files: ledger bookkeeping for F new files (in memory, O(1) each) ...
@@ -93,16 +93,27 @@ def plan_files_once(n_files: int, root: str, corpus: str, storage: dict | None) 
                          first_shard=fresh.next_shard())
         fresh._add(dataclasses.replace(rec, last_shard=rec.first_shard, complete=True))
     out["new_mem_s"] = time.perf_counter() - t
-    # ... and the two durable record writes per new file the driver makes, on a sample
+    # ... and the durable ledger writes the driver makes for them, on a sample: one batched
+    # write per `BATCH_FILES` files whose tokenize results are in (2 per file before issue 14 item 1)
+    from pipeline.runtime.driver import BATCH_FILES
+
     sample = min(WRITE_SAMPLE, n_files)
     durable = Ledger(RunStore(cfg.sink, "plan-durable"))
     mark = _request_mark()
     t = time.perf_counter()
+    batch = []
     for f in files[:sample]:
         rec = FileRecord(ordinal=durable.next_ordinal(), url=f.url, fingerprint=f.fingerprint,
                          first_shard=durable.next_shard())
-        durable.save(rec)
-        durable.save(dataclasses.replace(rec, last_shard=rec.first_shard, complete=True))
+        rec = dataclasses.replace(rec, last_shard=rec.first_shard, reserved_shard=rec.first_shard, complete=True)
+        durable.remember(rec)
+        batch.append(rec)
+        if len(batch) == BATCH_FILES:
+            durable.save_many(batch)
+            batch = []
+    if batch:
+        durable.save_many(batch)
+    out["new_writes_sample"] = durable.writes
     out["new_write_s_per_file"] = (time.perf_counter() - t) / sample
     out["new_write_req_per_file"] = _requests_since(mark) / sample if _requests_since(mark) else None
     t = time.perf_counter()
@@ -159,10 +170,10 @@ def plan_files_main(args) -> None:
         wr = r["new_write_s_per_file"] * f
         req = "" if r.get("list_req") is None else (
             f" | requests: listing {r['list_req']}, rerun plan {r['rerun_req']}, "
-            f"{r['new_write_req_per_file']:.0f}/new file")
+            f"{r['new_write_req_per_file']:.3f}/new file")
         print(f"{label} F={f:>7,}: listing {r['list_s']:6.2f} s | rerun plan (ledger+commits+plan_run) "
-              f"{r['rerun_s']:6.2f} s | new-file ledger in memory {r['new_mem_s']:5.2f} s + record PUTs "
-              f"{wr:7.1f} s (extrapolated from {min(WRITE_SAMPLE, f)}) | peak RSS {r['rss_mb']:5.0f} MB{req}")
+              f"{r['rerun_s']:6.2f} s | new-file ledger in memory {r['new_mem_s']:5.2f} s + ledger writes "
+              f"{wr:7.1f} s ({r['new_writes_sample']} batched writes for {min(WRITE_SAMPLE, f)} files, extrapolated) | peak RSS {r['rss_mb']:5.0f} MB{req}")
 
     print(f"command: python bench/driver.py --plan-files {args.plan_files} --s3-sample {args.s3_sample}")
     sizes = [int(x) for x in args.plan_files.split(",")]
@@ -252,13 +263,13 @@ def main() -> None:
         )
         from pipeline.runtime.driver import run
 
-        def noop(p: ShardPayload) -> ShardResult:
-            return ShardResult(p.shard_id, len(p.token_ids), sum(len(t) for t in p.token_ids), 0, 0, 0.0)
+        def noop(p: ShardTask) -> ShardResult:  # the payload holds no tokens: count contexts only
+            return ShardResult(p.shard_id, p.n_contexts, 0, 0, 0, 0.0)
 
         base = rss_mb()
         t = time.perf_counter()
         logging.getLogger("pipeline").setLevel(logging.WARNING)  # no per-file or progress lines in the timing
-        summary = run(cfg, dispatcher=InlineDispatcher(noop))
+        summary = run(cfg, dispatcher=InlineDispatcher(noop), tokenize=lambda: inline_tokenize_pool(cfg, None))
         seconds = time.perf_counter() - t
         grown = rss_mb() - base
 
@@ -269,7 +280,7 @@ def main() -> None:
         commit_rate = args.commit_sample / (time.perf_counter() - t)
 
     print(f"command: python bench/driver.py --shards {args.shards}")
-    print(f"shards planned and tracked : {summary.shards_done:,} ({summary.tokens:,} tokens)")
+    print(f"shards planned and tracked : {summary.shards_done:,}")
     print(f"driver wall time           : {seconds:.1f} s  ({summary.shards_done / seconds:,.0f} shards/s, "
           f"tokenization included)")
     print(f"driver peak RSS growth     : {grown:.0f} MB (peak RSS {rss_mb():.0f} MB incl. torch/transformers)")

@@ -123,6 +123,12 @@ class ClusterConfig:
     # Extra Ray resources each worker needs, e.g. {"accelerator_type:H100": 0.001} or a custom
     # label that pins workers to a node group.
     worker_resources: dict[str, float] = field(default_factory=dict)
+    # Corpus files are tokenized by Ray tasks (pipeline/runtime/staging.py), never by the driver:
+    # at most this many files are being tokenized ahead of the shards being harvested...
+    tokenize_ahead: int = 4
+    # ...each task reserving this many CPUs (0: they share the CPUs the harvest actors hold, so a
+    # pool that takes every CPU slot never starves them).
+    tokenize_cpus: float = 0.0
 
 
 @dataclass

@@ -38,7 +38,7 @@ def test_reservation_is_durable_and_monotonic(tmp_path):
     ledger.save(rec)
     rec = ledger.reserve(rec, 5)
     rec = ledger.reserve(rec, 4)  # an older id never lowers the mark
-    assert store.read_json(plan_key(0))["reserved_shard"] == 5
+    assert Ledger(store).records["u"].reserved_shard == 5  # durable: a fresh load sees it
 
 
 @pytest.mark.slow
@@ -168,3 +168,21 @@ def test_an_empty_file_gives_its_unused_first_shard_back(tmp_path):
     assert ledger.next_shard() == 3
     ledger.save(dataclasses.replace(empty, last_shard=1, complete=True))
     assert ledger.next_shard() == 2 and Ledger(ledger.store).next_shard() == 2
+
+
+def test_batched_log_loads_after_older_per_record_files_and_in_write_order(tmp_path):
+    """`_plan/file=` records (older versions) come before `_plan/log=` batches, and batches apply
+    in write order, so the newest record of a file wins whatever the names sort like."""
+    store = RunStore(SinkConfig(root=str(tmp_path)), "r")
+    old = FileRecord(ordinal=0, url="u", fingerprint="x", first_shard=0)
+    store.write_json(plan_key(0), dataclasses.asdict(old))  # as a pre-batching driver left it
+    ledger = Ledger(store)
+    v2 = dataclasses.replace(old, last_shard=3, reserved_shard=3, complete=True)
+    ledger.save_many([v2, FileRecord(ordinal=1, url="w", fingerprint="y", first_shard=4)])
+    for i in range(11):  # eleven more batches: the last one written wins
+        ledger.save(dataclasses.replace(v2, tokens=i))
+    loaded = Ledger(store)
+    assert loaded.records["u"] == dataclasses.replace(v2, tokens=10) and loaded.next_shard() == 5
+    assert loaded.compact() is True
+    assert sorted(p.name for p in (tmp_path / "r" / "_plan").iterdir()) == ["ledger-000000.json"]
+    assert Ledger(store).records == loaded.records

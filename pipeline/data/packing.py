@@ -16,8 +16,11 @@ Shard plan (identity, see docs/DESIGN.md "Identity and exactly-once"):
 - `corpus.max_tokens` stops the plan at the first context boundary at or after that many
   tokens (the plan may exceed it by less than one context, never stops short of it).
 
-Memory: only the current batch of document pieces and the current shard are held, so the
-driver can plan an arbitrarily large corpus.
+Memory: only the current batch of document pieces and the current shard are held. In a run,
+this code executes in the tokenize tasks (pipeline/runtime/staging.py, one per corpus file, via
+the token cache), never in the driver: the driver assigns the shard ids of this plan from the
+tasks' counts (pipeline/runtime/driver.py `plan_run`), with the same results as `plan_shards`
+(tests/test_driver_tokenize.py).
 """
 from __future__ import annotations
 

@@ -1,8 +1,13 @@
-"""Tokenize once: a disk cache of each corpus file's packed contexts, replayed as the same shards.
+"""Tokenize once: a disk cache of each corpus file's packed contexts, replayed in the same order.
 
-`cached_plan_shards` (what the driver plans with) has `pipeline.data.packing.plan_shards`'s
-signature and yields identical `Shard` objects (same ids, seq_ids, doc ids, offsets, tokens;
-quarantined records reported again). The cache lives under `corpus.token_cache` (default `./.cache/tokens`; null turns it off).
+`cached_file_items` (what the tokenize tasks read every file through, pipeline/runtime/staging.py)
+yields what `pack_documents(read_documents(file))` yields, contexts and quarantined records in
+stream order, from the cache when an entry covers it. `cached_plan_shards` has
+`pipeline.data.packing.plan_shards`'s signature and yields identical `Shard` objects (tests).
+The cache lives with the workers: under `corpus.token_cache` on the node a tokenize task runs
+on (default `./.cache/tokens`, made absolute by the driver; null turns it off), so sweep members
+on one node share it. The run's own staging area (`_tokens/` on the sink) is what the harvest
+workers read; this cache only saves tokenizing.
 
 Why per FILE, not per corpus: packing never crosses files and every file starts a new shard
 (pipeline/data/packing.py), so a file's local shards are a pure function of
@@ -16,9 +21,9 @@ when complete, so a crash or a concurrent sweep member never leaves a half entry
     meta.json               key inputs, complete flag, n_shards, tokens, quarantined records
     shard=NNNNNN.npz        local shard NNNNNN: tokens (flat int32), lengths, doc_offsets, doc_ids
 
-`corpus.max_tokens` can stop planning inside a file. That file's entry is then partial
-(`complete: false`, holding the contexts planned so far, which are a prefix of the file's full
-packing); a later plan reuses it only when the cached tokens reach that plan's budget too.
+`corpus.max_tokens` can stop packing inside a file (`cap`). That file's entry is then partial
+(`complete: false`, holding the contexts packed so far, which are a prefix of the file's full
+packing); a later read reuses it only when the cached tokens reach that read's cap too.
 """
 from __future__ import annotations
 
@@ -48,7 +53,8 @@ _identities: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 def tokenizer_identity(tokenizer) -> str:
     """A digest of everything that decides token ids: the full fast-tokenizer definition.
-    Memoized per tokenizer object: run.py plans file by file, and the definition is megabytes."""
+    Memoized per tokenizer object: a tokenize task's process stages many files, and the
+    definition is megabytes."""
     try:
         return _identities[tokenizer]
     except (KeyError, TypeError):
@@ -113,34 +119,25 @@ def _usable(meta: dict | None, budget: int | None) -> bool:
     return meta["complete"] or (budget is not None and meta["tokens"] >= budget)
 
 
-def _replay(folder: Path, meta: dict, file_index: int, file: CorpusFile, first_shard: int, size: int,
-            tokens: int, max_tokens: int | None, on_quarantine) -> Iterator[Shard | int]:
-    """Yield the file's shards from the cache, then the running token count (an int) last."""
+def _replay(folder: Path, meta: dict) -> Iterator[Context | Quarantined]:
+    """The entry's contexts and quarantined records, in the order packing produced them."""
     pending_q = sorted(meta["quarantined"], key=lambda q: q["before_context"])
     seen = 0  # contexts replayed so far in this file
     for local in range(meta["n_shards"]):
-        contexts = []
         for ctx in _load_shard(folder, local):
             while pending_q and pending_q[0]["before_context"] <= seen:
                 q = pending_q.pop(0)
-                on_quarantine(Quarantined(q["file"], q["location"], q["reason"]))
-            contexts.append(ctx)
+                yield Quarantined(q["file"], q["location"], q["reason"])
+            yield ctx
             seen += 1
-            tokens += len(ctx.token_ids)
-            if max_tokens is not None and tokens >= max_tokens:
-                yield Shard(first_shard + local, (first_shard + local) * size, file_index, file.url, contexts)
-                yield tokens
-                return
-        yield Shard(first_shard + local, (first_shard + local) * size, file_index, file.url, contexts)
     for q in pending_q:  # quarantined after the file's last context
-        on_quarantine(Quarantined(q["file"], q["location"], q["reason"]))
-    yield tokens
+        yield Quarantined(q["file"], q["location"], q["reason"])
 
 
-def _pack_and_store(root: Path | None, key: str, inputs: dict, file_index: int, file: CorpusFile,
-                    cfg: CorpusConfig, tokenizer, eos_id, storage_options, first_shard: int, tokens: int,
-                    on_quarantine) -> Iterator[Shard | int]:
-    """plan_shards' per-file loop, writing each local shard to a temp entry as it goes."""
+def _pack_and_store(root: Path | None, key: str, inputs: dict, file: CorpusFile, cfg: CorpusConfig, tokenizer,
+                    eos_id, storage_options, cap: int | None) -> Iterator[Context | Quarantined]:
+    """pack_documents over one file, up to `cap` tokens, writing each local shard to a temp
+    entry as it goes; the entry is renamed into place once the consumer has read it all."""
     size = cfg.shard_size
     tmp = None
     if root is not None:
@@ -155,19 +152,17 @@ def _pack_and_store(root: Path | None, key: str, inputs: dict, file_index: int, 
             if isinstance(item, Quarantined):
                 quarantined.append({"before_context": seen, "file": item.file, "location": item.location,
                                     "reason": item.reason})
-                on_quarantine(item)
+                yield item
                 continue
             contexts.append(item)
             seen += 1
-            tokens += len(item.token_ids)
             file_tokens += len(item.token_ids)
-            full = len(contexts) == size
-            stop = cfg.max_tokens is not None and tokens >= cfg.max_tokens
-            if full or stop:
+            stop = cap is not None and file_tokens >= cap
+            if len(contexts) == size or stop:
                 if tmp is not None:
                     _save_shard(tmp, local, contexts)
-                yield Shard(first_shard + local, (first_shard + local) * size, file_index, file.url, contexts)
                 local, contexts = local + 1, []
+            yield item
             if stop:
                 complete = False
                 packed.close()  # closes the file now, not at garbage collection
@@ -175,7 +170,6 @@ def _pack_and_store(root: Path | None, key: str, inputs: dict, file_index: int, 
         if contexts:
             if tmp is not None:
                 _save_shard(tmp, local, contexts)
-            yield Shard(first_shard + local, (first_shard + local) * size, file_index, file.url, contexts)
             local += 1
         if tmp is not None:
             meta = {**inputs, "complete": complete, "n_shards": local, "contexts": seen, "tokens": file_tokens,
@@ -194,10 +188,44 @@ def _pack_and_store(root: Path | None, key: str, inputs: dict, file_index: int, 
                     tmp = None
                 except OSError:
                     pass  # someone else renamed theirs in first; theirs is identical
-        yield tokens
     finally:
         if tmp is not None:  # not completed (consumer stopped early, error): leave no trace
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def cached_file_items(file: CorpusFile, cfg: CorpusConfig, tokenizer, eos_id: int | None,
+                      storage_options: dict | None = None, cap: int | None = None,
+                      tok_id: str | None = None) -> tuple[bool, Iterator[Context | Quarantined]]:
+    """One file's packed contexts and quarantined records in stream order (what
+    `pack_documents(read_documents(file))` yields), stopping after the context that reaches
+    `cap` tokens; served from the cache when an entry covers it. Returns (cache hit, items).
+    The tokenize tasks (pipeline/runtime/staging.py) read every file through this."""
+    if cfg.shard_size <= 0:
+        raise ValueError(f"corpus.shard_size={cfg.shard_size} must be positive")
+    if cfg.ctx_len <= 0:
+        raise ValueError(f"ctx_len={cfg.ctx_len} must be positive (corpus.ctx_len)")
+    root = Path(cfg.token_cache) if cfg.token_cache else None
+    if root is not None and tok_id is None:
+        tok_id = tokenizer_identity(tokenizer)
+    key, inputs = file_key(file, cfg, tok_id or "", eos_id)
+    folder = root / key if root is not None else None
+    meta = _read_meta(folder) if folder is not None else None
+    if _usable(meta, cap):
+        stats["hits"] += 1
+        return True, _capped(_replay(folder, meta), cap)
+    stats["misses"] += 1
+    return False, _pack_and_store(root, key, inputs, file, cfg, tokenizer, eos_id, storage_options, cap)
+
+
+def _capped(items: Iterator[Context | Quarantined], cap: int | None) -> Iterator[Context | Quarantined]:
+    """Stop after the context that reaches `cap` tokens (a replayed entry may hold more)."""
+    tokens = 0
+    for item in items:
+        yield item
+        if isinstance(item, Context):
+            tokens += len(item.token_ids)
+            if cap is not None and tokens >= cap:
+                return
 
 
 def cached_plan_shards(files: list[CorpusFile], cfg: CorpusConfig, tokenizer, eos_id: int | None,
@@ -205,30 +233,25 @@ def cached_plan_shards(files: list[CorpusFile], cfg: CorpusConfig, tokenizer, eo
                        on_quarantine: Callable[[Quarantined], None] = _log_quarantine,
                        first_shard: int = 0) -> Iterator[Shard]:
     """`pipeline.data.packing.plan_shards` with a per-file token cache (see module docstring)."""
-    if cfg.shard_size <= 0:
-        raise ValueError(f"corpus.shard_size={cfg.shard_size} must be positive")
-    if cfg.ctx_len <= 0:
-        raise ValueError(f"ctx_len={cfg.ctx_len} must be positive (corpus.ctx_len)")
-    root = Path(cfg.token_cache) if cfg.token_cache else None
-    tok_id = tokenizer_identity(tokenizer) if root is not None else ""
+    size = cfg.shard_size
+    tok_id = tokenizer_identity(tokenizer) if cfg.token_cache else ""
     next_shard, tokens = first_shard, 0
     for fi, file in enumerate(files):
-        key, inputs = file_key(file, cfg, tok_id, eos_id)
-        folder = root / key if root is not None else None
-        meta = _read_meta(folder) if folder is not None else None
         budget = None if cfg.max_tokens is None else cfg.max_tokens - tokens
-        if _usable(meta, budget):
-            stats["hits"] += 1
-            steps = _replay(folder, meta, fi, file, next_shard, cfg.shard_size, tokens, cfg.max_tokens, on_quarantine)
-        else:
-            stats["misses"] += 1
-            steps = _pack_and_store(root, key, inputs, fi, file, cfg, tokenizer, eos_id, storage_options,
-                                    next_shard, tokens, on_quarantine)
-        for step in steps:
-            if isinstance(step, Shard):
-                next_shard = step.shard_id + 1
-                yield step
-            else:
-                tokens = step
+        _, items = cached_file_items(file, cfg, tokenizer, eos_id, storage_options, cap=budget, tok_id=tok_id)
+        shard_id, contexts = next_shard, []
+        for item in items:
+            if isinstance(item, Quarantined):
+                on_quarantine(item)
+                continue
+            contexts.append(item)
+            tokens += len(item.token_ids)
+            if len(contexts) == size:
+                yield Shard(shard_id, shard_id * size, fi, file.url, contexts)
+                shard_id, contexts = shard_id + 1, []
+        if contexts:
+            yield Shard(shard_id, shard_id * size, fi, file.url, contexts)
+            shard_id += 1
+        next_shard = shard_id
         if cfg.max_tokens is not None and tokens >= cfg.max_tokens:
             return

@@ -4,7 +4,10 @@
       manifest.json                                   MANIFEST_KEY
       summary.json, _runs/<UTC stamp>.json            SUMMARY_KEY, run_history_key()
       _plan/ledger-NNNNNN.json                        ledger_snapshot_key()  compacted ledger (runtime/ledger.py)
-      _plan/file=NNNNNN.json                          plan_key()      records changed since the snapshot
+      _plan/file=NNNNNN.json                          plan_key()      records changed since the snapshot (older runs)
+      _plan/log=NNNNNN.json                           ledger_log_key() batches of records changed since the snapshot
+      _tokens/<file key>.parquet, .json               tokens_key(), tokens_meta_key()  staged contexts
+                                                      (TOKENS_SCHEMA; one row group per local shard)
       _commits/shard=NNNNNN.json                      commit_key()    written last per shard
       contexts/shard=NNNNNN/part-0.parquet            contexts_key()  CONTEXTS_SCHEMA
       latents/hookpoint=H/shard=NNNNNN/part-0.parquet latents_key()   latents_schema(k), LATENTS_PARQUET
@@ -116,6 +119,36 @@ def commit_key(shard_id: int) -> str:
 
 def plan_key(ordinal: int) -> str:
     return f"{PLAN_DIR}/file={ordinal:06d}.json"
+
+
+LEDGER_LOG_PREFIX = "log="
+
+
+def ledger_log_key(seq: int) -> str:
+    """One durable write of a batch of ledger records (runtime/ledger.py)."""
+    return f"{PLAN_DIR}/{LEDGER_LOG_PREFIX}{seq:06d}.json"
+
+
+# -- token staging: what the tokenize tasks hand the harvest workers (runtime/staging.py) --------
+# One Parquet file per corpus file (one row group per local shard of `shard_size` contexts) and a
+# meta JSON written after it. Keyed by the file's token-cache key (fingerprint, reading settings,
+# tokenizer, ctx_len, shard_size), so a resumed run reuses it; deleted when a run ends cleanly.
+TOKENS_DIR = "_tokens"
+TOKENS_SCHEMA = pa.schema(
+    [
+        ("doc_id", pa.string()),
+        ("doc_offset", pa.int32()),
+        ("token_ids", pa.list_(pa.int32())),
+    ]
+)
+
+
+def tokens_key(file_key: str) -> str:
+    return f"{TOKENS_DIR}/{file_key}.parquet"
+
+
+def tokens_meta_key(file_key: str) -> str:
+    return f"{TOKENS_DIR}/{file_key}.json"
 
 
 LEDGER_SNAPSHOT_PREFIX = "ledger-"

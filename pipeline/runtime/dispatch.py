@@ -19,8 +19,9 @@ from collections.abc import Callable
 
 from pipeline.cli import setup_logging
 from pipeline.config import RunConfig
+from pipeline.data.corpus import CorpusFile
 from pipeline.outputs.sink import RunStore
-from pipeline.runtime.worker import ShardPayload, ShardResult
+from pipeline.runtime.worker import ShardPayload, ShardResult, ShardTask
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +70,7 @@ class HarvestActor:
             if hasattr(sae, "close"):
                 sae.close()
 
-    def process(self, payload: ShardPayload) -> ShardResult:
+    def process(self, payload: ShardTask | ShardPayload) -> ShardResult:
         import ray
 
         try:
@@ -150,6 +151,83 @@ def ray_dispatcher(cfg: RunConfig, sae_by_hook: dict[str, str]) -> RayDispatcher
 
 class ShardFailed(RuntimeError):
     pass
+
+
+class TokenizePool:
+    """Tokenize tasks (`pipeline.runtime.staging.stage_file`) for the files the driver will need,
+    at most `window` ahead, results taken in file order.
+
+    `start(file, cap)` returns a handle, `get(handle)` the task's metadata, `ready(handle)` whether
+    `get` would return at once, `cancel(handles)` gives up on the rest. The Ray pool
+    (`ray_tokenize_pool`) runs plain CPU tasks on any node; `inline_tokenize_pool` tokenizes in
+    this process (bench/driver.py only: it measures the driver with the work taken out)."""
+
+    def __init__(self, start: Callable, get: Callable, ready: Callable, cancel: Callable, window: int):
+        self._start, self._get, self._ready, self._cancel = start, get, ready, cancel
+        self.window = max(1, window)
+        self.jobs: list[tuple[CorpusFile, int | None]] = []  # every file the plan may need, in order
+        self.handles: dict[int, object] = {}  # job index -> handle, for the window ahead
+        self.next = 0  # next job index to start
+
+    def add(self, file: CorpusFile, cap: int | None) -> int:
+        self.jobs.append((file, cap))
+        return len(self.jobs) - 1
+
+    def _fill(self, upto: int) -> None:
+        while self.next < len(self.jobs) and (self.next <= upto or len(self.handles) < self.window):
+            self.handles[self.next] = self._start(*self.jobs[self.next])
+            self.next += 1
+
+    def ready(self, i: int) -> bool:
+        self._fill(i)
+        return self._ready(self.handles[i])
+
+    def result(self, i: int) -> dict:
+        self._fill(i)
+        meta = self._get(self.handles.pop(i))
+        self._fill(i)
+        return meta
+
+    def close(self) -> None:
+        """Stop the tasks not taken (a `corpus.max_tokens` plan ends before them) and wait for them,
+        so none writes to the staging area after the run removed it."""
+        if self.handles:
+            self._cancel(list(self.handles.values()))
+        self.handles.clear()
+
+
+def ray_tokenize_pool(cfg: RunConfig, storage_options: dict | None) -> TokenizePool:
+    import ray
+
+    from pipeline.runtime.staging import stage_file
+
+    start_ray(cfg)
+    task = ray.remote(max_retries=2)(stage_file).options(num_cpus=cfg.cluster.tokenize_cpus)
+
+    def get(ref):
+        try:
+            return ray.get(ref)
+        except ray.exceptions.RayTaskError as err:  # the task's own error (bad file, bad setting), as it was
+            raise (err.cause if isinstance(err.cause, Exception) else err) from None
+
+    def cancel(refs) -> None:
+        for ref in refs:
+            ray.cancel(ref, force=False)
+        for ref in refs:
+            try:
+                ray.get(ref)
+            except Exception:  # cancelled, or failed: its result is not wanted either way
+                pass
+
+    return TokenizePool(lambda f, cap: task.remote(cfg, f, cap, storage_options), get,
+                        lambda ref: bool(ray.wait([ref], timeout=0)[0]), cancel, cfg.cluster.tokenize_ahead)
+
+
+def inline_tokenize_pool(cfg: RunConfig, storage_options: dict | None) -> TokenizePool:
+    from pipeline.runtime.staging import stage_file
+
+    return TokenizePool(lambda f, cap: (f, cap), lambda job: stage_file(cfg, job[0], job[1], storage_options),
+                        lambda job: True, lambda jobs: None, 1)
 
 
 class InlineDispatcher:

@@ -1,87 +1,125 @@
 """The driver: prepare -> plan -> dispatch -> finalize.
 
-    prepare   pipeline/runtime/preflight.py   corpus files, tokenizer, SAEs checked against the model
+    prepare   pipeline/runtime/preflight.py   corpus files and SAEs checked against the model (no tokenizer)
     plan      plan_run (here)                 shards still to do, in ledger order (runtime/ledger.py),
-                                              tokenized and packed as a stream (data/)
+                                              from the metadata of tokenize tasks (runtime/staging.py)
     dispatch  pipeline/runtime/dispatch.py    harvest actors: harvest + encode + write + commit marker
     finalize  pipeline/runtime/manifest.py    manifest "complete"; the summary goes back to the CLI
 
-The driver holds only the shards in flight and a sorted array of committed shard ids, so its
-memory does not grow with the corpus. Re-running a run id skips committed shards; a run with
+The driver never loads the tokenizer and never holds a token: Ray tasks tokenize each file into
+the run's staging area, the driver assigns shard ids from their counts and sends each harvest
+actor a `ShardTask` (where its contexts are staged). It holds only the shards in flight, a window
+of tokenize results and a sorted array of committed shard ids, so its memory does not grow with
+the corpus. Re-running a run id skips committed shards; a run with
 nothing left to do changes no file.
 """
 from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 
 from pipeline.config import RunConfig
-from pipeline.data.corpus import CorpusError, CorpusFile, Quarantined
-from pipeline.data.packing import Shard
-from pipeline.data.token_cache import cached_plan_shards
+from pipeline.data import token_cache
+from pipeline.data.corpus import CorpusError, CorpusFile
 from pipeline.outputs.sink import RunStore
-from pipeline.runtime.dispatch import ray_dispatcher
+from pipeline.runtime.dispatch import TokenizePool, ray_dispatcher, ray_tokenize_pool
 from pipeline.runtime.ledger import FileRecord, Ledger
 from pipeline.runtime.manifest import close_run, open_run
 from pipeline.runtime.preflight import prepare
+from pipeline.runtime.staging import clear_staging
 from pipeline.runtime.summary import Progress, RunSummary
-from pipeline.runtime.worker import ShardPayload
+from pipeline.runtime.worker import ShardTask
 
 log = logging.getLogger(__name__)
 
 
-def run(cfg: RunConfig, dispatcher=None) -> RunSummary:
+def run(cfg: RunConfig, dispatcher=None, tokenize: Callable[[], TokenizePool] | None = None) -> RunSummary:
     """Extract latents for `cfg`; resumable: a second call with the same run id does only what is left.
 
     `dispatcher`: anything with RayDispatcher's methods (bench/driver.py passes an in-process one);
-    default: a pool of Ray harvest actors, started only once there is a shard to do."""
+    default: a pool of Ray harvest actors, started only once there is a shard to do.
+    `tokenize`: makes the pool of tokenize tasks (default: Ray tasks, `dispatch.ray_tokenize_pool`),
+    called only once there is a file to tokenize. The driver itself never loads the tokenizer."""
     store = RunStore(cfg.sink, cfg.run_id)
     prep = prepare(cfg)
-    open_run(store, prep.manifest)
+    previous = open_run(store, prep.manifest)
+    # The tokenizer's record comes from the first tokenize task; a run that tokenizes nothing
+    # keeps the one an earlier invocation recorded.
+    tokenizer = {"info": (previous or {}).get("tokenizer")}
 
     started = time.perf_counter()
     ledger = Ledger(store)
     committed = np.asarray(store.committed_shards(), dtype=np.int64)
     summary = RunSummary(cfg.run_id, store.url, hookpoints=list(cfg.sae.hookpoints), setup_seconds=prep.seconds)
     progress = Progress(cfg.run_id, cfg.corpus.max_tokens, sum(f.size for f in prep.files))
+    # Tokenize tasks run on other processes/nodes: the local token cache must be an absolute path.
+    task_cfg = cfg
+    if cfg.corpus.token_cache and "://" not in cfg.corpus.token_cache:
+        task_cfg = dataclasses.replace(cfg, corpus=dataclasses.replace(
+            cfg.corpus, token_cache=os.path.abspath(os.path.expanduser(cfg.corpus.token_cache))))
+    used_staging = []
+
+    def make_pool() -> TokenizePool:
+        used_staging.append(True)
+        return (tokenize or (lambda: ray_tokenize_pool(task_cfg, prep.corpus_storage)))()
 
     def account(block: bool) -> None:
         for result in dispatcher.completed(block=block):
             summary.account(result)
         progress.update(summary)
 
+    plan = plan_run(cfg, prep.files, ledger, committed, make_pool, summary,
+                    on_tokenizer=lambda info: tokenizer.update(info=info))
     try:
-        for shard in plan_run(cfg, prep.files, ledger, committed, prep.tokenizer, prep.corpus_storage, summary):
+        for task in plan:
             if dispatcher is None:
                 dispatcher = ray_dispatcher(cfg, prep.sae_by_hook)
                 log.info(f"[{cfg.run_id}] {cfg.cluster.num_workers} harvest worker(s); writing to {store.url}")
             while not dispatcher.has_room():
                 account(block=True)
-            dispatcher.submit(to_payload(shard))
+            dispatcher.submit(task)
             account(block=False)
         while dispatcher is not None and dispatcher.pending():
             account(block=True)
     finally:
+        plan.close()  # stops tokenize tasks a max_tokens plan no longer needs
         if dispatcher is not None:
             summary.retries = dispatcher.retries
             dispatcher.close()
 
     summary.seconds = time.perf_counter() - started
+    if used_staging:
+        clear_staging(store)  # every planned shard is committed: the staged tokens served their purpose
     ledger.compact()  # next start-up reads one snapshot (runtime/ledger.py); no-op if nothing changed
+    prep.manifest["tokenizer"] = tokenizer["info"]
     close_run(store, prep.manifest, ledger.summary(), ledger.quarantined(), fvu_check=summary.fvu,
               acts_overflow=summary.acts_overflow)
     progress.update(summary, force=True)
     return summary
 
 
-def plan_run(cfg: RunConfig, files: list[CorpusFile], ledger: Ledger, committed: np.ndarray, tokenizer,
-             storage_opts: dict | None, summary: RunSummary) -> Iterator[Shard]:
+# A batch of planned files is made durable in one ledger write before any of its shards is
+# submitted; it grows while tokenize results are already there, up to these limits.
+BATCH_FILES = 1000
+BATCH_SHARDS = 10_000
+
+
+def plan_run(cfg: RunConfig, files: list[CorpusFile], ledger: Ledger, committed: np.ndarray,
+             tokenize: Callable[[], TokenizePool] | None, summary: RunSummary,
+             on_tokenizer: Callable[[dict], None] | None = None) -> Iterator[ShardTask]:
     """Shards still to do, in ledger order: known files first (same shards as before), then new
-    files after every known shard. Skipped shards are counted in `summary`, not yielded."""
+    files after every known shard. Skipped shards are counted in `summary`, not yielded.
+
+    Files are tokenized by tasks (`tokenize()` makes the pool on first need; pipeline/runtime/staging.py),
+    `cluster.tokenize_ahead` ahead; their results are taken in file order, so ids are assigned
+    exactly as a sequential plan would: a file's first shard from the ledger, `corpus.max_tokens`
+    cut at the context boundary plan_shards cuts at. What is yielded is a `ShardTask` (where the
+    contexts are staged), never tokens. `on_tokenizer` gets the first result's tokenizer record."""
     current = {f.url: f for f in files}
     known = []
     for rec in ledger.in_order():
@@ -99,55 +137,104 @@ def plan_run(cfg: RunConfig, files: list[CorpusFile], ledger: Ledger, committed:
             continue
         known.append((f, rec))
     new = [f for f in files if f.url not in ledger.records]
-    budget = cfg.corpus.max_tokens
+    size, ctx_len, max_tokens = cfg.corpus.shard_size, cfg.corpus.ctx_len, cfg.corpus.max_tokens
+    if size <= 0:
+        raise ValueError(f"corpus.shard_size={size} must be positive")
+    if ctx_len <= 0:
+        raise ValueError(f"ctx_len={ctx_len} must be positive (corpus.ctx_len)")
 
     def is_committed(shard_id: int) -> bool:
         pos = np.searchsorted(committed, shard_id)
         return bool(pos < len(committed) and committed[pos] == shard_id)
 
-    for f, rec in known + [(f, None) for f in new]:
+    def done(rec: FileRecord | None) -> bool:
+        return (rec is not None and rec.complete
+                and all(is_committed(s) for s in range(rec.first_shard, rec.last_shard + 1)))
+
+    order = known + [(f, None) for f in new]
+    pool: TokenizePool | None = None
+    jobs: dict[int, int] = {}  # index in `order` -> pool job (files that need tokenizing)
+    budget = max_tokens
+    for i, (f, rec) in enumerate(order):  # a file needs tokenizing unless finished and committed
         if budget is not None and budget <= 0:
-            return
-        if rec is None:
-            rec = FileRecord(ordinal=ledger.next_ordinal(), url=f.url, fingerprint=f.fingerprint,
-                             first_shard=ledger.next_shard(int(committed[-1]) if len(committed) else -1))
-            ledger.save(rec)  # first shard fixed before any of the file's shards is submitted
-        elif rec.complete and all(is_committed(s) for s in range(rec.first_shard, rec.last_shard + 1)):
-            summary.shards_skipped += rec.n_shards
+            break
+        if done(rec):
             if budget is not None:
                 budget -= rec.tokens
             continue
-        file_cfg = dataclasses.replace(cfg.corpus, max_tokens=budget)
-        quarantined: list[dict] = []
+        if pool is None:
+            pool = tokenize()
+        jobs[i] = pool.add(f, max_tokens)  # a single file never needs more than the whole budget
+    budget = max_tokens
+    batch_recs: list[FileRecord] = []
+    batch_files: list[tuple[FileRecord, str, int]] = []  # (record, staged key, contexts planned)
+    batch_shards = 0
 
-        def on_quarantine(q: Quarantined, quarantined: list[dict] = quarantined) -> None:
-            quarantined.append(dataclasses.asdict(q))
-            log.warning(f"[{cfg.run_id}] quarantined {q.file} {q.location}: {q.reason}")
+    def shard_tasks() -> Iterator[ShardTask]:
+        # Made at submit time, one at a time: a file of a million shards is not a list of them.
+        for rec, key, n in batch_files:
+            for local in range(rec.n_shards):
+                shard_id = rec.first_shard + local
+                if is_committed(shard_id):
+                    summary.shards_skipped += 1
+                else:
+                    yield ShardTask(shard_id, shard_id * size, key, local, min(size, n - local * size))
 
-        contexts = tokens = 0
-        last = None
-        for shard in cached_plan_shards([f], file_cfg, tokenizer, tokenizer.eos_token_id, storage_options=storage_opts,
-                                 on_quarantine=on_quarantine, first_shard=rec.first_shard):
-            last = shard.shard_id
-            contexts += len(shard.contexts)
-            n_tokens = sum(len(c.token_ids) for c in shard.contexts)
-            tokens += n_tokens
-            if is_committed(shard.shard_id):
-                summary.shards_skipped += 1
+    try:
+        for i, (f, rec) in enumerate(order):
+            if budget is not None and budget <= 0:
+                break
+            if i not in jobs:
+                summary.shards_skipped += rec.n_shards
+                if budget is not None:
+                    budget -= rec.tokens
+                continue
+            # Flush the batch before blocking on a result that is not there yet: its shards can run.
+            if batch_recs and (not pool.ready(jobs[i]) or len(batch_recs) >= BATCH_FILES
+                               or batch_shards >= BATCH_SHARDS):
+                ledger.save_many(batch_recs)  # durable before any of these shards is submitted
+                yield from shard_tasks()
+                batch_recs, batch_files, batch_shards = [], [], 0
+            meta = pool.result(jobs[i])
+            if on_tokenizer is not None:
+                on_tokenizer(meta["tokenizer"])
+                on_tokenizer = None
+            if meta.get("cache") in ("hit", "staged"):
+                token_cache.stats["hits"] += 1
             else:
-                rec = ledger.reserve(rec, shard.shard_id)  # durable before the shard is submitted
-                yield shard
-        summary.quarantined += len(quarantined)
-        summary.planned_bytes += f.size
-        truncated = budget is not None and tokens >= budget
-        rec = dataclasses.replace(rec, last_shard=last if last is not None else rec.first_shard - 1,
-                                  contexts=contexts, tokens=tokens, complete=not truncated,
-                                  quarantined=quarantined)
-        ledger.save(rec)
-        if budget is not None:
-            budget -= tokens
-
-
-def to_payload(shard: Shard) -> ShardPayload:
-    return ShardPayload(shard.shard_id, shard.seq_start, [c.doc_id for c in shard.contexts],
-                        [int(c.doc_offset) for c in shard.contexts], [c.token_ids for c in shard.contexts])
+                token_cache.stats["misses"] += 1
+            # The same cut plan_shards makes: after the first context at which the budget is reached.
+            # Every context but the file's last is ctx_len tokens, so the counts decide it.
+            n = meta["contexts"]
+            if budget is not None:
+                n = min(n, -(-budget // ctx_len))
+            tokens = meta["tokens"] if n == meta["contexts"] else n * ctx_len
+            truncated = budget is not None and tokens >= budget
+            quarantined = [{k: v for k, v in q.items() if k != "before_context"} for q in meta["quarantined"]
+                           if not truncated or q["before_context"] < n]
+            for q in quarantined:
+                log.warning(f"[{cfg.run_id}] quarantined {q['file']} {q['location']}: {q['reason']}")
+            if rec is None:
+                rec = FileRecord(ordinal=ledger.next_ordinal(), url=f.url, fingerprint=f.fingerprint,
+                                 first_shard=ledger.next_shard(int(committed[-1]) if len(committed) else -1))
+            n_shards = -(-n // size)
+            last = rec.first_shard + n_shards - 1
+            reserved = rec.reserved_shard
+            if n_shards:
+                reserved = max(last, reserved if reserved is not None else -1)
+            rec = dataclasses.replace(rec, last_shard=last, reserved_shard=reserved, contexts=n, tokens=tokens,
+                                      complete=not truncated, quarantined=quarantined)
+            ledger.remember(rec)  # in memory now (the next file's first shard comes after it), durable below
+            batch_recs.append(rec)
+            batch_files.append((rec, meta["key"], n))
+            batch_shards += n_shards
+            summary.quarantined += len(quarantined)
+            summary.planned_bytes += f.size
+            if budget is not None:
+                budget -= tokens
+        if batch_recs:
+            ledger.save_many(batch_recs)
+            yield from shard_tasks()
+    finally:
+        if pool is not None:
+            pool.close()

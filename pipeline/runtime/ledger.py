@@ -1,9 +1,10 @@
 """The run's ledger: which corpus file owns which shards, kept in `_plan/file=NNNNNN.json`.
 
-Each file gets an ordinal the first time a run sees it, and starts a new shard. Its record is
-written *before* its first shard is submitted (first shard known) and again when the file
-has been read to its end (last shard, counts, quarantined documents). Later runs of the same
-run id therefore:
+Each file gets an ordinal the first time a run sees it, and starts a new shard. Its record
+(first and last shard, counts, quarantined documents; the driver knows them all once the file's
+tokenize task has reported) is durable *before* any of its shards is submitted: the driver
+saves the records of a batch of files in one write (`save_many`, one `_plan/log=NNNNNN.json`),
+then submits their shards. Later runs of the same run id therefore:
 - skip a finished file whose shards are all committed without reading it again;
 - re-plan an unfinished file from the same first shard (deterministic, committed shards skipped);
 - give new files the next ordinals and the shards after every known one (nightly incremental),
@@ -19,9 +20,11 @@ A record is rewritten only when its content changes, so a run with nothing to do
 
 Compaction (issue 14: planning reads the ledger in O(1) requests and runs in O(F) time):
 - `_plan/ledger-NNNNNN.json` is a snapshot of every record (plus the ordinal/shard high-water
-  marks); `_plan/file=NNNNNN.json` records are the log: each one written since the snapshot,
-  rewritten in place while its file is being planned (one PUT per change, as before).
-- Loading = one listing of `_plan/` + one GET of the newest snapshot + one GET per log record.
+  marks); `_plan/log=NNNNNN.json` objects are the log: each a batch of records written since the
+  snapshot (one PUT per batch; planning 100k new files is ~100 writes, not 200k), applied in
+  sequence order. `_plan/file=NNNNNN.json` (one record each) is the log of older versions, read
+  before the batches.
+- Loading = one listing of `_plan/` + one GET of the newest snapshot + one GET per log object.
   A record in the log overrides the snapshot's (it is the same or newer).
 - `compact()` (the driver calls it at run end, and only when the log is non-empty) writes the
   next snapshot, then deletes the log records and older snapshots. A crash in between leaves
@@ -41,7 +44,13 @@ import logging
 from collections import Counter
 from dataclasses import dataclass, field
 
-from pipeline.outputs.layout import LEDGER_SNAPSHOT_PREFIX, PLAN_DIR, ledger_snapshot_key, plan_key
+from pipeline.outputs.layout import (
+    LEDGER_LOG_PREFIX,
+    LEDGER_SNAPSHOT_PREFIX,
+    PLAN_DIR,
+    ledger_log_key,
+    ledger_snapshot_key,
+)
 from pipeline.outputs.sink import RunStore, with_retries
 
 log = logging.getLogger(__name__)
@@ -78,6 +87,7 @@ class Ledger:
         self._highest: dict[str, int] = {}
         self._counts: Counter[int] = Counter()
         self._heap: list[int] = []
+        self.writes = 0  # durable log writes by this process (bench/driver.py, tests)
         prefix = store.path(PLAN_DIR)
         try:
             store.fs.invalidate_cache(prefix)
@@ -92,10 +102,18 @@ class Ledger:
             snap = store.read_json(f"{PLAN_DIR}/{snapshots[-1]}")
             for d in snap["records"]:
                 self._add(FileRecord(**d))
-        # The log: records written since the snapshot (or the whole ledger of an older run).
-        self._log = {n for n in names if n.startswith("file=") and n.endswith(".json")}
-        for name in sorted(self._log):
+        # The log: records written since the snapshot (or the whole ledger of an older run):
+        # per-record `file=` objects of older versions first, then the batches in write order.
+        legacy = sorted(n for n in names if n.startswith("file=") and n.endswith(".json"))
+        batches = sorted((n for n in names if n.startswith(LEDGER_LOG_PREFIX) and n.endswith(".json")),
+                         key=lambda n: int(n[len(LEDGER_LOG_PREFIX):-len(".json")]))
+        self._log = set(legacy) | set(batches)
+        for name in legacy:
             self._add(FileRecord(**store.read_json(f"{PLAN_DIR}/{name}")))
+        for name in batches:
+            for d in store.read_json(f"{PLAN_DIR}/{name}")["records"]:
+                self._add(FileRecord(**d))
+        self._log_seq = int(batches[-1][len(LEDGER_LOG_PREFIX):-len(".json")]) if batches else -1
         self._written = {url: dataclasses.asdict(r) for url, r in self.records.items()}
 
     def _add(self, rec: FileRecord) -> None:
@@ -138,14 +156,32 @@ class Ledger:
         self.save(rec)
         return rec
 
-    def save(self, rec: FileRecord) -> None:
+    def remember(self, rec: FileRecord) -> None:
+        """Take `rec` into account for ordinals and shard ids now; `save_many` makes it durable
+        (the caller submits none of its shards before that)."""
         self._add(rec)
-        data = dataclasses.asdict(rec)
-        if self._written.get(rec.url) != data:
-            key = plan_key(rec.ordinal)
-            self.store.write_json(key, data)
-            self._written[rec.url] = data
-            self._log.add(key.rsplit("/", 1)[-1])
+
+    def save(self, rec: FileRecord) -> None:
+        self.save_many([rec])
+
+    def save_many(self, recs: list[FileRecord]) -> None:
+        """Make `recs` durable in one write (one `_plan/log=` object); nothing if none changed.
+        The driver saves a batch of files' records before submitting any of their shards."""
+        changed = []
+        for rec in recs:
+            self._add(rec)
+            data = dataclasses.asdict(rec)
+            if self._written.get(rec.url) != data:
+                changed.append(data)
+        if not changed:
+            return
+        self._log_seq += 1
+        key = ledger_log_key(self._log_seq)
+        self.store.write_bytes(key, json.dumps({"records": changed}, sort_keys=True, separators=(",", ":")).encode())
+        for data in changed:
+            self._written[data["url"]] = data
+        self._log.add(key.rsplit("/", 1)[-1])
+        self.writes += 1
 
     def compact(self) -> bool:
         """Fold the log into a new snapshot; no-op (writes nothing) when the log is empty."""

@@ -67,7 +67,9 @@ def code_version() -> dict:
     return {"package": pkg, "git_commit": commit}
 
 
-def manifest_for(cfg: RunConfig, identity: dict, sae_ids: dict, tokenizer) -> dict:
+def manifest_for(cfg: RunConfig, identity: dict, sae_ids: dict, tokenizer: dict | None = None) -> dict:
+    """`tokenizer`: name, vocab_size, eos_token_id, class, sha256, as a tokenize task reports it
+    (pipeline/runtime/staging.py; the driver never loads the tokenizer); None until one has run."""
     return {
         "run_id": cfg.run_id,
         "config": redact(asdict(cfg)),
@@ -77,17 +79,17 @@ def manifest_for(cfg: RunConfig, identity: dict, sae_ids: dict, tokenizer) -> di
         "ctx_len": cfg.corpus.ctx_len,
         "shard_size": cfg.corpus.shard_size,
         "k": {h: s["k"] for h, s in sae_ids.items()},
-        "tokenizer": {"name": getattr(tokenizer, "name_or_path", ""), "vocab_size": len(tokenizer),
-                      "eos_token_id": tokenizer.eos_token_id, "class": type(tokenizer).__name__},
+        "tokenizer": tokenizer,
         "code": code_version(),
     }
 
 
-def open_run(store: RunStore, manifest: dict) -> None:
-    """Start a run: write the manifest ("running"), or check a rerun's identity against it."""
+def open_run(store: RunStore, manifest: dict) -> dict | None:
+    """Start a run: write the manifest ("running"), or check a rerun's identity against it and
+    return the earlier manifest."""
     if not store.exists(MANIFEST_KEY):
         store.write_json(MANIFEST_KEY, {**manifest, "status": "running"})
-        return
+        return None
     previous = store.read_json(MANIFEST_KEY)
     for key in IDENTITY_KEYS:
         if previous.get(key) != manifest[key]:
@@ -95,6 +97,7 @@ def open_run(store: RunStore, manifest: dict) -> None:
                 f"run {store.run_id!r} at {store.url} was made with a different {key} "
                 f"({previous.get(key)!r} vs now {manifest[key]!r}); use a new run_id"
             )
+    return previous
 
 
 def close_run(store: RunStore, manifest: dict, files: list[dict], quarantined: list[dict],

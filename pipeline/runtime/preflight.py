@@ -1,5 +1,9 @@
-"""Everything before the first shard: `prepare(cfg)` resolves the corpus, the tokenizer and the
-SAEs (fitting the demo SAE when `sae.path` is empty) and checks them against each other.
+"""Everything before the first shard: `prepare(cfg)` resolves the corpus and the SAEs (fitting
+the demo SAE when `sae.path` is empty) and checks them against each other.
+
+The tokenizer is not loaded here: the tokenize tasks load it (pipeline/runtime/staging.py) and
+report what the manifest records about it. The one exception is fitting the demo SAE (empty
+`sae.path`, nothing cached), which loads the model and tokenizer here, once.
 
 A mismatch between SAE and model stops the run here. Everything is checked against a
 *meta-device* copy of the model (its module tree and config, no weights), so the driver never
@@ -18,7 +22,7 @@ import torch
 from pipeline.config import ModelConfig, RunConfig, SAEConfig
 from pipeline.data.corpus import CorpusFile, resolve_corpus
 from pipeline.model.hookpoints import resolve_hookpoint
-from pipeline.model.loader import load_tokenizer, model_identity, resolve_model_dir
+from pipeline.model.loader import model_identity, resolve_model_dir
 from pipeline.outputs.layout import latents_schema
 from pipeline.outputs.sink import storage_options
 from pipeline.runtime.manifest import manifest_for
@@ -151,7 +155,6 @@ class Prepared:
 
     files: list[CorpusFile]
     corpus_storage: dict | None  # fsspec options for an s3:// corpus (the sink's endpoint)
-    tokenizer: object
     sae_by_hook: dict[str, str]  # hookpoint -> SAE path the workers load
     manifest: dict
     seconds: float
@@ -161,30 +164,29 @@ def prepare(cfg: RunConfig) -> Prepared:
     started = time.perf_counter()
     corpus_storage = storage_options(cfg.sink) if any(p.startswith("s3://") for p in cfg.corpus.paths) else None
     files = resolve_corpus(cfg.corpus, corpus_storage)
-    tokenizer = load_tokenizer(cfg.model)
     identity = model_identity(cfg.model, "cuda" if cfg.cluster.gpus_per_worker > 0 else "cpu")  # dtype as workers resolve it
     meta = meta_model(cfg.model)
     check_hookpoints(meta, cfg.sae.hookpoints)  # before anything is loaded or fitted
-    sae_by_hook = sae_paths(cfg, files, tokenizer, identity)
+    sae_by_hook = sae_paths(cfg, files, identity)
     sae_ids = check_saes(cfg, sae_by_hook, model_shape(meta))
-    manifest = manifest_for(cfg, identity, sae_ids, tokenizer)
-    return Prepared(files, corpus_storage, tokenizer, sae_by_hook, manifest, time.perf_counter() - started)
+    manifest = manifest_for(cfg, identity, sae_ids)
+    return Prepared(files, corpus_storage, sae_by_hook, manifest, time.perf_counter() - started)
 
 
-def sae_paths(cfg: RunConfig, files: list[CorpusFile], tokenizer, identity: dict) -> dict[str, str]:
+def sae_paths(cfg: RunConfig, files: list[CorpusFile], identity: dict) -> dict[str, str]:
     """Hookpoint -> SAE path; fits (or reuses) the demo SAE when `sae.path` is empty."""
     if cfg.sae.path:
         return {h: cfg.sae.path.replace("{hookpoint}", h) for h in cfg.sae.hookpoints}
-    from pipeline.model.loader import load_model
+    from pipeline.model.loader import load_model, load_tokenizer
     from pipeline.sae.demo import cache_path, ensure_demo_sae
 
     torch.set_num_threads(cfg.cluster.torch_threads)
-    model = None
+    model = tokenizer = None
     paths = {}
     for hook in cfg.sae.hookpoints:
         cached = (cache_path(cfg.sae.train, identity["sha256"], hook, files, cfg.corpus) / "cfg.json").exists()
-        if not cached and model is None:
-            model = load_model(cfg.model)
+        if not cached and model is None:  # fitting needs tokens and activations here, once
+            model, tokenizer = load_model(cfg.model), load_tokenizer(cfg.model)
         paths[hook] = str(ensure_demo_sae(model, tokenizer, files, cfg.corpus, hook, cfg.sae.train,
                                           identity["sha256"], cfg.model.batch_size))
     return paths

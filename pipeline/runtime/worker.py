@@ -38,8 +38,22 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
+class ShardTask:
+    """What the driver sends: where the shard's contexts are staged, no tokens (runtime/staging.py).
+
+    Contexts [0, n_contexts) of row group `local` of the staged file `tokens_key`; context i has
+    seq_id seq_start + i."""
+
+    shard_id: int
+    seq_start: int
+    tokens_key: str  # the staged file's key (pipeline.outputs.layout.tokens_key(tokens_key))
+    local: int
+    n_contexts: int
+
+
+@dataclass
 class ShardPayload:
-    """What the driver sends: the shard's packed contexts, nothing else."""
+    """A shard's packed contexts, as the worker computes on them (read from the staging area)."""
 
     shard_id: int
     seq_start: int
@@ -179,11 +193,17 @@ class ShardWorker:
         logging.shutdown()  # flush before the hard exit
         os._exit(17)
 
-    def process(self, payload: ShardPayload) -> ShardResult:
+    def process(self, payload: ShardTask | ShardPayload) -> ShardResult:
         started = time.perf_counter()
         if self.store.exists(commit_key(payload.shard_id)):
             # Already committed (a retried task after the first attempt finished): do nothing.
             return ShardResult(payload.shard_id, 0, 0, 0, 0, 0.0, skipped=True)
+        if isinstance(payload, ShardTask):
+            from pipeline.runtime.staging import read_shard
+
+            doc_ids, offsets, token_ids = read_shard(self.store, payload.tokens_key, payload.local,
+                                                     payload.n_contexts)
+            payload = ShardPayload(payload.shard_id, payload.seq_start, doc_ids, offsets, token_ids)
         with self._compute:
             encoded = self.encode_shard(payload)
             fvu = self.last_fvu

@@ -1,0 +1,186 @@
+"""Workers tokenize; the driver plans from metadata (issue 14 item 1).
+
+Fast: the plan made from tokenize tasks' metadata equals `plan_shards` exactly (ids, seq_ids,
+contexts read back from the staging area, quarantined records, ledger records), with and without
+`corpus.max_tokens` and after earlier files; a batch of files costs one durable ledger write, and
+every shard's ledger record is durable before the shard is handed out.
+Slow (real local Ray): during a whole run the driver process constructs no tokenizer, and what
+it sends the harvest actors is a small `ShardTask` with no token ids.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import pickle
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.config import CorpusConfig, ModelConfig, RunConfig, SinkConfig
+from pipeline.data.corpus import resolve_corpus
+from pipeline.data.packing import plan_shards
+from pipeline.outputs.layout import PLAN_DIR
+from pipeline.outputs.sink import RunStore
+from pipeline.runtime.dispatch import inline_tokenize_pool
+from pipeline.runtime.driver import plan_run
+from pipeline.runtime.ledger import FileRecord, Ledger
+from pipeline.runtime.staging import read_shard
+from pipeline.runtime.summary import RunSummary
+from pipeline.runtime.worker import ShardTask
+
+
+@pytest.fixture()
+def corpus(tiny_corpus, tmp_path) -> Path:
+    folder = tmp_path / "corpus"
+    shutil.copytree(tiny_corpus, folder)
+    with open(folder / "c.jsonl", "w") as f:  # quarantined lines between and after good documents
+        f.write(json.dumps({"text": "first good document " * 5}) + "\n{not json\n")
+        f.write(json.dumps({"text": "second good document " * 5}) + "\n[1, 2\n")
+    return folder
+
+
+def _cfg(model_dir, corpus, tmp_path, **corpus_kw) -> RunConfig:
+    return RunConfig(run_id="plan",
+                     model=ModelConfig(name="tiny", path=str(model_dir), gguf_file=None, dtype="float32"),
+                     corpus=CorpusConfig(paths=[str(corpus)], ctx_len=16, shard_size=3,
+                                         token_cache=str(tmp_path / "tokens"), **corpus_kw),
+                     sink=SinkConfig(root=str(tmp_path / "out")))
+
+
+def _expected(cfg: RunConfig, files, first_shard: int):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(cfg.model.path)
+    quarantined = []
+    shards = list(plan_shards(files, cfg.corpus, tok, tok.eos_token_id, on_quarantine=quarantined.append,
+                              first_shard=first_shard))
+    flat = [(s.shard_id, s.seq_start, [(c.doc_id, c.doc_offset, c.token_ids.tolist()) for c in s.contexts])
+            for s in shards]
+    return flat, [dataclasses.asdict(q) for q in quarantined]
+
+
+@pytest.mark.parametrize("max_tokens", [None, 150, 10_000])
+def test_plan_from_tokenize_metadata_equals_plan_shards(tiny_model_dir, corpus, tmp_path, max_tokens):
+    cfg = _cfg(tiny_model_dir, corpus, tmp_path, max_tokens=max_tokens)
+    files = resolve_corpus(cfg.corpus)
+    store = RunStore(cfg.sink, cfg.run_id)
+    ledger = Ledger(store)
+    # An earlier file owns shards 0..6 (committed): new files start at 7, as plan_shards(first_shard=7).
+    ledger.save(FileRecord(ordinal=0, url="file:///gone.txt", fingerprint="x", first_shard=0, last_shard=6,
+                           complete=True))
+    committed = np.arange(7, dtype=np.int64)
+    summary = RunSummary(cfg.run_id, store.url)
+    tokenizers = []
+    tasks = list(plan_run(cfg, files, ledger, committed, lambda: inline_tokenize_pool(cfg, None), summary,
+                          on_tokenizer=tokenizers.append))
+    expected, expected_q = _expected(cfg, files, first_shard=7)
+    assert expected and (max_tokens == 150 or expected_q)
+    got = []
+    for t in tasks:
+        assert isinstance(t, ShardTask)
+        doc_ids, offsets, token_ids = read_shard(store, t.tokens_key, t.local, t.n_contexts)
+        got.append((t.shard_id, t.seq_start, [(d, o, ids.tolist()) for d, o, ids in zip(doc_ids, offsets, token_ids)]))
+    assert got == expected
+    assert ledger.quarantined() == expected_q and summary.quarantined == len(expected_q)
+    # The ledger's records say what plan_shards planned: first/last shard, counts, complete.
+    recs = [r for r in Ledger(store).in_order() if r.ordinal > 0]
+    assert [r.first_shard for r in recs] == sorted(r.first_shard for r in recs)
+    assert sum(r.contexts for r in recs) == sum(len(c) for _, _, c in expected)
+    assert sum(r.tokens for r in recs) == sum(len(x[2]) for _, _, c in expected for x in c)
+    assert all(r.complete for r in recs) == (max_tokens is None or max_tokens > sum(r.tokens for r in recs))
+    assert tokenizers[0]["vocab_size"] > 0 and tokenizers[0]["sha256"]
+
+    # Rerun with everything committed: no tokenizing at all, every shard skipped.
+    done = np.asarray(sorted(set(range(7)) | {t.shard_id for t in tasks}), dtype=np.int64)
+    again = RunSummary(cfg.run_id, store.url)
+
+    def no_pool():
+        raise AssertionError("a finished, committed corpus needs no tokenize task")
+
+    if max_tokens is None:
+        assert list(plan_run(cfg, files, Ledger(store), done, no_pool, again)) == []
+        assert again.shards_skipped == len(tasks)  # gone.txt is no longer in the corpus: not counted
+
+
+def test_a_batch_of_new_files_is_one_durable_write_before_its_shards(tiny_model_dir, tmp_path):
+    corpus = tmp_path / "many"
+    corpus.mkdir()
+    for i in range(40):
+        (corpus / f"f{i:03d}.txt").write_text(f"file number {i} has a few words in it " * (1 + i % 4))
+    cfg = _cfg(tiny_model_dir, corpus, tmp_path)
+    files = resolve_corpus(cfg.corpus)
+    store = RunStore(cfg.sink, cfg.run_id)
+    ledger = Ledger(store)
+    seen = 0
+    for task in plan_run(cfg, files, ledger, np.empty(0, np.int64), lambda: inline_tokenize_pool(cfg, None),
+                         RunSummary(cfg.run_id, store.url)):
+        # What a driver killed right now leaves behind already owns this shard id.
+        durable = Ledger(store)
+        assert durable.next_shard() > task.shard_id
+        assert any(r.first_shard <= task.shard_id <= r.reserved_shard for r in durable.records.values())
+        seen += 1
+    assert seen >= 40
+    # 40 files whose tokenize results were all there at once: one write (it was 2 per file + reservations).
+    assert ledger.writes == 1
+    assert len(list((tmp_path / "out" / "plan" / PLAN_DIR).glob("*.json"))) == 1
+    assert len(Ledger(store).records) == 40
+
+
+@pytest.mark.slow
+def test_driver_never_tokenizes_and_sends_no_tokens(tiny_model_dir, tiny_corpus, tiny_sae_dir, tmp_path,
+                                                    ray_local, monkeypatch):
+    """A whole run on real local Ray. The library's tokenizer constructor is wrapped in this
+    (the driver's) process only: Ray's worker processes are fresh interpreters."""
+    import transformers.tokenization_utils_base as tub
+    from test_pipeline_e2e import make_cfg
+
+    from pipeline.runtime.dispatch import ray_dispatcher
+    from pipeline.runtime.driver import run
+
+    built = []
+    real_init = tub.PreTrainedTokenizerBase.__init__
+
+    def counting_init(self, *a, **kw):
+        built.append(type(self).__name__)
+        real_init(self, *a, **kw)
+
+    monkeypatch.setattr(tub.PreTrainedTokenizerBase, "__init__", counting_init)
+
+    cfg = make_cfg(tiny_model_dir, tiny_corpus, tiny_sae_dir, tmp_path / "out", run_id="notok",
+                   token_cache=None)
+    sent = []
+
+    class Recording:  # the real Ray dispatcher; records what the driver hands it
+        def __init__(self):
+            self.inner = ray_dispatcher(cfg, {h: f"{tiny_sae_dir}/{h}" for h in cfg.sae.hookpoints})
+
+        def submit(self, payload):
+            sent.append(payload)
+            self.inner.submit(payload)
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+    summary = run(cfg, dispatcher=Recording())
+    assert summary.shards_done > 1 and summary.tokens > 0
+    assert built == [], f"the driver constructed tokenizer(s) {built}"
+    assert len(sent) == summary.shards_done
+    for payload in sent:
+        assert isinstance(payload, ShardTask) and not hasattr(payload, "token_ids")
+        assert len(pickle.dumps(payload)) < 400  # a key and four ints, whatever ctx_len and shard_size
+    root = tmp_path / "out" / "notok"
+    manifest = json.loads((root / "manifest.json").read_text())
+    assert manifest["tokenizer"]["vocab_size"] > 0 and manifest["tokenizer"]["eos_token_id"] is not None
+    assert not (root / "_tokens").exists()  # staging removed once every shard is committed
+    # The committed contexts are the plan, token for token.
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    files = resolve_corpus(cfg.corpus)
+    want = [(c.doc_id, c.doc_offset, c.token_ids.tolist())
+            for s in plan_shards(files, cfg.corpus, tok, tok.eos_token_id) for c in s.contexts]
+    ctx = pq.read_table(root / "contexts").to_pandas().sort_values("seq_id")
+    assert [(d, o, list(t)) for d, o, t in zip(ctx.doc_id, ctx.doc_offset, ctx.token_ids)] == want
