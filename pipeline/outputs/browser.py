@@ -44,6 +44,7 @@ from pipeline.cli import command
 from pipeline.config import BrowserConfig, ModelConfig
 from pipeline.outputs.layout import (
     MANIFEST_KEY,
+    dictionary_ids,
     examples_key,
     logit_effects_key,
     logit_effects_state_key,
@@ -395,7 +396,7 @@ def build_browser(store: RunStore, out: str | Path, max_latents: int = 200, toke
     vocab = Vocab(tokenizer)
     bucket_size = _bucket_size(store, manifest)
     pages, infos = {}, []
-    for hook in manifest["hookpoints"]:
+    for hook in dictionary_ids(manifest):
         pages[hook], info = build_hook(store, out, hook, max_latents, vocab, explanations, bucket_size, shard_rows)
         infos.append(info)
     for name in ("style.css", "browser.js"):
@@ -409,7 +410,7 @@ def _bucket_size(store: RunStore, manifest: dict) -> int:
     """The bucket size post-processing used (recorded in every bucket marker)."""
     from pipeline.outputs.layout import bucket_marker_key
 
-    marker = read_json_or_none(store, bucket_marker_key(manifest["hookpoints"][0], 0))
+    marker = read_json_or_none(store, bucket_marker_key(dictionary_ids(manifest)[0], 0))
     if marker is None:
         raise FileNotFoundError(f"{store.url}: not post-processed (no bucket markers); run pipeline.outputs.postprocess first")
     return int(marker["settings"]["bucket_size"])

@@ -46,6 +46,7 @@ from pipeline.outputs.layout import (
     bucket_marker_key,
     bucket_stats_key,
     by_latent_key,
+    dictionary_ids,
     examples_key,
     latents_key,
     scatter_dir,
@@ -247,7 +248,7 @@ def postprocess(store: RunStore, cfg: PostprocessConfig) -> dict:
     The driver holds the committed shard ids, one bool per bucket and the in-flight refs: scatter
     markers are read by the tasks, and each bucket task lists its own contributors."""
     manifest = store.read_json(MANIFEST_KEY)
-    hooks = cfg.hookpoints or manifest["hookpoints"]
+    hooks = cfg.hookpoints or dictionary_ids(manifest)
     shard_size = int(manifest["shard_size"])
     committed = np.asarray(store.committed_shards(), np.int64)
     scatter_fn = _remote(_scatter_task, cfg.num_cpus)
