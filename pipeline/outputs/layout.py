@@ -128,8 +128,10 @@ def partition(dict_id: str) -> str:
 
 
 def dictionary_ids(manifest: dict) -> list[str]:
-    """Every dictionary of a run, in output order (runs before issue 17 list hookpoints only)."""
-    return list(manifest.get("dictionaries") or manifest["hookpoints"])
+    """Every dictionary of a run: the hookpoints' (SAEs, transcoders) in config order, then the
+    crosscoders' by name (manifest.json is written with sorted keys; runs before issue 17 have
+    no "dictionaries")."""
+    return list(manifest["hookpoints"]) + sorted(d for d in manifest.get("dictionaries") or {} if is_crosscoder_id(d))
 
 
 def latents_key(hookpoint: str, shard_id: int) -> str:
