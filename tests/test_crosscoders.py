@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from conftest import build_tiny_llama
+from test_browser_site import browser, page  # noqa: F401 (Chromium fixtures)
 from test_faults import data_checksums
 from test_pipeline_e2e import make_cfg
 
@@ -319,3 +320,73 @@ def test_fvu_merge_weights_each_input_by_tokens():
     assert got["tokens"] == 8 and got["shards"] == 2
     assert got["inputs"] == {"p": pytest.approx(0.5), "q": pytest.approx(0.2)}
     assert got["fvu"] == pytest.approx(0.2)
+
+
+# -- post-processing and the browser: decoder-norm shares per input ------------------------------
+def direct_fractions(folder: Path, n_inputs: int) -> np.ndarray:
+    from safetensors.torch import load_file
+
+    w = load_file(str(folder / "sae.safetensors"))["W_dec"].double().numpy().reshape(L, n_inputs, D)
+    norms = np.linalg.norm(w, axis=2)
+    return norms / norms.sum(axis=1, keepdims=True)
+
+
+@pytest.fixture(scope="module")
+def post(xc_run, tmp_path_factory):
+    from pipeline.config import PostprocessConfig
+    from pipeline.outputs.browser import build_browser
+    from pipeline.outputs.postprocess import postprocess
+    from pipeline.outputs.sink import RunStore
+
+    cfg, _, _ = xc_run
+    store = RunStore(cfg.sink, cfg.run_id)
+    summary = postprocess(store, PostprocessConfig(run_id=cfg.run_id, sink=cfg.sink, bucket_size=32))  # 3 buckets
+    index = build_browser(store, tmp_path_factory.mktemp("xc-www"), max_latents=20, shard_rows=8)
+    return store, summary, index
+
+
+def test_latent_stats_have_decoder_norm_fractions_per_input(post, dict_dir):
+    from pipeline.outputs.layout import DEC_NORM_FRAC, DEC_NORM_INPUTS, stats_key
+
+    store, summary, _ = post
+    for name, inputs in CROSSCODERS.items():
+        t = pq.read_table(store.path(stats_key(f"crosscoder={name}")))
+        assert json.loads(t.schema.metadata[DEC_NORM_INPUTS]) == inputs
+        assert t["latent_id"].to_pylist() == list(range(L))
+        got = np.stack(t[DEC_NORM_FRAC].to_numpy(zero_copy_only=False)).astype(np.float64)
+        np.testing.assert_allclose(got, direct_fractions(dict_dir / f"xc-{name}", len(inputs)), rtol=1e-6, atol=1e-7)
+        assert (t["n_active"].to_numpy() > 0).any()
+    for hook in ("layers.1", "layers.2"):  # not a crosscoder: no column
+        assert DEC_NORM_FRAC not in pq.read_table(store.path(stats_key(hook))).column_names
+    # A crosscoder's decoder is wider than the unembedding: its logit effects say why they are skipped.
+    assert summary["logit_effects"]["crosscoder=ckpt"] == "skipped"
+
+
+def test_browser_shows_and_sorts_decoder_norm_shares(post, dict_dir, browser, page):  # noqa: F811
+    from pipeline.outputs.layout import stats_key
+
+    store, _, index = post
+    hook, inputs = "crosscoder=ckpt", CROSSCODERS["ckpt"]
+    i = DICTS.index(hook)
+    direct = direct_fractions(dict_dir / "xc-ckpt", len(inputs))
+    page.goto(index.as_uri())
+    page.wait_for_selector(f"#table-{i} tbody tr")
+    assert page.locator(f"#table-{i} th.norm").all_text_contents() == inputs  # (CSS upper-cases headers)
+    page.click(f"#table-{i} th[data-col='101']")  # share of checkpoint b, descending
+    page.wait_for_function(f"document.querySelectorAll('#table-{i} tbody tr').length === 20")
+    ids = [int(t) for t in page.locator(f"#table-{i} tbody tr td:first-child").all_inner_texts()]
+    col = len(page.locator(f"#table-{i} thead th").all_inner_texts()) - len(inputs) + 2  # 1-based, input b
+    shown = [float(v) for v in page.locator(f"#table-{i} tbody tr td:nth-child({col}) .nval").all_inner_texts()]
+    assert shown == sorted(shown, reverse=True)
+    np.testing.assert_allclose(shown, direct[ids, 1], atol=6e-5)
+    n_active = pq.read_table(store.path(stats_key(hook)))["n_active"].to_numpy()
+    active = np.flatnonzero(n_active > 0)
+    assert set(ids) == set(active[np.argsort(-n_active[active], kind="stable")][:20].tolist())
+    # The latent page: one bar per input, with the numbers of the decoder itself.
+    page.click(f"#table-{i} a[href$='/{ids[0]}.html']")
+    page.wait_for_selector("#decoder-norms")
+    assert page.locator("#decoder-norms th").all_text_contents() == inputs
+    values = [float(v) for v in page.locator("#decoder-norms td.num").all_inner_texts()]
+    np.testing.assert_allclose(values, direct[ids[0]], atol=6e-5)
+    widths = page.locator("#decoder-norms td.bar span").evaluate_all("els => els.map(e => e.style.width)")
+    assert [float(w.rstrip("%")) for w in widths] == pytest.approx(list(direct[ids[0]] * 100), abs=0.06)
