@@ -390,3 +390,13 @@ def test_browser_shows_and_sorts_decoder_norm_shares(post, dict_dir, browser, pa
     np.testing.assert_allclose(values, direct[ids[0]], atol=6e-5)
     widths = page.locator("#decoder-norms td.bar span").evaluate_all("els => els.map(e => e.style.width)")
     assert [float(w.rstrip("%")) for w in widths] == pytest.approx(list(direct[ids[0]] * 100), abs=0.06)
+
+
+def test_hydra_names_checkpoints_and_crosscoders():
+    """The README's overrides compose into the typed config."""
+    from test_hydra import _compose
+
+    cfg = _compose(["experiment=none", "+model.checkpoints.step1k=/m/step1000", "+model.checkpoints.step143k=/m/s143",
+                    "sae.hookpoints=[]", "+sae.crosscoders.births=/saes/xc"])
+    assert cfg.model.checkpoints == {"step1k": "/m/step1000", "step143k": "/m/s143"}
+    assert cfg.sae.crosscoders == {"births": "/saes/xc"} and cfg.sae.hookpoints == []
