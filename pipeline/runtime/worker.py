@@ -5,6 +5,10 @@ Ray actor, one per GPU (or per CPU slot). Per shard:
 
     contexts -> forward to the deepest hookpoint -> top-k encode per hookpoint
              -> contexts/ and latents/ parts -> commit marker (last)
+
+Dictionaries are keyed by id (a hookpoint, or `crosscoder=NAME`); a crosscoder's input is its
+sources' activations side by side (`concat_sources`), from the main model and/or resident
+`model.checkpoints`, each model's forward run on the same contexts (runtime/sources.py).
 """
 from __future__ import annotations
 
