@@ -126,7 +126,7 @@ def app(dcfg: DictConfig) -> None:
     if cfg.demo is not None and summary.hookpoints:
         from pipeline.outputs.demo import show_top_contexts
 
-        show_top_contexts(cfg)
+        show_top_contexts(cfg, summary.hookpoints[0])  # a dictionary id (hookpoint or crosscoder=NAME)
     failed = []
     if cfg.verify:  # the nightly preset: check every committed shard against its marker
         from pipeline.outputs.verify import verify_run

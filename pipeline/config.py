@@ -22,6 +22,11 @@ class ModelConfig:
     dtype: str = "auto"
     # Contexts per forward pass.
     batch_size: int = 16
+    # Other checkpoints of the same architecture and tokenizer (local folders or s3:// prefixes),
+    # by name, for crosscoders across checkpoints: a crosscoder input `NAME/layers.6` is that
+    # hookpoint in checkpoint NAME (a plain `layers.6` is `path`'s). Every checkpoint a crosscoder
+    # reads is resident in each worker and runs its forward on the same contexts.
+    checkpoints: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -59,6 +64,10 @@ class SAEConfig:
     # Ray restarts a dead part (it reloads its slice and reruns the call) this often; after that
     # the harvest worker dies with it and its shard is redone like any other worker death.
     split_max_restarts: int = 2
+    # Crosscoders, by name: one checkpoint each (file, folder or s3://) whose cfg says
+    # kind=crosscoder and lists its inputs (hookpoints, or `CHECKPOINT/hookpoint` for
+    # model.checkpoints). Latents go to latents/crosscoder=NAME/ (pipeline/outputs/layout.py).
+    crosscoders: dict[str, str] = field(default_factory=dict)
     # Decode this many tokens per shard and record FVU and the dead-latent fraction in the commit
     # marker, summary and manifest (pipeline/sae/fvu.py). 0: off (the decoder is not loaded).
     fvu_sample: int = 0

@@ -171,11 +171,11 @@ def test_logit_effects_skipped_without_decoder(tmp_path, tiny_model_dir, ray_loc
     summary = postprocess(store, CFG)
     assert summary["logit_effects"] == {HOOK: "skipped"}
     assert "no SAE path" in store.read_json(logit_effects_state_key(HOOK))["skipped"]
-    # A crosscoder-style decoder_norms column in latent_stats: its slot appears on the page.
+    # A crosscoder-style dec_norm_frac column in latent_stats: its slot appears on the page.
     stats = pq.read_table(store.path(stats_key(HOOK)))
-    norms = pa.array([[1.0, 0.5, 0.25]] * stats.num_rows, pa.list_(pa.float32()))
-    meta = {**stats.schema.metadata, b"decoder_norm_labels": b'["layer 0", "layer 1", "layer 2"]'}
-    pq.write_table(stats.append_column("decoder_norms", norms).replace_schema_metadata(meta), store.path(stats_key(HOOK)))
+    norms = pa.array([[0.5, 0.3, 0.2]] * stats.num_rows, pa.list_(pa.float32()))
+    meta = {**stats.schema.metadata, b"dec_norm_inputs": b'["layer 0", "layer 1", "layer 2"]'}
+    pq.write_table(stats.append_column("dec_norm_frac", norms).replace_schema_metadata(meta), store.path(stats_key(HOOK)))
     index = build_browser(store, tmp_path / "www", max_latents=3)
     page = next((index.parent / "latents" / HOOK).glob("*.html")).read_text()
     assert "logits-skipped" in page and "no SAE path" in page

@@ -18,8 +18,8 @@ A <script src> of a sibling file is allowed from file://, so each shard is a scr
 
 latents/<hookpoint>/<id>.html: summary numbers, the explanation (delphi), the tokens the latent
 promotes and suppresses (pipeline/outputs/logit_effects.py; the page says why when they were
-skipped), per-checkpoint / per-layer decoder-norm bars when latent_stats has a `decoder_norms`
-column (crosscoders / transcoders), the activation histogram over the fixed bins, quantiles,
+skipped), a crosscoder's decoder-norm share per input (checkpoint or layer) as bars, from
+latent_stats' `dec_norm_frac` column (also one sortable index column per input), the activation histogram over the fixed bins, quantiles,
 and the top / quantile / random examples with tokens shaded by this latent's activation.
 
 Pages go to the most active latents, at most `max_latents` per hookpoint
@@ -43,7 +43,10 @@ import pyarrow.parquet as pq
 from pipeline.cli import command
 from pipeline.config import BrowserConfig, ModelConfig
 from pipeline.outputs.layout import (
+    DEC_NORM_FRAC,
+    DEC_NORM_INPUTS,
     MANIFEST_KEY,
+    dictionary_ids,
     examples_key,
     logit_effects_key,
     logit_effects_state_key,
@@ -56,7 +59,7 @@ from pipeline.outputs.sink import RunStore
 log = logging.getLogger(__name__)
 
 ASSETS = Path(__file__).parent / "browser_assets"
-DECODER_NORMS = "decoder_norms"  # optional latent_stats column: list<float> per checkpoint / layer
+DECODER_NORMS = DEC_NORM_FRAC  # a crosscoder's latent_stats column: decoder-norm share per input
 N_TOKENS_INDEX = 5
 
 
@@ -144,14 +147,16 @@ def logit_html(effects: dict | None, skipped: str | None, vocab: Vocab) -> str:
 
 
 def decoder_norm_html(norms: list[float] | None, labels: list[str]) -> str:
-    """Per-checkpoint / per-layer decoder norms (crosscoders, transcoders): absent without the column."""
+    """A crosscoder latent's decoder-norm share per input (checkpoint or layer), as bars of the
+    whole (they sum to 1): absent for a dictionary without the `dec_norm_frac` column."""
     if norms is None:
         return ""
-    top = max(norms, default=1.0) or 1.0
     rows = "".join(f'<tr><th>{esc(labels[i] if i < len(labels) else i)}</th><td class="bar">'
-                   f'<span style="width:{v / top * 100:.0f}%"></span></td><td class="num">{v:.3g}</td></tr>'
+                   f'<span style="width:{v * 100:.1f}%"></span></td><td class="num">{v:.4f}</td></tr>'
                    for i, v in enumerate(norms))
-    return f'<section id="decoder-norms"><h2>decoder norm per checkpoint / layer</h2><table class="logits">{rows}</table></section>'
+    return ('<section id="decoder-norms"><h2>decoder-norm share per input <span class="muted small">'
+            '||W_dec[l, input]|| / Σ ||W_dec[l, ·]||</span></h2>'
+            f'<table class="logits">{rows}</table></section>')
 
 
 def explanation_html(expl: dict | None) -> str:
@@ -311,7 +316,7 @@ def build_hook(store: RunStore, out: Path, hook: str, max_latents: int, vocab: V
     with store.fs.open(store.path(stats_key(hook)), "rb") as f:
         meta = pq.ParquetFile(f).schema_arrow.metadata or {}
     lo2, hi2, _ = (float(x) for x in meta.get(b"histogram_edges_log2", b"-8,8,32").decode().split(","))
-    norm_labels = json.loads(meta.get(b"decoder_norm_labels", b"[]").decode())
+    norm_labels = json.loads(meta.get(DEC_NORM_INPUTS, b"[]").decode())
     n_active = table["n_active"].to_numpy()
     density = table["density"].to_numpy()
     order = page_latents(n_active, max_latents)  # page order: most active first
@@ -343,12 +348,14 @@ def build_hook(store: RunStore, out: Path, hook: str, max_latents: int, vocab: V
             score = max(expl["scores"].values()) if expl and expl["scores"] else None
             rows[latent] = [latent, float(st["density"]), float(st["max_act"]), vocab.many(act_toks.get(latent, [])),
                             promoted, expl["text"] if expl else "", score]
+            if st.get(DECODER_NORMS) is not None:  # a crosscoder: sortable per input in the index
+                rows[latent].append([round(float(v), 4) for v in st[DECODER_NORMS]])
     ordered = [rows[i] for i in order.tolist()]
     n_shards = write_index_shards(out / "index" / index_js_name(hook), hook, ordered, shard_rows)
     n_dead = int((n_active == 0).sum())
     info = {"hook": hook, "dir": index_js_name(hook), "shards": n_shards, "rows": len(ordered),
             "latents": int(len(n_active)), "dead": n_dead, "active": int(len(n_active) - n_dead),
-            "logits": skipped is None, "logits_note": skipped or "", "explanations": bool(expls),
+            "logits": skipped is None, "logits_note": skipped or "", "explanations": bool(expls), "norms": norm_labels,
             "svg": density_svg(density, hook)}
     return [int(i) for i in pages], info
 
@@ -375,6 +382,8 @@ def index_html(run_id: str, infos: list[dict], pages: dict[str, list[int]]) -> s
             f"<th data-col='0'>latent</th><th data-col='1'>density</th><th data-col='2'>max act</th>"
             f"<th data-col='3'>fires on</th><th data-col='4'>promotes</th>"
             + ("<th data-col='5'>explanation</th><th data-col='6'>score</th>" if info["explanations"] else "")
+            # A crosscoder's decoder-norm share per input: column 100 + j sorts by input j (browser.js).
+            + "".join(f"<th data-col='{100 + j}' class='norm'>{esc(lab)}</th>" for j, lab in enumerate(info["norms"]))
             + f"</tr></thead><tbody></tbody></table><div class='pager' id='pager-{i}'></div></section>")
     meta = [{k: v for k, v in info.items() if k != "svg"} for info in infos]
     first = "".join(f"<script src='index/{info['dir']}/shard-00000.js'></script>" for info in infos if info["rows"])
@@ -395,7 +404,7 @@ def build_browser(store: RunStore, out: str | Path, max_latents: int = 200, toke
     vocab = Vocab(tokenizer)
     bucket_size = _bucket_size(store, manifest)
     pages, infos = {}, []
-    for hook in manifest["hookpoints"]:
+    for hook in dictionary_ids(manifest):
         pages[hook], info = build_hook(store, out, hook, max_latents, vocab, explanations, bucket_size, shard_rows)
         infos.append(info)
     for name in ("style.css", "browser.js"):
@@ -409,7 +418,7 @@ def _bucket_size(store: RunStore, manifest: dict) -> int:
     """The bucket size post-processing used (recorded in every bucket marker)."""
     from pipeline.outputs.layout import bucket_marker_key
 
-    marker = read_json_or_none(store, bucket_marker_key(manifest["hookpoints"][0], 0))
+    marker = read_json_or_none(store, bucket_marker_key(dictionary_ids(manifest)[0], 0))
     if marker is None:
         raise FileNotFoundError(f"{store.url}: not post-processed (no bucket markers); run pipeline.outputs.postprocess first")
     return int(marker["settings"]["bucket_size"])

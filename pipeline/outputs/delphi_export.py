@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 
 from pipeline.cli import command
 from pipeline.config import DelphiExportConfig
-from pipeline.outputs.layout import MANIFEST_KEY, bucket_marker_key, by_latent_key
+from pipeline.outputs.layout import MANIFEST_KEY, bucket_marker_key, by_latent_key, dictionary_ids
 from pipeline.outputs.postprocess import read_json_or_none, to_ranges
 from pipeline.outputs.sink import RunStore
 
@@ -101,7 +101,7 @@ def export_delphi(store: RunStore, out: str | Path, hookpoints: list[str] | None
     own: with a latent selection (`latents=`), `_build_selected` opens only the selected splits, so
     select at least one latent of the first split or load tokens yourself."""
     manifest = store.read_json(MANIFEST_KEY)
-    hooks = hookpoints or manifest["hookpoints"]
+    hooks = hookpoints or dictionary_ids(manifest)
     ctx_len = int(manifest["ctx_len"])
     pad_id = int((manifest.get("tokenizer") or {}).get("eos_token_id") or 0)
     seq = committed_seq_ids(store)

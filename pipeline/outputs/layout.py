@@ -11,6 +11,7 @@
       _commits/shard=NNNNNN.json                      commit_key()    written last per shard
       contexts/shard=NNNNNN/part-0.parquet            contexts_key()  CONTEXTS_SCHEMA
       latents/hookpoint=H/shard=NNNNNN/part-0.parquet latents_key()   latents_schema(k), LATENTS_PARQUET
+      latents/crosscoder=NAME/shard=NNNNNN/...        crosscoder_latents_key()  the same schema
       latent_stats/hookpoint=H/part-0.parquet         stats_key()     STATS_SCHEMA
       by_latent/hookpoint=H/bucket=B/part-0.parquet   by_latent_key() BY_LATENT_SCHEMA
       examples/hookpoint=H/bucket=B/part-0.parquet    examples_key()  EXAMPLES_SCHEMA
@@ -109,8 +110,40 @@ def contexts_key(shard_id: int) -> str:
     return f"contexts/{shard_name(shard_id)}/part-0.parquet"
 
 
+# -- dictionaries: SAEs, transcoders, crosscoders (issue 17) ---------------------------------------
+# Every per-dictionary key below takes a *dictionary id*: an SAE's or a transcoder's is the hookpoint
+# it reads (`layers.6`, folder `hookpoint=layers.6`); a crosscoder's is `crosscoder=NAME` (folder
+# `crosscoder=NAME`), since it reads several hookpoints. The manifest lists the ids ("dictionaries").
+CROSSCODER_PREFIX = "crosscoder="
+
+
+def crosscoder_id(name: str) -> str:
+    return f"{CROSSCODER_PREFIX}{name}"
+
+
+def is_crosscoder_id(dict_id: str) -> bool:
+    return dict_id.startswith(CROSSCODER_PREFIX)
+
+
+def partition(dict_id: str) -> str:
+    """The folder level of a dictionary's outputs: `hookpoint=H` or `crosscoder=NAME`."""
+    return dict_id if is_crosscoder_id(dict_id) else f"hookpoint={dict_id}"
+
+
+def dictionary_ids(manifest: dict) -> list[str]:
+    """Every dictionary of a run: the hookpoints' (SAEs, transcoders) in config order, then the
+    crosscoders' by name (manifest.json is written with sorted keys; runs before issue 17 have
+    no "dictionaries")."""
+    return list(manifest["hookpoints"]) + sorted(d for d in manifest.get("dictionaries") or {} if is_crosscoder_id(d))
+
+
 def latents_key(hookpoint: str, shard_id: int) -> str:
-    return f"latents/hookpoint={hookpoint}/{shard_name(shard_id)}/part-0.parquet"
+    """`hookpoint`: a dictionary id (a hookpoint, or `crosscoder=NAME`)."""
+    return f"latents/{partition(hookpoint)}/{shard_name(shard_id)}/part-0.parquet"
+
+
+def crosscoder_latents_key(name: str, shard_id: int) -> str:
+    return latents_key(crosscoder_id(name), shard_id)
 
 
 def commit_key(shard_id: int) -> str:
@@ -202,8 +235,21 @@ STATS_SCHEMA = pa.schema(
 )
 
 
+# Crosscoders' latent_stats add one list column: per latent, the share of its decoder norm in each
+# input block, ||W_dec[l, block_i]|| / sum_j ||W_dec[l, block_j]||, in the order of the schema
+# metadata's DEC_NORM_INPUTS (a JSON list of the crosscoder's inputs). Users sort by it to find
+# latents that are born or die across checkpoints (or live in one layer).
+DEC_NORM_FRAC = "dec_norm_frac"
+DEC_NORM_INPUTS = b"dec_norm_inputs"
+
+
+def stats_schema(n_inputs: int = 0) -> pa.Schema:
+    """STATS_SCHEMA, plus `dec_norm_frac` list<float32> for a crosscoder over `n_inputs` inputs."""
+    return STATS_SCHEMA.append(pa.field(DEC_NORM_FRAC, pa.list_(pa.float32()))) if n_inputs else STATS_SCHEMA
+
+
 def spill_dir(hook: str) -> str:
-    return f"_post/spill/hookpoint={hook}"
+    return f"_post/spill/{partition(hook)}"
 
 
 def spill_key(hook: str, bucket: int, shard: int) -> str:
@@ -211,7 +257,7 @@ def spill_key(hook: str, bucket: int, shard: int) -> str:
 
 
 def scatter_dir(hook: str) -> str:
-    return f"_post/scatter/hookpoint={hook}"
+    return f"_post/scatter/{partition(hook)}"
 
 
 def scatter_marker_key(hook: str, shard: int) -> str:
@@ -219,28 +265,28 @@ def scatter_marker_key(hook: str, shard: int) -> str:
 
 
 def bucket_marker_key(hook: str, bucket: int) -> str:
-    return f"_post/hookpoint={hook}/bucket={bucket:06d}.json"
+    return f"_post/{partition(hook)}/bucket={bucket:06d}.json"
 
 
 def bucket_stats_key(hook: str, bucket: int) -> str:
-    return f"_post/stats/hookpoint={hook}/bucket={bucket:06d}.parquet"
+    return f"_post/stats/{partition(hook)}/bucket={bucket:06d}.parquet"
 
 
 def stats_state_key(hook: str) -> str:
     """What latent_stats was last built from (tokens, shards, settings): unchanged means no rewrite."""
-    return f"_post/hookpoint={hook}/stats.json"
+    return f"_post/{partition(hook)}/stats.json"
 
 
 def by_latent_key(hook: str, bucket: int) -> str:
-    return f"by_latent/hookpoint={hook}/bucket={bucket:06d}/part-0.parquet"
+    return f"by_latent/{partition(hook)}/bucket={bucket:06d}/part-0.parquet"
 
 
 def examples_key(hook: str, bucket: int) -> str:
-    return f"examples/hookpoint={hook}/bucket={bucket:06d}/part-0.parquet"
+    return f"examples/{partition(hook)}/bucket={bucket:06d}/part-0.parquet"
 
 
 def stats_dir(hook: str) -> str:
-    return f"latent_stats/hookpoint={hook}"
+    return f"latent_stats/{partition(hook)}"
 
 
 def stats_key(hook: str) -> str:
@@ -262,9 +308,9 @@ LOGIT_EFFECTS_SCHEMA = pa.schema(
 
 
 def logit_effects_key(hook: str, bucket: int) -> str:
-    return f"logit_effects/hookpoint={hook}/bucket={bucket:06d}/part-0.parquet"
+    return f"logit_effects/{partition(hook)}/bucket={bucket:06d}/part-0.parquet"
 
 
 def logit_effects_state_key(hook: str) -> str:
     """Which latents / SAE / model the logit effects were computed for, or why they were skipped."""
-    return f"_post/hookpoint={hook}/logit_effects.json"
+    return f"_post/{partition(hook)}/logit_effects.json"

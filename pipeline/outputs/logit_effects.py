@@ -39,6 +39,7 @@ from pipeline.config import LogitEffectsConfig, ModelConfig, PostprocessConfig
 from pipeline.outputs.layout import (
     LOGIT_EFFECTS_SCHEMA,
     MANIFEST_KEY,
+    dictionary_ids,
     logit_effects_key,
     logit_effects_state_key,
     stats_key,
@@ -188,7 +189,7 @@ def write_logit_effects(store: RunStore, cfg: PostprocessConfig) -> dict:
     le = cfg.logit_effects
     done: dict[str, str] = {}
     unembed: Unembedding | None = None
-    for hook in cfg.hookpoints or manifest["hookpoints"]:
+    for hook in cfg.hookpoints or dictionary_ids(manifest):
         n_active = store.read_part(stats_key(hook)).column("n_active").to_numpy()  # one int64 per latent
         latents = np.sort(page_latents(n_active, le.max_latents))
         sae_id = (manifest.get("saes") or {}).get(hook, {})

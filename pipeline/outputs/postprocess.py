@@ -20,7 +20,9 @@ it never reads a per-shard marker itself. `_post/hookpoint=H/stats.json` records
 settings of the last complete pass: a rerun with nothing new starts no task, and a new shard
 marks dirty only the buckets it touched. Then the driver streams the per-bucket statistics, one
 bucket at a time, into `latent_stats/hookpoint=H/part-0.parquet` (density needs the total
-token count, which any new shard changes). Output is deterministic: a total sort order, exact
+token count, which any new shard changes). A crosscoder's latent_stats also get `dec_norm_frac`,
+each latent's decoder-norm share per input, joined bucket by bucket (pipeline/outputs/dec_norms.py).
+Output is deterministic: a total sort order, exact
 integer sums, and example selection by rank and hash (post_engine's docstring has the spec).
 
 Example windows: `token_ids` are context tokens [start, start + window) with
@@ -31,6 +33,7 @@ kind=random: windows where the latent is active nowhere.
 """
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import asdict
 
@@ -40,12 +43,16 @@ import pyarrow.parquet as pq
 
 from pipeline.cli import command
 from pipeline.config import PostprocessConfig, SinkConfig
+from pipeline.outputs.dec_norms import DecNormFractions
 from pipeline.outputs.layout import (
+    DEC_NORM_FRAC,
+    DEC_NORM_INPUTS,
     MANIFEST_KEY,
     STATS_SCHEMA,
     bucket_marker_key,
     bucket_stats_key,
     by_latent_key,
+    dictionary_ids,
     examples_key,
     latents_key,
     scatter_dir,
@@ -54,6 +61,7 @@ from pipeline.outputs.layout import (
     spill_key,
     stats_dir,
     stats_key,
+    stats_schema,
     stats_state_key,
 )
 from pipeline.outputs.logit_effects import write_logit_effects
@@ -174,15 +182,21 @@ def process_bucket(store: RunStore, hook: str, bucket: int, shards: list[int] | 
 
 
 # -- latent_stats assembly -----------------------------------------------------------------------
-def write_latent_stats(store: RunStore, hook: str, n_buckets: int, total_tokens: int, cfg: PostprocessConfig) -> None:
-    """Stream the per-bucket statistics into one part, one bucket (row group) in memory at a time."""
+def write_latent_stats(store: RunStore, hook: str, n_buckets: int, total_tokens: int, cfg: PostprocessConfig,
+                       dec_norms: DecNormFractions | None = None) -> None:
+    """Stream the per-bucket statistics into one part, one bucket (row group) in memory at a time.
+    `dec_norms` (a crosscoder): each bucket also gets its latents' decoder-norm fractions per input."""
     full = store.path(stats_key(hook))
     target = f"{full}.tmp" if store.is_local else full  # object stores: the upload completes on close
     store.fs.makedirs(store.path(stats_dir(hook)), exist_ok=True)
     meta = {b"histogram_edges_log2": f"{cfg.hist_log2_min},{cfg.hist_log2_max},{cfg.hist_bins}".encode(),
             b"total_tokens": str(total_tokens).encode()}
+    schema = STATS_SCHEMA
+    if dec_norms is not None:
+        schema = stats_schema(len(dec_norms.inputs))
+        meta[DEC_NORM_INPUTS] = json.dumps(dec_norms.inputs).encode()
     with store.fs.open(target, "wb") as f, \
-            pq.ParquetWriter(f, STATS_SCHEMA.with_metadata(meta), compression=store.cfg.compression) as writer:
+            pq.ParquetWriter(f, schema.with_metadata(meta), compression=store.cfg.compression) as writer:
         for b in range(n_buckets):
             t = store.read_part(bucket_stats_key(hook, b))
             n_active = t["n_active"].to_numpy()
@@ -194,6 +208,9 @@ def write_latent_stats(store: RunStore, hook: str, n_buckets: int, total_tokens:
                  t["sum_act"], t["sum_sq_act"], t["quantiles"], t["histogram"], pa.array(n_active == 0)],
                 schema=STATS_SCHEMA.with_metadata(meta),
             )
+            if dec_norms is not None:  # joined per bucket: only this bucket's decoder rows are read
+                out = out.append_column(schema.field(DEC_NORM_FRAC), dec_norms.column(t["latent_id"].to_numpy()))
+                out = out.replace_schema_metadata(meta)
             writer.write_table(out)
     if store.is_local:
         store.fs.mv(target, full)
@@ -249,7 +266,7 @@ def postprocess(store: RunStore, cfg: PostprocessConfig) -> dict:
     The driver holds the committed shard ids, one bool per bucket and the in-flight refs: scatter
     markers are read by the tasks, and each bucket task lists its own contributors."""
     manifest = store.read_json(MANIFEST_KEY)
-    hooks = cfg.hookpoints or manifest["hookpoints"]
+    hooks = cfg.hookpoints or dictionary_ids(manifest)
     shard_size = int(manifest["shard_size"])
     committed = np.asarray(store.committed_shards(), np.int64)
     scatter_fn = _remote(_scatter_task, cfg.num_cpus)
@@ -304,7 +321,7 @@ def postprocess(store: RunStore, cfg: PostprocessConfig) -> dict:
                     summary["task_seconds"][stage] = summary["task_seconds"].get(stage, 0.0) + sec
         summary["buckets_run"] += run
         summary["buckets_skipped"] += n_buckets - run
-        write_latent_stats(store, hook, n_buckets, total_tokens, cfg)
+        write_latent_stats(store, hook, n_buckets, total_tokens, cfg, DecNormFractions.for_dictionary(manifest, hook))
         store.write_json(state_key, {"tokens": total_tokens, "shards": ranges, "settings": settings,
                                      "spill": spill_settings(cfg)})
         log.info(f"[{store.run_id}] post-processed {hook}: {scattered} shard(s) scattered, "

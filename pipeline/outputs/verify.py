@@ -33,7 +33,16 @@ import pyarrow.parquet as pq
 
 from pipeline.cli import command
 from pipeline.config import VerifyConfig
-from pipeline.outputs.layout import COMMITS_DIR, MANIFEST_KEY, commit_key, contexts_key, latents_key, shard_name
+from pipeline.outputs.layout import (
+    COMMITS_DIR,
+    CROSSCODER_PREFIX,
+    MANIFEST_KEY,
+    commit_key,
+    contexts_key,
+    dictionary_ids,
+    latents_key,
+    shard_name,
+)
 from pipeline.outputs.sink import RunStore, with_retries
 
 log = logging.getLogger(__name__)
@@ -122,7 +131,7 @@ def data_folders(store: RunStore, report: VerifyReport) -> dict[str, np.ndarray]
     """{prefix: sorted shard ids with a folder there} for contexts/ and every latents/hookpoint=H/."""
     prefixes = ["contexts"]
     for e in _ls(store, "latents"):
-        if e["type"] == "directory" and e["key"].rsplit("/", 1)[-1].startswith("hookpoint="):
+        if e["type"] == "directory" and e["key"].rsplit("/", 1)[-1].startswith(("hookpoint=", CROSSCODER_PREFIX)):
             prefixes.append(e["key"])
         else:
             _stray(store, e, report)
@@ -205,7 +214,7 @@ def verify_run(store: RunStore, hash_parts: bool = True, batch_size: int = 256, 
     report.shards = len(committed)
     hooks: list[str] = []
     if store.exists(MANIFEST_KEY):
-        hooks = list(store.read_json(MANIFEST_KEY).get("hookpoints", []))
+        hooks = dictionary_ids(store.read_json(MANIFEST_KEY))  # hookpoints and crosscoder=NAME
     folders = data_folders(store, report)
 
     uncommitted = np.unique(np.concatenate([np.setdiff1d(ids, committed) for ids in folders.values()]))

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from pipeline.cli import setup_logging
 from pipeline.config import RunConfig
 from pipeline.data.corpus import CorpusFile
+from pipeline.outputs.layout import is_crosscoder_id
 from pipeline.outputs.sink import RunStore
 from pipeline.runtime.worker import ShardPayload, ShardResult, ShardTask
 
@@ -54,14 +55,16 @@ class HarvestActor:
             else:
                 # In the compute dtype, straight into the kernel layout on the device; the decoder
                 # only when the FVU check needs it.
-                sae = load_sae(path, hookpoint=hook, dtype=cfg.sae.dtype, device=device, with_decoder=with_decoder)
+                sae = load_sae(path, hookpoint=None if is_crosscoder_id(hook) else hook, dtype=cfg.sae.dtype,
+                               device=device, with_decoder=with_decoder)
                 sae.backend = cfg.sae.backend
             sae.k = cfg.sae.k or sae.k
             saes[hook] = sae
         store = RunStore(cfg.sink, cfg.run_id)
         self.run_id = cfg.run_id
         self.worker = ShardWorker(model, saes, store, cfg.model.batch_size, device, cfg.faults,
-                                  fvu_sample=cfg.sae.fvu_sample, acts_dtype=cfg.output.acts_dtype)
+                                  fvu_sample=cfg.sae.fvu_sample, acts_dtype=cfg.output.acts_dtype,
+                                  checkpoints=load_checkpoints(cfg, saes, model, device))
 
     def close(self) -> None:
         """Remove the latent-split parts and their placement groups (Ray keeps a placement group
@@ -87,6 +90,22 @@ class HarvestActor:
         what = "already committed" if result.skipped else f"{result.tokens} tokens in {result.seconds:.1f}s"
         log.info(f"[{self.run_id}] shard {payload.shard_id:06d}: {what}")  # worker log: run + shard
         return result
+
+
+def load_checkpoints(cfg: RunConfig, saes: dict, model, device: str) -> dict:
+    """The `model.checkpoints` the crosscoders read, all resident (one per name; the main model's
+    object where a checkpoint is `model.path` itself). Same dtype and loader as the main model."""
+    import dataclasses
+
+    from pipeline.model.loader import load_model
+    from pipeline.runtime.sources import dictionary_inputs
+
+    wanted = {ck for d, sae in saes.items() for ck, _ in dictionary_inputs(d, sae) if ck is not None}
+    out = {}
+    for name in sorted(wanted):
+        path = cfg.model.checkpoints[name]
+        out[name] = model if path == cfg.model.path else load_model(dataclasses.replace(cfg.model, path=path), device)
+    return out
 
 
 def open_split_sae(cfg: RunConfig, path: str, hook: str, with_decoder: bool):

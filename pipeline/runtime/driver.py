@@ -55,7 +55,7 @@ def run(cfg: RunConfig, dispatcher=None, tokenize: Callable[[], TokenizePool] | 
     started = time.perf_counter()
     ledger = Ledger(store)
     committed = np.asarray(store.committed_shards(), dtype=np.int64)
-    summary = RunSummary(cfg.run_id, store.url, hookpoints=list(cfg.sae.hookpoints), setup_seconds=prep.seconds)
+    summary = RunSummary(cfg.run_id, store.url, hookpoints=list(prep.sae_by_hook), setup_seconds=prep.seconds)
     progress = Progress(cfg.run_id, cfg.corpus.max_tokens, sum(f.size for f in prep.files))
     # Tokenize tasks run on other processes/nodes: the local token cache must be an absolute path.
     task_cfg = cfg

@@ -76,6 +76,10 @@ def manifest_for(cfg: RunConfig, identity: dict, sae_ids: dict, tokenizer: dict 
         "model": identity,
         "saes": sae_ids,
         "hookpoints": list(cfg.sae.hookpoints),
+        # Every dictionary, in output order: kind, what it reads (hookpoints, `CKPT/hookpoint` for
+        # model.checkpoints) and, for a transcoder, what it reconstructs (issue 17).
+        "dictionaries": {d: {"kind": s.get("kind", "sae"), "inputs": list(s.get("inputs") or [d]),
+                             **({"output": s["output"]} if s.get("output") else {})} for d, s in sae_ids.items()},
         "ctx_len": cfg.corpus.ctx_len,
         "shard_size": cfg.corpus.shard_size,
         "k": {h: s["k"] for h, s in sae_ids.items()},

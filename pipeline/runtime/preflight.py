@@ -11,6 +11,7 @@ loads the real weights just to validate.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 import warnings
 from collections.abc import Iterable
@@ -167,8 +168,15 @@ def prepare(cfg: RunConfig) -> Prepared:
     identity = model_identity(cfg.model, "cuda" if cfg.cluster.gpus_per_worker > 0 else "cpu")  # dtype as workers resolve it
     meta = meta_model(cfg.model)
     check_hookpoints(meta, cfg.sae.hookpoints)  # before anything is loaded or fitted
+    metas = {None: meta, **check_checkpoints(cfg, meta)}  # model.checkpoints (issue 17)
+    xc_paths, xc_ids = check_crosscoders(cfg, metas, model_shape(meta))  # before anything is fitted
+    if cfg.model.checkpoints:
+        identity = {**identity, "checkpoints": {n: model_identity(checkpoint_cfg(cfg.model, n))
+                                                for n in cfg.model.checkpoints}}
     sae_by_hook = sae_paths(cfg, files, identity)
     sae_ids = check_saes(cfg, sae_by_hook, model_shape(meta))
+    check_transcoders(meta, sae_ids, cfg.model.name)
+    sae_by_hook, sae_ids = {**sae_by_hook, **xc_paths}, {**sae_ids, **xc_ids}
     manifest = manifest_for(cfg, identity, sae_ids)
     return Prepared(files, corpus_storage, sae_by_hook, manifest, time.perf_counter() - started)
 
@@ -210,9 +218,133 @@ def check_saes(cfg: RunConfig, sae_by_hook: dict[str, str], shape: ModelShape) -
         except Exception as e:  # missing, unreadable, truncated, refused pickle: name the setting
             raise SAELoadError(f"sae.path={cfg.sae.path!r}: cannot load the SAE for {hook} from {path}: "
                                f"{type(e).__name__}: {e}") from e
+        if sae.kind == "crosscoder":
+            raise ConfigMismatch(f"sae.path={cfg.sae.path!r}: {path} (for {hook}) is a crosscoder over "
+                                 f"{sae.inputs}; list it under sae.crosscoders, not sae.hookpoints")
         check_sae_against_model(sae, hook, shape, cfg.model.name, cfg.sae)
         identities[hook] = {
             "path": path, "format": sae.format, "sha256": sae.sha256, "d_in": sae.d_in,
             "n_latents": sae.n_latents, "k": cfg.sae.k or sae.k, "hookpoint_trained": sae.hookpoint,
+            # A transcoder's latents live under its input hookpoint; the manifest says what it is.
+            **({"kind": sae.kind, "output": sae.output} if sae.kind == "transcoder" else {}),
         }
     return identities
+
+
+# ---------------------------------------------------------------------------------------------
+# Transcoders and crosscoders (issue 17): what they read must all be there before any work.
+
+# Config keys that name or stamp a checkpoint rather than shape it.
+UNSHAPED_CONFIG_KEYS = {"_name_or_path", "name_or_path", "transformers_version", "torch_dtype", "dtype",
+                        "_commit_hash", "_attn_implementation_autoset"}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+
+
+def checkpoint_cfg(model: ModelConfig, name: str) -> ModelConfig:
+    """`model.checkpoints[name]` as a ModelConfig: the main model's settings, its own path."""
+    return dataclasses.replace(model, name=f"{model.name}/{name}", path=model.checkpoints[name], checkpoints={})
+
+
+def _architecture(model: torch.nn.Module) -> dict:
+    return {k: v for k, v in model.config.to_dict().items() if k not in UNSHAPED_CONFIG_KEYS}
+
+
+def _tokenizer_files(path: str) -> dict[str, str]:
+    """sha256 of each tokenizer file a model folder ships (what decides its token ids), read as
+    bytes: the driver never constructs a tokenizer (workers tokenize)."""
+    import hashlib
+
+    folder = resolve_model_dir(path)
+    return {f: hashlib.sha256((folder / f).read_bytes()).hexdigest() for f in TOKENIZER_FILES if (folder / f).exists()}
+
+
+def check_checkpoints(cfg: RunConfig, meta: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """Every `model.checkpoints` entry has model.path's architecture (its config, names and
+    stamps aside) and, where it ships one, the same tokenizer files. Returns their meta-device models."""
+    base = _architecture(meta)
+    metas = {}
+    for name, path in cfg.model.checkpoints.items():
+        if not name or "/" in name:
+            raise ConfigMismatch(f"model.checkpoints: name {name!r} must be non-empty and contain no '/' "
+                                 f"(crosscoder inputs are NAME/hookpoint)")
+        ck = checkpoint_cfg(cfg.model, name)
+        ck_meta = meta_model(ck)
+        other = _architecture(ck_meta)
+        diff = sorted(k for k in base.keys() | other.keys() if base.get(k) != other.get(k))
+        if diff:
+            shown = ", ".join(f"{k}: {base.get(k)!r} vs {other.get(k)!r}" for k in diff[:8])
+            raise ConfigMismatch(f"model.checkpoints.{name}={path!r} is not the architecture of model.path="
+                                 f"{cfg.model.path!r}: {shown}")
+        ck_files = _tokenizer_files(path)
+        if ck_files:
+            base_files = _tokenizer_files(cfg.model.path)
+            differ = sorted(f for f in ck_files.keys() | base_files.keys() if ck_files.get(f) != base_files.get(f))
+            if differ:
+                raise ConfigMismatch(f"model.checkpoints.{name}={path!r} has another tokenizer than model.path="
+                                     f"{cfg.model.path!r} ({', '.join(differ)} differ): its contexts would differ")
+        metas[name] = ck_meta
+    return metas
+
+
+def check_crosscoders(cfg: RunConfig, metas: dict, shape: ModelShape) -> tuple[dict[str, str], dict]:
+    """`sae.crosscoders` from metadata: each is a crosscoder, every input exists (all missing ones
+    named at once), d_in = inputs x hidden_size, k fits. Returns (id -> path, id -> identity)."""
+    from pipeline.model.hookpoints import HookpointError, valid_hookpoints
+    from pipeline.outputs.layout import crosscoder_id
+    from pipeline.runtime.sources import split_source
+
+    if cfg.sae.crosscoders and cfg.sae.latent_splits > 1:
+        raise ConfigMismatch("sae.latent_splits > 1 is not supported with sae.crosscoders (yet)")
+    if not cfg.sae.hookpoints and not cfg.sae.crosscoders:
+        raise ConfigMismatch("nothing to extract: sae.hookpoints and sae.crosscoders are both empty")
+    paths, identities = {}, {}
+    for name, path in cfg.sae.crosscoders.items():
+        if not name or "/" in name:
+            raise ConfigMismatch(f"sae.crosscoders: name {name!r} must be non-empty and contain no '/'")
+        try:
+            info = sae_info(path)
+        except Exception as e:
+            raise SAELoadError(f"sae.crosscoders.{name}={path!r}: cannot load it: {type(e).__name__}: {e}") from e
+        if info.kind != "crosscoder":
+            raise ConfigMismatch(f"sae.crosscoders.{name}={path!r} is a {info.kind} (its cfg's kind), not a crosscoder")
+        missing = []
+        for src in info.inputs:
+            ckpt, hook = split_source(src)
+            if ckpt is not None and ckpt not in metas:
+                missing.append(f"{src} (no checkpoint {ckpt!r} in model.checkpoints {sorted(cfg.model.checkpoints)})")
+                continue
+            try:
+                resolve_hookpoint(metas[ckpt], hook)
+            except HookpointError:
+                missing.append(src)
+        if missing:
+            raise ConfigMismatch(
+                f"crosscoder {name} ({path}) reads {len(missing)} of its {len(info.inputs)} inputs that model "
+                f"{cfg.model.name} does not have: {', '.join(missing)}; the model has "
+                f"{', '.join(valid_hookpoints(metas[None]))}")
+        if info.d_in != len(info.inputs) * shape.hidden_size:
+            raise ConfigMismatch(f"crosscoder {name} ({path}) has d_in={info.d_in}, but its {len(info.inputs)} inputs "
+                                 f"of model {cfg.model.name} (hidden_size={shape.hidden_size}) make "
+                                 f"{len(info.inputs) * shape.hidden_size}")
+        k = cfg.sae.k or info.k
+        if not 1 <= k <= info.n_latents:
+            raise ConfigMismatch(f"sae.k={k} (checkpoint k={info.k}) must be between 1 and the {info.n_latents} "
+                                 f"latents of crosscoder {name} ({path})")
+        did = crosscoder_id(name)
+        paths[did] = path
+        identities[did] = {"path": path, "format": info.format, "sha256": info.sha256, "d_in": info.d_in,
+                           "n_latents": info.n_latents, "k": k, "kind": "crosscoder", "inputs": list(info.inputs)}
+    return paths, identities
+
+
+def check_transcoders(meta: torch.nn.Module, sae_ids: dict, model_name: str) -> None:
+    """A transcoder's output hookpoint (what its decode predicts) must exist too."""
+    from pipeline.model.hookpoints import HookpointError
+
+    for hook, ident in sae_ids.items():
+        if ident.get("kind") == "transcoder":
+            try:
+                resolve_hookpoint(meta, ident["output"])
+            except HookpointError as e:
+                raise ConfigMismatch(f"transcoder {ident['path']} at {hook} reconstructs {ident['output']!r}, "
+                                     f"which model {model_name} does not have: {e}") from e

@@ -5,6 +5,10 @@ Ray actor, one per GPU (or per CPU slot). Per shard:
 
     contexts -> forward to the deepest hookpoint -> top-k encode per hookpoint
              -> contexts/ and latents/ parts -> commit marker (last)
+
+Dictionaries are keyed by id (a hookpoint, or `crosscoder=NAME`); a crosscoder's input is its
+sources' activations side by side (`concat_sources`), from the main model and/or resident
+`model.checkpoints`, each model's forward run on the same contexts (runtime/sources.py).
 """
 from __future__ import annotations
 
@@ -30,6 +34,7 @@ from pipeline.outputs.layout import (
     latents_table,
 )
 from pipeline.outputs.sink import RunStore
+from pipeline.runtime.sources import dictionary_inputs, fvu_targets, needed_hookpoints
 from pipeline.sae.fvu import fvu_stats, sample_indices
 from pipeline.sae.latent_split import LatentSplitSAE
 from pipeline.sae.sae import SAE
@@ -87,6 +92,7 @@ class ShardWorker:
         faults: FaultConfig | None = None,
         fvu_sample: int = 0,
         acts_dtype: str = "float16",
+        checkpoints: dict[str, torch.nn.Module] | None = None,
     ):
         self.model = model
         self.acts_dtype = acts_dtype
@@ -98,8 +104,16 @@ class ShardWorker:
         self.store = store
         self.batch_size = batch_size
         self.device = torch.device(device)
-        self.harvester = Harvester(model, list(saes))
         self.fvu_sample = fvu_sample  # tokens per shard decoded for the FVU check (0: off)
+        # `saes` is keyed by dictionary id (a hookpoint, or crosscoder=NAME: outputs/layout.py).
+        # What each reads (and, for the FVU check, what its decode is compared with) as
+        # (checkpoint, hookpoint) sources; one Harvester per model, each model's forward run on
+        # the same contexts. Every checkpoint a crosscoder reads is resident (model.checkpoints).
+        self.inputs = {d: dictionary_inputs(d, sae) for d, sae in saes.items()}
+        self.targets = {d: fvu_targets(d, sae) for d, sae in saes.items()} if fvu_sample > 0 else {}
+        models = {None: model, **(checkpoints or {})}
+        wanted = [s for srcs in [*self.inputs.values(), *self.targets.values()] for s in srcs]
+        self.harvesters = {ck: Harvester(models[ck], hooks) for ck, hooks in needed_hookpoints(wanted).items()}
 
     def _batches(self, payload: ShardPayload):
         """Contexts grouped by length (full ones together, the ragged last one alone): no padding."""
@@ -131,7 +145,7 @@ class ShardWorker:
         sample_x: dict[str, list[tuple[np.ndarray, torch.Tensor]]] = {h: [] for h in self.saes}
         for batch in self._batches(payload):
             input_ids = torch.from_numpy(np.stack([payload.token_ids[i] for i in batch]).astype(np.int64)).to(self.device)
-            acts = self.harvester(input_ids)
+            acts = {(ck, h): a for ck, harvester in self.harvesters.items() for h, a in harvester(input_ids).items()}
             n, t = input_ids.shape
             seq = np.repeat(np.asarray([payload.seq_start + i for i in batch], dtype=np.int64), t)
             pos = np.tile(np.arange(t, dtype=np.int32), n)
@@ -142,9 +156,11 @@ class ShardWorker:
                 rows = np.asarray([row_of_ctx[c] * t for c in picked_ctx[in_batch]], dtype=np.int64)
                 rows += picked[in_batch] - starts[picked_ctx[in_batch]]
             for hook, sae in self.saes.items():
-                x = acts[hook].reshape(n * t, -1)
+                x = concat_sources(acts, self.inputs[hook], n * t)
                 if len(picked) and len(rows):
-                    sample_x[hook].append((picked[in_batch], x[torch.from_numpy(rows)].cpu()))
+                    r = torch.from_numpy(rows)
+                    y = concat_sources(acts, self.targets[hook], n * t)[r].cpu() if self.saes[hook].kind == "transcoder" else None
+                    sample_x[hook].append((picked[in_batch], x[r].cpu(), y))
                 if hook in split:
                     pending[hook].append(x.cpu())
                     continue
@@ -175,10 +191,12 @@ class ShardWorker:
         for hook, samples in sample_x.items():
             if not samples:
                 continue
-            where = np.concatenate([w for w, _ in samples])
-            x = torch.cat([x for _, x in samples])[torch.from_numpy(np.argsort(where, kind="stable"))]
+            where = np.concatenate([w for w, _, _ in samples])
+            order = torch.from_numpy(np.argsort(where, kind="stable"))
+            x = torch.cat([x for _, x, _ in samples])[order]
+            y = torch.cat([y for _, _, y in samples])[order] if samples[0][2] is not None else None
             sel = torch.from_numpy(np.sort(where))
-            self.last_fvu[hook] = fvu_stats(self.saes[hook], x, out[hook][2][sel], out[hook][3][sel])
+            self.last_fvu[hook] = fvu_stats(self.saes[hook], x, out[hook][2][sel], out[hook][3][sel], target=y)
         return out
 
     def _maybe_crash(self, shard_id: int, point: str) -> None:
@@ -246,3 +264,17 @@ class ShardWorker:
             payload.shard_id, n, tokens, pairs, sum(f.bytes for f in files), time.perf_counter() - started, fvu=fvu,
             acts_overflow=sum(overflow.values()),
         )
+
+
+def concat_sources(acts: dict, sources: list, rows: int) -> torch.Tensor:
+    """A dictionary's input [rows, m*d]: one source's activations as they are (no copy), several
+    (a crosscoder) written into column slices of one preallocated buffer: one copy, never a
+    concatenation of copies. Each block is normalized on its own later (`SAE.normalize`)."""
+    if len(sources) == 1:
+        return acts[sources[0]].reshape(rows, -1)
+    first = acts[sources[0]]
+    d = first.shape[-1]
+    x = torch.empty(rows, len(sources) * d, dtype=first.dtype, device=first.device)
+    for i, src in enumerate(sources):
+        x[:, i * d:(i + 1) * d] = acts[src].reshape(rows, d)
+    return x

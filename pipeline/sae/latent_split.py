@@ -239,6 +239,7 @@ class LatentSplitSAE:
             hookpoint=cfg.get("hookpoint"), format=OWN_FORMAT, source=str(path),
             sha256=sha256_of_files([path / "cfg.json", path / "sae.safetensors"]) if hash_files else "",
             meta=cfg.get("meta", {}), backend=backend,
+            kind=cfg.get("kind", "sae"), inputs=list(cfg.get("inputs") or []), output=cfg.get("output"),
         )
         ranges = split_ranges(n_latents, n_parts)
         self = cls.__new__(cls)
@@ -317,6 +318,23 @@ class LatentSplitSAE:
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         return self.sae.normalize(x)
+
+    # What it reads and reconstructs (issue 17): the worker and the FVU check ask every dictionary.
+    @property
+    def kind(self) -> str:
+        return self.sae.kind
+
+    @property
+    def inputs(self) -> list[str]:
+        return self.sae.inputs
+
+    @property
+    def output(self) -> str | None:
+        return self.sae.output
+
+    @property
+    def n_blocks(self) -> int:
+        return self.sae.n_blocks
 
     @property
     def n_parts(self) -> int:

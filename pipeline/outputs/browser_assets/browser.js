@@ -1,6 +1,7 @@
 // sae-harvest latent browser: the index table. Works from file:// (no fetch): each index shard is a
 // <script> that calls LATENT_INDEX_ADD(hook, shard, rows); shard 0 is loaded with the page, the
-// rest when a sort, filter or page needs them. Row: [id, density, max_act, fires_on[], promotes[], explanation, score].
+// rest when a sort, filter or page needs them. Row: [id, density, max_act, fires_on[], promotes[], explanation, score]
+// and, for a crosscoder, [decoder-norm share per input] (header columns 100 + j sort by input j).
 "use strict";
 var STATE = {};  // hook -> {info, shards: [rows|undefined], view: rows, sort: [col, dir], page, q}
 var PAGE_ROWS = 100;
@@ -54,7 +55,7 @@ function matches(row, q) {
 }
 
 function key(row, col) {
-  var v = row[col];
+  var v = col >= 100 ? (row[7] || [])[col - 100] : row[col];
   if (Array.isArray(v)) return v.join(" ").toLowerCase();
   return v === null || v === undefined ? -Infinity : v;
 }
@@ -81,6 +82,15 @@ function chip(t, cls) {
   return s;
 }
 
+function normCell(v) {  // a decoder-norm share: a bar of the whole and its value
+  var s = document.createElement("span"), b = document.createElement("span"), t = document.createElement("span");
+  s.className = "norm"; b.className = "nbar"; t.className = "nval";
+  b.style.width = (v * 48).toFixed(1) + "px";
+  t.textContent = v.toFixed(4);
+  s.append(b, t);
+  return s;
+}
+
 function render(st) {
   var tbody = document.querySelector("#table-" + st.idx + " tbody");
   var n = st.view.length, pages = Math.max(1, Math.ceil(n / PAGE_ROWS));
@@ -93,10 +103,11 @@ function render(st) {
     a.textContent = r[0];
     var cells = [a, r[1].toExponential(2), r[2].toPrecision(4), r[3], r[4]];
     if (st.info.explanations) cells.push(r[5] || "", r[6] === null ? "" : r[6].toFixed(2));
+    (r[7] || []).forEach(function (v) { cells.push(normCell(v)); });
     cells.forEach(function (v, i) {
       var td = document.createElement("td");
       if (i === 3 || i === 4) { td.className = "l"; v.forEach(function (t) { td.appendChild(chip(t, i === 4 ? "pos" : "")); }); }
-      else if (i === 5) { td.className = "l expl-cell"; td.textContent = v; }
+      else if (i === 5 && st.info.explanations) { td.className = "l expl-cell"; td.textContent = v; }
       else if (v instanceof Node) td.appendChild(v);
       else td.textContent = v;
       tr.appendChild(td);
