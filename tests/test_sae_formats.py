@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from conftest import require_module
 
 from pipeline.remote import fetch_to_cache
-from pipeline.sae.formats import SAEFormatError, load_sae, transformer_lens_hookpoint
+from pipeline.sae.formats import SAEFormatError, load_sae, sae_info, transformer_lens_hookpoint
 from pipeline.sae.sae import SAE
 
 D, L, K, N = 24, 160, 8, 48
@@ -153,14 +153,64 @@ def write_sparsify(folder: Path, seed=0, transcode=False, k=K) -> dict:
 
 @pytest.mark.parametrize("transcode", [False, True])
 def test_sparsify_matches_reimplementation(tmp_path, transcode):
-    sd = write_sparsify(tmp_path / "sae-tiny" / "layers.3", transcode=transcode)
+    module = "layers.3.mlp" if transcode else "layers.3"
+    hookpoint = "layers.3.mlp_in" if transcode else "layers.3"
+    sd = write_sparsify(tmp_path / "sae-tiny" / module, transcode=transcode)
     write_sparsify(tmp_path / "sae-tiny" / "layers.5", seed=1)
-    sae = load_sae(tmp_path / "sae-tiny", hookpoint="layers.3")
-    assert (sae.format, sae.hookpoint, sae.k, sae.activation) == ("sparsify", "layers.3", K, "relu_topk")
+    sae = load_sae(tmp_path / "sae-tiny", hookpoint=hookpoint)
+    assert (sae.format, sae.hookpoint, sae.k, sae.activation) == ("sparsify", hookpoint, K, "relu_topk")
+    assert (sae.kind, sae.output) == (("transcoder", "layers.3.mlp_out") if transcode else ("sae", None))
     x = _x()
     assert_same_latents(sae, x, sparsify_encode(sd, x, K, transcode))
     # the subfolder form loads the same SAE
-    assert load_sae(tmp_path / "sae-tiny" / "layers.3").sha256 == sae.sha256
+    assert load_sae(tmp_path / "sae-tiny" / module).sha256 == sae.sha256
+    info = sae_info(tmp_path / "sae-tiny", hookpoint=hookpoint)
+    assert (info.kind, info.hookpoint, info.output) == (sae.kind, sae.hookpoint, sae.output)
+
+
+@pytest.mark.parametrize("module,hookpoint,output", [("layers.4.mlp", "layers.4.mlp_in", "layers.4.mlp_out"),
+                                                     ("h.2.mlp", "layers.2.mlp_in", "layers.2.mlp_out"),
+                                                     ("layers.0", "embed", "layers.0"),
+                                                     ("layers.3", "layers.2", "layers.3")])
+def test_sparsify_transcoder_hookpoints(tmp_path, module, hookpoint, output):
+    """sparsify transcodes a module: its input is the hookpoint read, its output the one reconstructed."""
+    write_sparsify(tmp_path / module, transcode=True)
+    info = sae_info(tmp_path / module)
+    assert (info.kind, info.hookpoint, info.output) == ("transcoder", hookpoint, output)
+
+
+def test_sparsify_transcoder_on_an_unmapped_module_fails(tmp_path):
+    write_sparsify(tmp_path / "layers.1.self_attn", transcode=True)
+    with pytest.raises(SAEFormatError, match="'layers.1.self_attn'.*only MLP modules"):
+        load_sae(tmp_path / "layers.1.self_attn")
+
+
+def test_sparsify_transcoder_matches_library(tmp_path):
+    """A transcoder built and saved by sparsify itself (TranscoderConfig: transcode=True, a skip
+    connection as sparsify's transcoders usually have): same latents as SparseCoder.encode, and
+    decode equals the library's decode (W_skip is decode-only and ignored, with a warning)."""
+    sparsify = require_module("sparsify", "eai-sparsify", "pip install -e '.[test]'")
+    torch.manual_seed(0)
+    coder = sparsify.SparseCoder(D, sparsify.TranscoderConfig(num_latents=L, k=K, skip_connection=True))
+    with torch.no_grad():
+        coder.encoder.bias.normal_(0, 0.1)
+        coder.W_dec.normal_(0, 0.3)
+        coder.b_dec.normal_(0, 0.5)
+        coder.W_skip.normal_(0, 0.1)
+    coder.save_to_disk(tmp_path / "layers.2.mlp")
+    assert json.loads((tmp_path / "layers.2.mlp" / "cfg.json").read_text())["transcode"] is True
+    with pytest.warns(UserWarning, match="W_skip"):
+        sae = load_sae(tmp_path, hookpoint="layers.2.mlp_in")
+    assert (sae.kind, sae.hookpoint, sae.output, sae.b_pre) == ("transcoder", "layers.2.mlp_in", "layers.2.mlp_out", None)
+    x = _x()
+    out = coder.encode(x)
+    ref = torch.zeros(N, L).scatter_(1, out.top_indices, out.top_acts.detach())
+    assert_same_latents(sae, x, ref)
+    values, ids = sae.encode(x)
+    from sparsify.utils import eager_decode
+
+    want = eager_decode(out.top_indices, out.top_acts, coder.W_dec.mT) + coder.b_dec
+    torch.testing.assert_close(sae.decode(values, ids), want.detach(), rtol=1e-4, atol=1e-4)
 
 
 def test_sparsify_matches_library(tmp_path):
@@ -390,3 +440,261 @@ def test_remote_single_file(tmp_path):
     sae = load_sae(url, cache_dir=tmp_path / "cache")
     x = _x()
     assert_same_latents(sae, x, openai_encode(sd, x))
+
+
+# ---------------------------------------------------------------------------------------------
+# Crosscoders. Neither library is on PyPI with its crosscoder (PyPI's dictionary-learning 0.1.0
+# predates it; the model-diff replication is a script repo), so their encodes are reproduced
+# below from the sources, line for line where it matters, on state_dicts laid out as theirs are.
+
+M = 3  # sources (layers / checkpoints)
+
+
+def dl_normalize_activations(sd: dict, x: torch.Tensor) -> torch.Tensor:
+    """dictionary_learning NormalizableMixin.normalize_activations (keep_relative_variance=True, the
+    default), github.com/jkminder/dictionary_learning dictionary.py @ 48debb2."""
+    has_activation_normalizer = not torch.isnan(sd["activation_mean"]).any() and not torch.isnan(sd["activation_std"]).any()
+    if has_activation_normalizer:
+        x = x.clone()
+        x = x - sd["activation_mean"]
+        return x * sd["activation_global_scale"]
+    return x
+
+
+def dl_encoder_forward(sd: dict, x: torch.Tensor) -> torch.Tensor:
+    """CrossCoderEncoder.forward (same file; also saprmarks/dictionary_learning PR 28 @ b487641)."""
+    w = sd["encoder.weight"]
+    bias = sd["encoder.bias"]
+    f = torch.einsum("bld, ldf -> blf", x, w)
+    return F.relu(f.sum(dim=1) + bias)
+
+
+def dl_code_normalization(sd: dict, code_normalization: str) -> torch.Tensor:
+    """CrossCoder.get_code_normalization (SAE, CROSSCODER, NONE)."""
+    dw = sd["decoder.weight"]
+    if code_normalization == "SAE":
+        return dw.norm(dim=(0, 2)).unsqueeze(0)
+    if code_normalization == "NONE":
+        return torch.tensor(1.0)
+    return dw.norm(dim=2).sum(dim=0, keepdim=True)  # CROSSCODER
+
+
+def dl_crosscoder_encode(sd: dict, x: torch.Tensor) -> torch.Tensor:
+    """CrossCoder.encode: normalize_activations, then the encoder. x [B, M, d]."""
+    return dl_encoder_forward(sd, dl_normalize_activations(sd, x))
+
+
+def dl_batch_topk_encode(sd: dict, x: torch.Tensor, code_normalization: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """BatchTopKCrossCoder.encode(use_threshold=True, return_active=True): (f, f * code_normalization)."""
+    x = dl_normalize_activations(sd, x)
+    post_relu_f = dl_encoder_forward(sd, x)
+    code_norm = dl_code_normalization(sd, code_normalization)
+    post_relu_f_scaled = post_relu_f * code_norm
+    f = post_relu_f * (post_relu_f_scaled > sd["threshold"])
+    return f, f * code_norm
+
+
+def dl_decode(sd: dict, f: torch.Tensor) -> torch.Tensor:
+    """CrossCoderDecoder.forward + denormalize_activations: [B, M, d] in the raw space."""
+    x = torch.einsum("bf, lfd -> bld", f, sd["decoder.weight"]) + sd["decoder.bias"]
+    if not torch.isnan(sd["activation_mean"]).any():
+        x = x / (sd["activation_global_scale"] + 1e-8)
+        x = x + sd["activation_mean"]
+    return x
+
+
+CODE_NORM_IDS = {"CROSSCODER": 1, "SAE": 2, "NONE": 4}
+
+
+def dl_state_dict(seed=0, normalizer=True, batch_topk=False, code_normalization="CROSSCODER", k=K,
+                  threshold=0.0) -> dict:
+    """Keys, shapes and buffers as CrossCoder / BatchTopKCrossCoder.state_dict() writes them."""
+    g = torch.Generator().manual_seed(seed)
+    mean = 0.5 * torch.randn(M, D, generator=g) if normalizer else torch.full((M, D), float("nan"))
+    std = (1 + torch.rand(M, D, generator=g)) if normalizer else torch.full((M, D), float("nan"))
+    sd = {"target_rms": torch.tensor(1.0), "activation_mean": mean, "activation_std": std,
+          "activation_global_scale": (1.0 / torch.sqrt((std ** 2).sum() + 1e-8)) if normalizer else torch.tensor(1.0),
+          "encoder.weight": torch.randn(M, D, L, generator=g) / D ** 0.5,
+          "encoder.bias": 0.05 * torch.randn(L, generator=g),
+          "decoder.weight": torch.randn(M, L, D, generator=g) * torch.rand(M, L, 1, generator=g),
+          "decoder.bias": 0.1 * torch.randn(M, D, generator=g),
+          "code_normalization_id": torch.tensor(CODE_NORM_IDS[code_normalization])}
+    if normalizer:  # a global scale of 1/sqrt(total var) shrinks the input a lot: scale up the encoder to match
+        sd["encoder.weight"] = sd["encoder.weight"] * 20
+    if batch_topk:
+        sd["k"] = torch.tensor(k, dtype=torch.int)
+        sd["threshold"] = torch.tensor(threshold, dtype=torch.float32)
+    return sd
+
+
+def _xm(seed=1, n=N) -> torch.Tensor:
+    return _x(seed, n, M * D).reshape(n, M, D)
+
+
+def assert_topk_of_dense(sae: SAE, x: torch.Tensor, ref_dense: torch.Tensor) -> None:
+    """Our (ids, values) are the top-k of the library's dense encode: the same positive entries
+    (zeros dropped), the same values."""
+    values, ids = sae.encode(x)
+    assert torch.all(values[:, :-1] >= values[:, 1:]), "values must be descending"
+    ref_v, ref_i = ref_dense.topk(sae.k, dim=-1)
+    for row in range(x.shape[0]):
+        got = sorted(ids[row][values[row] > 0].tolist())
+        want = sorted(ref_i[row][ref_v[row] > 0].tolist())
+        assert got == want, f"row {row}: ids {got} != top-k of the reference {want}"
+    torch.testing.assert_close(values, ref_v.clamp_min(0), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("normalizer", [True, False])
+def test_dictionary_learning_crosscoder_matches_its_encode(tmp_path, normalizer):
+    sd = dl_state_dict(normalizer=normalizer)
+    torch.save(sd, tmp_path / "model_final.pt")
+    sae = load_sae(tmp_path / "model_final.pt")
+    assert (sae.format, sae.kind, sae.d_in, sae.n_latents, sae.n_blocks) == ("dictionary_learning", "crosscoder", M * D, L, M)
+    assert sae.inputs == ["input0", "input1", "input2"] and sae.k == 32 and sae.meta["k_from"] == "default"
+    x = _xm()
+    dense = dl_crosscoder_encode(sd, x)
+    assert ((dense > 0).sum(-1) > K).all(), "a ReLU dictionary: more active latents than k, so top-k matters"
+    sae.k = K  # sae.k from the run config
+    assert_topk_of_dense(sae, x.flatten(1), dense)
+    # decode of the top-k: the library's decoder on the same sparse code, denormalized
+    values, ids = sae.encode(x.flatten(1))
+    f = torch.zeros(N, L).scatter_(1, ids.long(), values)
+    torch.testing.assert_close(sae.decode(values, ids), dl_decode(sd, f).flatten(1), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("code_normalization", ["CROSSCODER", "SAE", "NONE"])
+def test_dictionary_learning_batch_topk_crosscoder_matches_its_encode(tmp_path, code_normalization):
+    """BatchTopK at inference keeps f where f * code_norm > threshold; we keep the k largest of those
+    scaled activations (its get_activations), selection and values, and zero the ones at or below
+    the threshold: the top-k of its dense f * code_norm."""
+    sd = dl_state_dict(batch_topk=True, code_normalization=code_normalization)
+    x = _xm()
+    _, scaled = dl_batch_topk_encode(sd, x, code_normalization)
+    # a threshold that leaves some rows with fewer than k active latents and others with more
+    sd["threshold"] = scaled[scaled > 0].quantile(1 - 1.5 * K / L)
+    f, scaled = dl_batch_topk_encode(sd, x, code_normalization)
+    n_active = (f > 0).sum(-1)
+    assert (n_active < K).any() and (n_active > K).any(), n_active
+    (tmp_path / "cc").mkdir()
+    torch.save(sd, tmp_path / "cc" / "model_final.pt")
+    (tmp_path / "cc" / "config.json").write_text(json.dumps(
+        {"trainer": {"dict_class": "BatchTopKCrossCoder", "k": K, "activation_dim": D, "dict_size": L},
+         "inputs": ["base/layers.2", "layers.2", "chat/layers.2"]}))
+    sae = load_sae(tmp_path / "cc")
+    assert (sae.k, sae.inputs, sae.threshold) == (K, ["base/layers.2", "layers.2", "chat/layers.2"], float(sd["threshold"]))
+    assert_topk_of_dense(sae, x.flatten(1), scaled)
+    values, ids = sae.encode(x.flatten(1))
+    # where at most k pass the threshold, the top-k is the library's whole code
+    few = n_active <= K
+    got = torch.zeros(N, L).scatter_(1, ids.long(), values)
+    torch.testing.assert_close(got[few], scaled[few], rtol=1e-4, atol=1e-5)
+    # decode: the library decodes f (unscaled); ours decodes the scaled values with W_dec / code_norm
+    f_top = torch.zeros(N, L).scatter_(1, ids.long(), values) / dl_code_normalization(sd, code_normalization)
+    torch.testing.assert_close(sae.decode(values, ids), dl_decode(sd, f_top).flatten(1), rtol=1e-4, atol=1e-4)
+
+
+def test_dictionary_learning_hub_layout_and_info(tmp_path):
+    """PyTorchModelHubMixin's folder (config.json + model.safetensors); sae_info reads no weight."""
+    from safetensors.torch import save_file
+
+    sd = dl_state_dict(batch_topk=True)
+    save_file({n: t.contiguous() for n, t in sd.items()}, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps({"activation_dim": D, "dict_size": L, "num_layers": M, "k": K}))
+    info = sae_info(tmp_path)
+    assert (info.format, info.kind, info.d_in, info.n_latents, info.k, info.inputs) == (
+        "dictionary_learning", "crosscoder", M * D, L, K, ["input0", "input1", "input2"])
+    sae = load_sae(tmp_path, with_decoder=False)
+    assert sae.W_dec is None and sae.sha256 == info.sha256
+    x = _xm()
+    assert_topk_of_dense(sae, x.flatten(1), dl_batch_topk_encode(sd, x, "CROSSCODER")[1])
+
+
+def test_dictionary_learning_bf16_and_bad_inputs(tmp_path):
+    sd = dl_state_dict(batch_topk=True)
+    torch.save(sd, tmp_path / "ae.pt")
+    sae = load_sae(tmp_path / "ae.pt", dtype="bfloat16")
+    assert sae.W_enc.dtype == torch.bfloat16 and sae.W_enc.shape == (L, M * D) and sae.b_enc.dtype == torch.float32
+    (tmp_path / "config.json").write_text(json.dumps({"inputs": ["layers.1"]}))
+    with pytest.raises(SAEFormatError, match="must list 3 source names"):
+        load_sae(tmp_path / "ae.pt")
+
+
+# crosscoder-model-diff replication, github.com/ckkissane/crosscoder-model-diff-replication @ e221e8d
+
+
+def mdiff_encode(sd: dict, x: torch.Tensor, apply_relu=True) -> torch.Tensor:
+    """crosscoder.py CrossCoder.encode, on x already scaled per model as buffer.py does
+    (x[:, m] * normalisation_factor[m])."""
+    x_enc = torch.einsum("bmd,mdh->bh", x, sd["W_enc"])  # "batch n_models d_model, n_models d_model d_hidden -> batch d_hidden"
+    if apply_relu:
+        acts = F.relu(x_enc + sd["b_enc"])
+    else:
+        acts = x_enc + sd["b_enc"]
+    return acts
+
+
+def mdiff_decode(sd: dict, acts: torch.Tensor) -> torch.Tensor:
+    """crosscoder.py CrossCoder.decode."""
+    acts_dec = torch.einsum("bh,hmd->bmd", acts, sd["W_dec"])
+    return acts_dec + sd["b_dec"]
+
+
+def write_mdiff(folder: Path, factors=(0.4, 2.5), hf_layout=True, seed=0, **cfg_extra) -> tuple[dict, dict]:
+    g = torch.Generator().manual_seed(seed)
+    sd = {"W_enc": torch.randn(2, D, L, generator=g) / D ** 0.5, "W_dec": torch.randn(L, 2, D, generator=g) * 0.1,
+          "b_enc": 0.05 * torch.randn(L, generator=g), "b_dec": 0.1 * torch.randn(2, D, generator=g)}
+    cfg = {"seed": 49, "d_in": D, "dict_size": L, "enc_dtype": "fp32", "model_name": "gemma-2-2b", "site": "resid_pre",
+           "device": "cpu", "dec_init_norm": 0.08, "hook_point": "blocks.14.hook_resid_pre", "l1_coeff": 2, **cfg_extra}
+    if factors is not None:
+        cfg["norm_scaling_factors"] = list(factors)
+    folder.mkdir(parents=True, exist_ok=True)
+    if hf_layout:
+        torch.save(sd, folder / "cc_weights.pt")
+        (folder / "cfg.json").write_text(json.dumps(cfg))
+    else:
+        torch.save(sd, folder / "0.pt")
+        (folder / "0_cfg.json").write_text(json.dumps(cfg))
+    return sd, cfg
+
+
+@pytest.mark.parametrize("hf_layout", [True, False])
+def test_crosscoder_model_diff_matches_its_encode(tmp_path, hf_layout):
+    sd, _ = write_mdiff(tmp_path / "blocks.14.hook_resid_pre", hf_layout=hf_layout, k=K)
+    path = tmp_path / "blocks.14.hook_resid_pre"
+    sae = load_sae(path if hf_layout else path / "0.pt")
+    assert (sae.format, sae.kind, sae.d_in, sae.k, sae.hookpoint) == ("crosscoder_model_diff", "crosscoder", 2 * D, K, "layers.13")
+    assert sae.inputs == ["model0/layers.13", "model1/layers.13"]
+    x = _x(n=N, d=2 * D).reshape(N, 2, D)
+    factors = torch.tensor([0.4, 2.5])
+    x_scaled = x * factors[None, :, None]  # what its buffer feeds the crosscoder
+    dense = mdiff_encode(sd, x_scaled)
+    assert ((dense > 0).sum(-1) > K).all()
+    assert_topk_of_dense(sae, x.flatten(1), dense)
+    # decode into the raw (unscaled) space: its decode of the same code, divided by the factors
+    values, ids = sae.encode(x.flatten(1))
+    acts = torch.zeros(N, L).scatter_(1, ids.long(), values)
+    want = mdiff_decode(sd, acts) / factors[None, :, None]
+    torch.testing.assert_close(sae.decode(values, ids), want.flatten(1), rtol=1e-4, atol=1e-5)
+
+
+def test_crosscoder_model_diff_needs_its_scaling_factors(tmp_path):
+    write_mdiff(tmp_path / "cc", factors=None)
+    with pytest.raises(SAEFormatError, match="norm_scaling_factors"):
+        sae_info(tmp_path / "cc")
+    write_mdiff(tmp_path / "named", inputs=["base/layers.13", "layers.13"])
+    info = sae_info(tmp_path / "named")
+    assert (info.inputs, info.k, info.meta["k_from"]) == (["base/layers.13", "layers.13"], 32, "default")
+
+
+def test_own_format_round_trips_kind_inputs_and_threshold(tmp_path):
+    sd = dl_state_dict(batch_topk=True)
+    torch.save(sd, tmp_path / "ae.pt")
+    sae = load_sae(tmp_path / "ae.pt")
+    sae.save(tmp_path / "own")
+    own = load_sae(tmp_path / "own")
+    info = sae_info(tmp_path / "own")
+    assert (own.kind, own.inputs, own.threshold, own.n_blocks) == ("crosscoder", sae.inputs, sae.threshold, M)
+    assert (info.kind, info.inputs) == ("crosscoder", sae.inputs)
+    x = _x(n=N, d=M * D)
+    for a, b in zip(sae.encode(x), own.encode(x)):
+        assert torch.equal(a, b)

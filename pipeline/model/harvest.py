@@ -21,6 +21,17 @@ def _first_tensor(output) -> torch.Tensor:
     return output[0] if isinstance(output, (tuple, list)) else output
 
 
+def _first_input(args: tuple, kwargs: dict) -> torch.Tensor:
+    # Blocks take the hidden state first (positional or `hidden_states=`); MLP modules name it
+    # `x` or `hidden_states`.
+    if args:
+        return args[0]
+    for name in ("hidden_states", "x", "input"):
+        if name in kwargs:
+            return kwargs[name]
+    raise RuntimeError(f"cannot find the hidden state among the module's inputs {sorted(kwargs)}")
+
+
 class Harvester:
     """`Harvester(model, ["layers.3", "layers.12"])(input_ids)` -> {hookpoint: [B, T, d]}."""
 
@@ -47,9 +58,9 @@ class Harvester:
                 if hp is self.deepest:
                     raise _StopForward
 
-            if hp.kind == "embed":
+            if hp.reads_input:  # embed: block 0's input; mlp_in: the MLP module's input (after the pre-MLP norm)
                 return hp.module.register_forward_pre_hook(
-                    lambda mod, args, kwargs: save(args[0] if args else kwargs["hidden_states"]), with_kwargs=True
+                    lambda mod, args, kwargs: save(_first_input(args, kwargs)), with_kwargs=True
                 )
             return hp.module.register_forward_hook(lambda mod, args, output: save(_first_tensor(output)))
 

@@ -6,6 +6,12 @@ Names (docs/DESIGN.md, "Hookpoints"):
     layers.N.attn  block N's attention update: exactly what the attention sub-block adds
                    to the residual stream
     layers.N.mlp   block N's MLP update: exactly what the MLP sub-block adds to the residual stream
+    layers.N.mlp_in   the MLP module's input: the residual stream after the pre-MLP norm (what a
+                   transcoder reads; the MLP module's forward input)
+    layers.N.mlp_out  the MLP module's output, before any post-MLP norm, dropout module or residual
+                   add (what a transcoder reconstructs). Equal to layers.N.mlp where the block adds
+                   the MLP output unchanged (Llama, Mistral, Qwen, GPT-2 in eval); differs in Gemma 2/3
+                   (post_feedforward_layernorm) and GPT-NeoX (post_mlp_dropout, identity in eval).
 
 The updates per family (transformers 5.x modeling code): Llama/Mistral/Qwen: the o_proj /
 down_proj outputs (self_attn / mlp); GPT-2: c_proj after resid_dropout (attn / mlp); Gemma 2/3:
@@ -43,7 +49,7 @@ UPDATE_MODULES = (
     ("post_mlp_dropout", {"attn": "post_attention_dropout", "mlp": "post_mlp_dropout"}),  # GPT-NeoX
 )
 
-_NAME = re.compile(r"^(embed|layers\.(\d+)(?:\.(attn|mlp))?)$")
+_NAME = re.compile(r"^(embed|layers\.(\d+)(?:\.(attn|mlp|mlp_in|mlp_out))?)$")
 
 
 class HookpointError(ValueError):
@@ -55,12 +61,18 @@ class Hookpoint:
     name: str
     module: nn.Module
     layer: int  # -1 for embed
-    kind: str  # "embed" | "block" | "attn" | "mlp"
+    kind: str  # "embed" | "block" | "attn" | "mlp" | "mlp_in" | "mlp_out"
 
     @property
     def depth(self) -> tuple[int, int]:
-        """Execution order inside the forward: embed < attn < mlp < block output."""
-        return (self.layer, {"embed": 0, "attn": 1, "mlp": 2, "block": 3}[self.kind])
+        """Execution order inside the forward: embed < attn < mlp_in < mlp_out <= mlp < block output.
+        (mlp_in is the MLP module's input, captured by a forward pre-hook: nothing of the MLP ran.)"""
+        return (self.layer, {"embed": 0, "attn": 1, "mlp_in": 2, "mlp_out": 3, "mlp": 4, "block": 5}[self.kind])
+
+    @property
+    def reads_input(self) -> bool:
+        """Captured from the module's forward input (a pre-hook), not its output."""
+        return self.kind in ("embed", "mlp_in")
 
 
 def _get(root: nn.Module, dotted: str) -> nn.Module | None:
@@ -98,13 +110,14 @@ def valid_hookpoints(model: nn.Module) -> list[str]:
         if _sub(block, ATTN_NAMES) is not None:
             names.append(f"layers.{i}.attn")
         if _sub(block, MLP_NAMES) is not None:
-            names.append(f"layers.{i}.mlp")
+            names += [f"layers.{i}.mlp_in", f"layers.{i}.mlp_out", f"layers.{i}.mlp"]
     return names
 
 
 def _valid_summary(model: nn.Module) -> str:
     n = len(find_blocks(model))
-    return f"embed, layers.0 .. layers.{n - 1}, layers.N.attn, layers.N.mlp ({type(model).__name__}, {n} blocks)"
+    return (f"embed, layers.0 .. layers.{n - 1}, layers.N.attn, layers.N.mlp, layers.N.mlp_in, layers.N.mlp_out "
+            f"({type(model).__name__}, {n} blocks)")
 
 
 def resolve_hookpoint(model: nn.Module, name: str) -> Hookpoint:
@@ -125,7 +138,10 @@ def resolve_hookpoint(model: nn.Module, name: str) -> Hookpoint:
         return Hookpoint(name, block, layer, "block")
     module = _sub(block, ATTN_NAMES if kind == "attn" else MLP_NAMES)
     if module is None:
-        raise HookpointError(f"hookpoint {name!r}: block {layer} has no {kind} submodule; valid: {_valid_summary(model)}")
+        raise HookpointError(f"hookpoint {name!r}: block {layer} has no {kind.split('_')[0]} submodule; "
+                             f"valid: {_valid_summary(model)}")
+    if kind in ("mlp_in", "mlp_out"):  # the MLP module itself: its input (pre-hook) or its output
+        return Hookpoint(name, module, layer, kind)
     return Hookpoint(name, _update_module(block, kind) or module, layer, kind)
 
 

@@ -30,7 +30,7 @@ from pipeline.remote import fetch_to_cache, is_remote, sha256_of_files
 from pipeline.sae.sae import OWN_FORMAT, SAE
 from pipeline.sae.weights import TensorRef, kernel_matrix, read_tensor, safetensors_header, vector
 
-FORMATS = ("sae-harvest", "openai", "sparsify", "saelens")
+FORMATS = ("sae-harvest", "openai", "sparsify", "saelens", "dictionary_learning", "crosscoder_model_diff")
 
 
 class SAEFormatError(ValueError):
@@ -63,8 +63,13 @@ def detect_format(path: Path) -> str:
     """Format of a local checkpoint, from the files present."""
     if path.is_file():
         if path.suffix in (".pt", ".pth"):
-            return "openai"
-        raise SAEFormatError(f"{path}: a single-file SAE must be an OpenAI .pt state_dict")
+            return _pt_format(path)
+        raise SAEFormatError(f"{path}: a single-file SAE must be a .pt state_dict (OpenAI, dictionary_learning "
+                             f"crosscoder, crosscoder-model-diff)")
+    if (path / "cfg.json").exists() and (path / "cc_weights.pt").exists():
+        return "crosscoder_model_diff"
+    if (path / "config.json").exists() and any((path / n).exists() for n in ("model.safetensors", "model_final.pt", "ae.pt")):
+        return "dictionary_learning"
     if (path / "cfg.json").exists():
         if (path / "sae_weights.safetensors").exists():
             return "saelens"
@@ -81,6 +86,19 @@ def detect_format(path: Path) -> str:
         f"{path}: not a recognised SAE checkpoint; expected an OpenAI .pt file, or a folder with "
         f"cfg.json + sae.safetensors (sparsify / sae-harvest) or cfg.json + sae_weights.safetensors (SAELens)"
     )
+
+
+def _pt_format(path: Path) -> str:
+    """Which library wrote a `.pt`: its tensor names and shapes (the file is memory-mapped, not read)."""
+    if path.with_name(f"{path.stem}_cfg.json").exists():
+        return "crosscoder_model_diff"  # its trainer's N.pt + N_cfg.json
+    sd = _openai_state_dict(path)
+    enc = sd.get("encoder.weight") if isinstance(sd, dict) else None
+    if enc is None and isinstance(sd, dict):
+        enc = next((v for k, v in sd.items() if k.endswith("encoder.weight")), None)  # saved under torch.compile
+    if isinstance(enc, torch.Tensor) and enc.dim() == 3:
+        return "dictionary_learning"
+    return "openai"
 
 
 def _header(path: Path) -> dict[str, TensorRef]:
@@ -192,10 +210,34 @@ def info_sparsify(path: Path) -> SAEInfo:
         raise SAEFormatError(f"{path}: cfg.json d_in={cfg['d_in']} but encoder.weight is {refs['encoder.weight'].shape}")
     # sparsify names hookpoints by module path, `layers.N` = block N output = hidden_states[N+1],
     # which is our naming too; the folder is named after the hookpoint.
-    return SAEInfo("sparsify", d_in, n_latents, int(cfg["k"]), path.name, str(path),
+    transcode = bool(cfg.get("transcode", False))
+    hookpoint, output = sparsify_transcoder_hookpoints(path) if transcode else (path.name, None)
+    return SAEInfo("sparsify", d_in, n_latents, int(cfg["k"]), hookpoint, str(path),
                    sha256_of_files([path / "cfg.json", path / "sae.safetensors"]),
                    _dtype_name(refs["encoder.weight"].dtype),
-                   {"transcode": bool(cfg.get("transcode", False)), "W_skip": "W_skip" in refs})
+                   {"transcode": transcode, "W_skip": "W_skip" in refs, "module": path.name},
+                   kind="transcoder" if transcode else "sae", output=output)
+
+
+_SPARSIFY_MODULE = re.compile(r"^(?:layers|h)\.(\d+)(?:\.(mlp|feed_forward))?$")
+
+
+def sparsify_transcoder_hookpoints(path: Path) -> tuple[str, str]:
+    """A sparsify transcoder's (input, output) hookpoints from its module path (the folder name).
+
+    sparsify's trainer hooks a module and, with `transcode=True`, encodes the module's *input* and
+    decodes towards its *output* (trainer.py `hook`): `layers.N.mlp` -> (layers.N.mlp_in,
+    layers.N.mlp_out); a whole block `layers.N` -> (its input: embed or layers.N-1, layers.N)."""
+    match = _SPARSIFY_MODULE.match(path.name)
+    if match is None:
+        raise SAEFormatError(
+            f"{path}: sparsify transcoder for module {path.name!r}: only MLP modules (layers.N.mlp) and whole "
+            f"blocks (layers.N) have hookpoints for their input and output"
+        )
+    n = int(match.group(1))
+    if match.group(2):
+        return f"layers.{n}.mlp_in", f"layers.{n}.mlp_out"
+    return ("embed" if n == 0 else f"layers.{n - 1}"), f"layers.{n}"
 
 
 def load_sparsify(path: Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
@@ -211,7 +253,7 @@ def load_sparsify(path: Path, dtype: torch.dtype | None = None, device: str | to
         # Transcoders predict another hookpoint's output: their input is not centred by b_dec.
         b_pre=None if info.meta["transcode"] else b_dec,
         k=info.k, activation="relu_topk", hookpoint=info.hookpoint, format="sparsify", source=str(path),
-        sha256=info.sha256, meta=info.meta,
+        sha256=info.sha256, meta=info.meta, kind=info.kind, output=info.output,
     )
 
 
@@ -364,11 +406,234 @@ def load_own(path: Path, dtype: torch.dtype | None = None, device: str | torch.d
         kind=info.kind,
         inputs=info.inputs,
         output=info.output,
+        threshold=cfg.get("threshold"),
     )
 
 
 LOADERS[OWN_FORMAT] = load_own
 INFOS[OWN_FORMAT] = info_own
+
+
+# ---------------------------------------------------------------------------------------------
+# Crosscoders (issue 17): several sources in one encoder, W_enc [L, m*d] over their concatenation.
+#
+# Both public formats store the encoder as [m, d, L] and the decoder per source. They are read into
+# the kernels' [L, m*d] layout block by block (`_stacked`): each source's [d, L] slice is
+# transposed one row block at a time into its columns of one output matrix, with the format's
+# input scaling folded into the weights on the way (never a whole transposed or fp32 copy).
+# Their encodes are ReLU dictionaries without a k (or, BatchTopK, a threshold): we keep the top-k
+# (sae.k; DEFAULT_K when the checkpoint has none) of what their encode computes.
+
+DEFAULT_K = 32  # k for a dictionary whose checkpoint has none (a ReLU crosscoder): set sae.k
+
+
+def _stacked(blocks: torch.Tensor, dtype: torch.dtype | None, device, transpose: bool,
+             col_scale: torch.Tensor | None = None, row_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """blocks [m, d, L] (transpose) or [m, L, d] -> [L, m*d] in `dtype` on `device`, filled in row
+    blocks of about BLOCK_BYTES; W[:, j] *= col_scale[j] and W[i] *= row_scale[i] in fp32 on the way."""
+    from pipeline.sae.weights import BLOCK_BYTES
+
+    m = blocks.shape[0]
+    n_rows, width = (blocks.shape[2], blocks.shape[1]) if transpose else (blocks.shape[1], blocks.shape[2])
+    out = torch.empty((n_rows, m * width), dtype=dtype or blocks.dtype, device=device)
+    step = max(1, BLOCK_BYTES // (m * width * 4))
+    for start in range(0, n_rows, step):
+        stop = min(n_rows, start + step)
+        for i in range(m):
+            rows = blocks[i][:, start:stop].T if transpose else blocks[i][start:stop]
+            if col_scale is not None or row_scale is not None:
+                rows = rows.float()
+                if col_scale is not None:
+                    rows = rows * col_scale[i * width:(i + 1) * width]
+                if row_scale is not None:
+                    rows = rows * row_scale[start:stop, None]
+            out[start:stop, i * width:(i + 1) * width].copy_(rows)
+    return out
+
+
+def _load_pt(path: Path) -> dict:
+    """A state_dict: weights_only, memory-mapped where the file allows (tensors are views of it)."""
+    return _openai_state_dict(path)
+
+
+def _crosscoder_inputs(cfg: dict, m: int, default: list[str], path: Path) -> tuple[list[str], str]:
+    """The sources' names: `inputs` from the checkpoint's config when the user wrote them there
+    (hookpoints, or CHECKPOINT/hookpoint for model.checkpoints), else `default`."""
+    inputs = cfg.get("inputs")
+    if inputs is None:
+        return default, "default"
+    if not isinstance(inputs, list) or len(inputs) != m or not all(isinstance(i, str) and i for i in inputs):
+        raise SAEFormatError(f"{path}: config 'inputs' must list {m} source names (one per encoder block), got {inputs!r}")
+    return list(inputs), "config"
+
+
+# dictionary_learning CrossCoder / BatchTopKCrossCoder (github.com/saprmarks/dictionary_learning
+# PR 28, maintained in github.com/jkminder/dictionary_learning, dictionary_learning/dictionary.py):
+#   x_l  <- (x_l - activation_mean_l) * activation_global_scale      (NormalizableMixin, when set)
+#   f    =  relu(sum_l x_l @ encoder.weight[l] + encoder.bias)       (CrossCoderEncoder.forward)
+#   BatchTopK at inference: f * (f * code_norm > threshold),  code_norm = get_code_normalization()
+# CrossCoder: we keep the top-k of f (relu_topk). BatchTopKCrossCoder selects on the scaled f*code_norm,
+# so code_norm is folded into the encoder (W_enc, b_enc *= code_norm; W_dec /= code_norm, as SAELens's
+# rescale_acts_by_decoder_norm): the values are the scaled activations (its get_activations), the
+# top-k is the k largest of them, and the threshold zeroes those at or below it.
+
+_DL_CODE_NORMS = {1: "CROSSCODER", 2: "SAE", 3: "MIXED", 4: "NONE", 5: "DECOUPLED"}  # CodeNormalization values
+
+
+def _dl_files(path: Path) -> tuple[Path, dict]:
+    """(weights file, config dict) of a dictionary_learning crosscoder: a `.pt` state_dict (with the
+    trainer's `config.json` beside it, if any), or a folder holding one (`model_final.pt`, `ae.pt`)
+    or the hub layout (`model.safetensors` + `config.json`, PyTorchModelHubMixin)."""
+    if path.is_file():
+        cfg_file, weights = path.parent / "config.json", path
+    else:
+        cfg_file = path / "config.json"
+        weights = next((path / n for n in ("model.safetensors", "model_final.pt", "ae.pt") if (path / n).exists()), None)
+        if weights is None:
+            raise SAEFormatError(f"{path}: no dictionary_learning weights (model.safetensors, model_final.pt, ae.pt)")
+    cfg = json.loads(cfg_file.read_text()) if cfg_file.exists() else {}
+    return weights, {**cfg.get("trainer", {}), **{k: v for k, v in cfg.items() if k != "trainer"}}
+
+
+def _dl_tensors(weights: Path) -> dict:
+    if weights.suffix == ".safetensors":
+        from pipeline.sae.weights import mmap_tensor
+
+        return {n: mmap_tensor(r) for n, r in _header(weights).items()}
+    sd = _load_pt(weights)
+    if "encoder.weight" not in sd and any("_orig_mod." in k for k in sd):  # saved under torch.compile
+        sd = {k.split("_orig_mod.")[1]: v for k, v in sd.items()}
+    return sd
+
+
+def _dl_read(path: Path) -> tuple[dict, dict, Path, SAEInfo]:
+    weights, cfg = _dl_files(path)
+    sd = _dl_tensors(weights)
+    _need(sd, ("encoder.weight", "encoder.bias", "decoder.weight", "decoder.bias"), weights)
+    m, d, n_latents = sd["encoder.weight"].shape
+    if sd["decoder.weight"].shape != (m, n_latents, d):
+        raise SAEFormatError(f"{weights}: decoder.weight {tuple(sd['decoder.weight'].shape)} is not "
+                             f"[{m}, {n_latents}, {d}] (a decoder over other layers than the encoder is not supported)")
+    code_norm = _DL_CODE_NORMS.get(int(sd["code_normalization_id"])) if "code_normalization_id" in sd else "CROSSCODER"
+    batch_topk = "threshold" in sd and "k" in sd
+    if batch_topk and code_norm == "DECOUPLED":
+        raise SAEFormatError(f"{weights}: BatchTopKCrossCoder with DECOUPLED code normalization (per-layer codes) "
+                             f"is not supported")
+    k = int(sd["k"]) if batch_topk else int(cfg.get("k") or min(DEFAULT_K, n_latents))
+    inputs, named = _crosscoder_inputs(cfg, m, [f"input{i}" for i in range(m)], weights)
+    meta = {"dict_class": "BatchTopKCrossCoder" if batch_topk else "CrossCoder", "code_normalization": code_norm,
+            "inputs_from": named, "k_from": "checkpoint" if batch_topk else ("config" if cfg.get("k") else "default"),
+            "lm_name": cfg.get("lm_name"), "layer": cfg.get("layer")}
+    files = [weights] + ([weights.parent / "config.json"] if (weights.parent / "config.json").exists() else [])
+    info = SAEInfo("dictionary_learning", m * d, n_latents, k, None, str(path), sha256_of_files(files),
+                   _dtype_name(sd["encoder.weight"].dtype), meta, kind="crosscoder", inputs=inputs)
+    return sd, cfg, weights, info
+
+
+def info_dictionary_learning(path: Path) -> SAEInfo:
+    return _dl_read(path)[3]
+
+
+def load_dictionary_learning(path: Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
+                             with_decoder: bool = True) -> SAE:
+    sd, _, _, info = _dl_read(path)
+    m, d, n_latents = sd["encoder.weight"].shape
+    batch_topk = info.meta["dict_class"] == "BatchTopKCrossCoder"
+    # NormalizableMixin: (x - mean) * global_scale, when its buffers are set (NaN: no normalizer).
+    mean = sd.get("activation_mean")
+    normalized = mean is not None and not torch.isnan(mean).any() and not torch.isnan(sd["activation_std"]).any()
+    g = float(sd["activation_global_scale"]) if normalized else 1.0
+    col_scale = torch.full((m * d,), g) if normalized else None
+    b_pre = mean.float().reshape(m * d).clone() if normalized else None
+    row_scale = None
+    if batch_topk and info.meta["code_normalization"] != "NONE":
+        dw = sd["decoder.weight"].float()  # [m, L, d]: per-latent norms, one source at a time
+        per_src = torch.stack([dw[i].norm(dim=-1) for i in range(m)])  # [m, L]
+        cc = per_src.sum(0)
+        sae_norm = per_src.square().sum(0).sqrt()
+        row_scale = {"CROSSCODER": cc, "SAE": sae_norm}.get(info.meta["code_normalization"])
+        if row_scale is None:  # MIXED; the alphas are constructor arguments, not in the state_dict
+            raise SAEFormatError(f"{path}: MIXED code normalization needs its alphas, which the checkpoint does not store")
+    W_enc = _stacked(sd["encoder.weight"], dtype, device, transpose=True, col_scale=col_scale, row_scale=row_scale)
+    b_enc = sd["encoder.bias"].float() * (row_scale if row_scale is not None else 1.0)
+    W_dec = b_dec = None
+    # Decode into the raw input space: denormalize is x / (global_scale + 1e-8) + mean.
+    if with_decoder:
+        inv = torch.full((m * d,), 1.0 / (g + 1e-8)) if normalized else None
+        W_dec = _stacked(sd["decoder.weight"], dtype, device, transpose=False, col_scale=inv,
+                         row_scale=None if row_scale is None else 1.0 / row_scale)
+    b_dec = sd["decoder.bias"].float().reshape(m * d)
+    if normalized:
+        b_dec = b_dec / (g + 1e-8) + b_pre
+    vec = (lambda t: vector(t, dtype, device)) if dtype is not None else (lambda t: t.to(device))
+    return SAE(
+        W_enc=W_enc, b_enc=vec(b_enc), W_dec=W_dec, b_dec=vec(b_dec), b_pre=None if b_pre is None else vec(b_pre),
+        k=info.k, activation="relu_topk", threshold=float(sd["threshold"]) if batch_topk else None,
+        format="dictionary_learning", source=str(path), sha256=info.sha256, meta=info.meta,
+        kind="crosscoder", inputs=info.inputs,
+    )
+
+
+# crosscoder-model-diff replication (github.com/ckkissane/crosscoder-model-diff-replication,
+# crosscoder.py @ e221e8d): W_enc [n_models, d, H], W_dec [H, n_models, d], b_enc [H], b_dec [n_models, d];
+# encode = relu(sum_m x_m @ W_enc[m] + b_enc) on inputs each scaled by its model's norm scaling factor
+# (buffer.py: sqrt(d_model) / mean norm, estimated at training time and not saved). The factors are
+# folded into W_enc (and out of W_dec, b_dec): cfg.json must carry them as "norm_scaling_factors".
+
+def _mdiff_files(path: Path) -> tuple[Path, Path]:
+    if path.is_file():  # trainer's checkpoints/version_V/N.pt + N_cfg.json
+        return path, path.with_name(f"{path.stem}_cfg.json")
+    return path / "cc_weights.pt", path / "cfg.json"  # the Hugging Face layout: <hook_point>/cfg.json + cc_weights.pt
+
+
+def _mdiff_read(path: Path) -> tuple[dict, dict, SAEInfo]:
+    weights, cfg_file = _mdiff_files(path)
+    cfg = json.loads(cfg_file.read_text())
+    sd = _load_pt(weights)
+    _need(sd, ("W_enc", "W_dec", "b_enc", "b_dec"), weights)
+    m, d, n_latents = sd["W_enc"].shape
+    if sd["W_dec"].shape != (n_latents, m, d):
+        raise SAEFormatError(f"{weights}: W_dec {tuple(sd['W_dec'].shape)} is not [{n_latents}, {m}, {d}]")
+    factors = cfg.get("norm_scaling_factors")
+    if factors is None or len(factors) != m:
+        raise SAEFormatError(
+            f"{cfg_file}: the crosscoder was trained on inputs scaled per model by a norm scaling factor "
+            f"(buffer.py, sqrt(d_model) / mean norm) that the checkpoint does not carry; add "
+            f"\"norm_scaling_factors\": [<{m} floats>] to cfg.json ([1.0, ...] if already folded into the weights)")
+    hook = transformer_lens_hookpoint(cfg.get("hook_point"))
+    inputs, named = _crosscoder_inputs(cfg, m, [f"model{i}/{hook}" for i in range(m)], cfg_file)
+    k = int(cfg.get("k") or min(DEFAULT_K, n_latents))
+    meta = {"model_name": cfg.get("model_name"), "hook_point": cfg.get("hook_point"), "inputs_from": named,
+            "norm_scaling_factors": [float(f) for f in factors], "k_from": "config" if cfg.get("k") else "default"}
+    info = SAEInfo("crosscoder_model_diff", m * d, n_latents, k, hook, str(path), sha256_of_files([weights, cfg_file]),
+                   _dtype_name(sd["W_enc"].dtype), meta, kind="crosscoder", inputs=inputs)
+    return sd, cfg, info
+
+
+def info_crosscoder_model_diff(path: Path) -> SAEInfo:
+    return _mdiff_read(path)[2]
+
+
+def load_crosscoder_model_diff(path: Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
+                               with_decoder: bool = True) -> SAE:
+    sd, _, info = _mdiff_read(path)
+    m, d, _ = sd["W_enc"].shape
+    scale = torch.tensor(info.meta["norm_scaling_factors"], dtype=torch.float32).repeat_interleave(d)  # [m*d]
+    W_enc = _stacked(sd["W_enc"], dtype, device, transpose=True, col_scale=scale)
+    W_dec = None
+    if with_decoder:  # [H, m, d] is already [L, m*d] row-major: one block, scaled back to the raw space
+        W_dec = _stacked(sd["W_dec"].reshape(1, sd["W_dec"].shape[0], m * d), dtype, device, transpose=False,
+                         col_scale=1.0 / scale)
+    vec = (lambda t: vector(t, dtype, device)) if dtype is not None else (lambda t: t.to(device))
+    return SAE(
+        W_enc=W_enc, b_enc=vec(sd["b_enc"].float()), W_dec=W_dec, b_dec=vec(sd["b_dec"].float().reshape(m * d) / scale),
+        k=info.k, activation="relu_topk", hookpoint=info.hookpoint, format="crosscoder_model_diff", source=str(path),
+        sha256=info.sha256, meta=info.meta, kind="crosscoder", inputs=info.inputs,
+    )
+
+
+LOADERS.update(dictionary_learning=load_dictionary_learning, crosscoder_model_diff=load_crosscoder_model_diff)
+INFOS.update(dictionary_learning=info_dictionary_learning, crosscoder_model_diff=info_crosscoder_model_diff)
 
 
 def _local(path: str | os.PathLike, hookpoint: str | None, cache_dir) -> tuple[str, Path, str]:
@@ -378,8 +643,11 @@ def _local(path: str | os.PathLike, hookpoint: str | None, cache_dir) -> tuple[s
     path = Path(str(path).removeprefix("file://"))
     if not path.exists():
         raise FileNotFoundError(f"SAE path {source} does not exist")
-    if hookpoint is not None and path.is_dir() and (path / hookpoint).is_dir():
-        path = path / hookpoint
+    if hookpoint is not None and path.is_dir():
+        if (path / hookpoint).is_dir():
+            path = path / hookpoint
+        elif hookpoint.endswith(".mlp_in") and (path / hookpoint.removesuffix("_in")).is_dir():
+            path = path / hookpoint.removesuffix("_in")  # sparsify transcoders: folder named after the MLP module
     return source, path, detect_format(path)
 
 

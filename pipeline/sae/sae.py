@@ -7,6 +7,7 @@ semantics (docs/DESIGN.md, "Encode semantics"):
     pre   = (x_n - b_pre) @ W_enc.T + b_enc   # never materialized for large L
     top-k of pre, then ReLU on the kept values     (activation == "topk_relu")
     ReLU of pre, then top-k                        (activation == "relu_topk")
+    values <= threshold set to 0  (optional, dictionary_learning BatchTopK crosscoders)
     values *= latent_scale[ids]  (optional, SAELens `rescale_acts_by_decoder_norm`)
 
 The project's own format is a directory with `cfg.json` and `sae.safetensors`
@@ -55,6 +56,9 @@ class SAE:
     kind: str = "sae"  # one of KINDS
     inputs: list[str] = field(default_factory=list)  # crosscoder: its sources, in concatenation order
     output: str | None = None  # transcoder: the hookpoint it reconstructs
+    # Values <= threshold are zeroed after the top-k (a global activation threshold, e.g.
+    # dictionary_learning's BatchTopKCrossCoder at inference); None: no threshold.
+    threshold: float | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -126,6 +130,8 @@ class SAE:
         ReLU is monotone, so "ReLU then top-k" selects the same ids as "top-k then ReLU"; the
         two orders differ only in which ids are reported among entries that are <= 0."""
         values = values.clamp_min(0.0)
+        if self.threshold is not None:
+            values = torch.where(values > self.threshold, values, torch.zeros_like(values))
         if self.latent_scale is not None:
             values = values * self.latent_scale.float()[ids.long()]
         return values
@@ -169,6 +175,7 @@ class SAE:
             "kind": self.kind,
             "inputs": self.inputs,
             "output": self.output,
+            "threshold": self.threshold,
             "meta": self.meta,
         }
         (path / "cfg.json").write_text(json.dumps(cfg, indent=2) + "\n")
