@@ -128,3 +128,12 @@ def test_float32_run_keeps_exact_acts_through_postprocessing(tiny_model_dir, tin
     best = got.groupby("latent_id").act.max()
     assert np.array_equal(np.asarray([max(a) for a in top.acts]), best.loc[top.latent_id].to_numpy())
     assert all(np.isfinite(a).all() for a in ex.acts)
+    # The delphi export keeps them too (a float16 `activations` tensor would hold inf).
+    from safetensors.numpy import load_file
+
+    from pipeline.outputs.delphi_export import export_delphi
+
+    paths = export_delphi(RunStore(SinkConfig(root=str(tmp_path)), "fp32"), tmp_path / "delphi")
+    exported = np.concatenate([load_file(str(p))["activations"] for p in paths])
+    assert exported.dtype == np.float32 and np.isfinite(exported).all() and exported.max() > FP16_MAX
+    assert np.array_equal(np.sort(exported), np.sort(pairs.want.to_numpy().astype(np.float32)))

@@ -6,7 +6,7 @@ delphi (delphi/latents/cache.py `save_splits`, read by delphi/latents/loader.py 
 
     {out}/{hookpoint}/{start}_{end}.safetensors   one file per latent range, `end` inclusive
         locations   [n, 3] uint16 (uint32 if a value needs it): (batch row, pos, latent_id - start)
-        activations [n] float16
+        activations [n] float16 (float32 for an output.acts_dtype=float32 run)
         tokens      [n_rows, ctx_len] the token ids of every context: only in the FIRST split of each
                     hookpoint (delphi writes it per file, but reads it from the first file that has it)
     {out}/{hookpoint}/config.json                 delphi's CacheConfig fields + model_name
@@ -66,7 +66,7 @@ class SafetensorsWriter:
     The layout is the format's: u64 header size, JSON header (data_offsets), raw little-endian data."""
 
     DTYPES = {np.dtype(np.int32): "I32", np.dtype(np.uint16): "U16", np.dtype(np.uint32): "U32",
-              np.dtype(np.float16): "F16"}
+              np.dtype(np.float16): "F16", np.dtype(np.float32): "F32"}
 
     def __init__(self, path: Path, tensors: dict[str, tuple[np.dtype, tuple[int, ...]]]):
         header, offset = {}, 0
@@ -118,10 +118,13 @@ def export_delphi(store: RunStore, out: str | Path, hookpoints: list[str] | None
             start, end = marker["latents"][0], marker["latents"][1] - 1
             key = by_latent_key(hook, bucket)
             with store.fs.open(store.path(key), "rb") as f:
-                n_pairs = pq.ParquetFile(f).metadata.num_rows
+                meta = pq.ParquetFile(f)
+                n_pairs = meta.metadata.num_rows
+                # the run's act dtype (output.acts_dtype=float32 keeps values beyond float16's range)
+                act_dtype = np.dtype(meta.schema_arrow.field("act").type.to_pandas_dtype())
             small = len(seq) < 2**16 and ctx_len <= 2**16 and end - start < 2**16
             loc_type = np.uint16 if small else np.uint32
-            tensors = {"locations": (loc_type, (n_pairs, 3)), "activations": (np.float16, (n_pairs,))}
+            tensors = {"locations": (loc_type, (n_pairs, 3)), "activations": (act_dtype, (n_pairs,))}
             with_tokens = save_tokens and bucket == 0
             if with_tokens:
                 tensors["tokens"] = (np.int32, (len(seq), ctx_len))
@@ -139,7 +142,7 @@ def export_delphi(store: RunStore, out: str | Path, hookpoints: list[str] | None
                                                batch.column("latent_id").to_numpy() - start], axis=1).astype(loc_type))
                 with store.fs.open(store.path(key), "rb") as f:  # second pass: the activations tensor
                     for batch in pq.ParquetFile(f).iter_batches(columns=["act"]):
-                        writer.write(batch.column("act").to_numpy(zero_copy_only=False).astype(np.float16))
+                        writer.write(batch.column("act").to_numpy(zero_copy_only=False).astype(act_dtype))
                 if with_tokens:
                     n_real = 0
                     for _, rows_tok, real in committed_tokens(store, ctx_len, pad_id):
