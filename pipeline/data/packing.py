@@ -148,29 +148,48 @@ def plan_shards(files: list[CorpusFile], cfg: CorpusConfig, tokenizer, eos_id: i
     """
     if cfg.shard_size <= 0:
         raise ValueError(f"corpus.shard_size={cfg.shard_size} must be positive")
-    size = cfg.shard_size
-    next_shard = first_shard
-    tokens = 0
+    next_shard, tokens = first_shard, 0
     for fi, file in enumerate(files):
-        shard_id, contexts = next_shard, []
-        stop = False
-        packed = pack_documents(read_documents(file, cfg, storage_options), tokenizer, cfg.ctx_len, eos_id)
-        for item in packed:
-            if isinstance(item, Quarantined):
-                on_quarantine(item)
-                continue
-            contexts.append(item)
-            tokens += len(item.token_ids)
-            if len(contexts) == size:
-                yield Shard(shard_id, shard_id * size, fi, file.url, contexts)
-                shard_id, contexts = shard_id + 1, []
-            if cfg.max_tokens is not None and tokens >= cfg.max_tokens:
-                stop = True
-                packed.close()  # closes the file now, not at garbage collection
-                break
-        if contexts:
-            yield Shard(shard_id, shard_id * size, fi, file.url, contexts)
-            shard_id += 1
-        next_shard = shard_id
-        if stop:
+        budget = None if cfg.max_tokens is None else cfg.max_tokens - tokens
+        items = cap_tokens(pack_documents(read_documents(file, cfg, storage_options), tokenizer, cfg.ctx_len, eos_id),
+                           budget)
+        for shard in file_shards(items, next_shard, cfg.shard_size, fi, file.url, on_quarantine):
+            tokens += sum(len(c.token_ids) for c in shard.contexts)
+            next_shard = shard.shard_id + 1
+            yield shard
+        if cfg.max_tokens is not None and tokens >= cfg.max_tokens:
             return
+
+
+def cap_tokens(items: Iterator[Context | Quarantined], cap: int | None) -> Iterator[Context | Quarantined]:
+    """Stop after the context that reaches `cap` tokens (`corpus.max_tokens`'s cut), closing the
+    source then (its file now, not at garbage collection)."""
+    tokens = 0
+    try:
+        for item in items:
+            yield item
+            if isinstance(item, Context):
+                tokens += len(item.token_ids)
+                if cap is not None and tokens >= cap:
+                    return
+    finally:
+        close = getattr(items, "close", None)
+        if close is not None:
+            close()
+
+
+def file_shards(items: Iterable[Context | Quarantined], first_shard: int, size: int, file_index: int, url: str,
+                on_quarantine: Callable[[Quarantined], None]) -> Iterator[Shard]:
+    """One file's contexts grouped into shards of `size` from `first_shard` on (the last may be
+    partial); quarantined items go to `on_quarantine` in stream order."""
+    shard_id, contexts = first_shard, []
+    for item in items:
+        if isinstance(item, Quarantined):
+            on_quarantine(item)
+            continue
+        contexts.append(item)
+        if len(contexts) == size:
+            yield Shard(shard_id, shard_id * size, file_index, url, contexts)
+            shard_id, contexts = shard_id + 1, []
+    if contexts:
+        yield Shard(shard_id, shard_id * size, file_index, url, contexts)

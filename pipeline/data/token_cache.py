@@ -40,7 +40,7 @@ import numpy as np
 
 from pipeline.config import CorpusConfig
 from pipeline.data.corpus import CorpusFile, Quarantined, read_documents
-from pipeline.data.packing import Context, Shard, _log_quarantine, pack_documents
+from pipeline.data.packing import Context, Shard, _log_quarantine, cap_tokens, file_shards, pack_documents
 
 FORMAT_VERSION = 1  # bump when the entry layout or the packing rules change
 
@@ -212,20 +212,9 @@ def cached_file_items(file: CorpusFile, cfg: CorpusConfig, tokenizer, eos_id: in
     meta = _read_meta(folder) if folder is not None else None
     if _usable(meta, cap):
         stats["hits"] += 1
-        return True, _capped(_replay(folder, meta), cap)
+        return True, cap_tokens(_replay(folder, meta), cap)
     stats["misses"] += 1
     return False, _pack_and_store(root, key, inputs, file, cfg, tokenizer, eos_id, storage_options, cap)
-
-
-def _capped(items: Iterator[Context | Quarantined], cap: int | None) -> Iterator[Context | Quarantined]:
-    """Stop after the context that reaches `cap` tokens (a replayed entry may hold more)."""
-    tokens = 0
-    for item in items:
-        yield item
-        if isinstance(item, Context):
-            tokens += len(item.token_ids)
-            if cap is not None and tokens >= cap:
-                return
 
 
 def cached_plan_shards(files: list[CorpusFile], cfg: CorpusConfig, tokenizer, eos_id: int | None,
@@ -233,25 +222,14 @@ def cached_plan_shards(files: list[CorpusFile], cfg: CorpusConfig, tokenizer, eo
                        on_quarantine: Callable[[Quarantined], None] = _log_quarantine,
                        first_shard: int = 0) -> Iterator[Shard]:
     """`pipeline.data.packing.plan_shards` with a per-file token cache (see module docstring)."""
-    size = cfg.shard_size
     tok_id = tokenizer_identity(tokenizer) if cfg.token_cache else ""
     next_shard, tokens = first_shard, 0
     for fi, file in enumerate(files):
         budget = None if cfg.max_tokens is None else cfg.max_tokens - tokens
         _, items = cached_file_items(file, cfg, tokenizer, eos_id, storage_options, cap=budget, tok_id=tok_id)
-        shard_id, contexts = next_shard, []
-        for item in items:
-            if isinstance(item, Quarantined):
-                on_quarantine(item)
-                continue
-            contexts.append(item)
-            tokens += len(item.token_ids)
-            if len(contexts) == size:
-                yield Shard(shard_id, shard_id * size, fi, file.url, contexts)
-                shard_id, contexts = shard_id + 1, []
-        if contexts:
-            yield Shard(shard_id, shard_id * size, fi, file.url, contexts)
-            shard_id += 1
-        next_shard = shard_id
+        for shard in file_shards(items, next_shard, cfg.shard_size, fi, file.url, on_quarantine):
+            tokens += sum(len(c.token_ids) for c in shard.contexts)
+            next_shard = shard.shard_id + 1
+            yield shard
         if cfg.max_tokens is not None and tokens >= cfg.max_tokens:
             return
