@@ -185,6 +185,20 @@ def test_sparsify_transcoder_on_an_unmapped_module_fails(tmp_path):
         load_sae(tmp_path / "layers.1.self_attn")
 
 
+def assert_matches_sparsify(sae, coder) -> None:
+    """Our encode (ids, values) and decode equal the sparsify coder's own on the same input."""
+    from sparsify.utils import eager_decode
+
+    x = _x()
+    out = coder.encode(x)
+    ref = torch.zeros(N, L).scatter_(1, out.top_indices, out.top_acts.detach())
+    assert_same_latents(sae, x, ref)
+    values, ids = sae.encode(x)
+    # SparseCoder.decode with sparsify's CPU decoder (its Triton one needs a GPU)
+    want = eager_decode(out.top_indices, out.top_acts, coder.W_dec.mT) + coder.b_dec
+    torch.testing.assert_close(sae.decode(values, ids), want.detach(), rtol=1e-4, atol=1e-4)
+
+
 def test_sparsify_transcoder_matches_library(tmp_path):
     """A transcoder built and saved by sparsify itself (TranscoderConfig: transcode=True, a skip
     connection as sparsify's transcoders usually have): same latents as SparseCoder.encode, and
@@ -202,15 +216,7 @@ def test_sparsify_transcoder_matches_library(tmp_path):
     with pytest.warns(UserWarning, match="W_skip"):
         sae = load_sae(tmp_path, hookpoint="layers.2.mlp_in")
     assert (sae.kind, sae.hookpoint, sae.output, sae.b_pre) == ("transcoder", "layers.2.mlp_in", "layers.2.mlp_out", None)
-    x = _x()
-    out = coder.encode(x)
-    ref = torch.zeros(N, L).scatter_(1, out.top_indices, out.top_acts.detach())
-    assert_same_latents(sae, x, ref)
-    values, ids = sae.encode(x)
-    from sparsify.utils import eager_decode
-
-    want = eager_decode(out.top_indices, out.top_acts, coder.W_dec.mT) + coder.b_dec
-    torch.testing.assert_close(sae.decode(values, ids), want.detach(), rtol=1e-4, atol=1e-4)
+    assert_matches_sparsify(sae, coder)
 
 
 def test_sparsify_matches_library(tmp_path):
@@ -222,16 +228,7 @@ def test_sparsify_matches_library(tmp_path):
         coder.b_dec.normal_(0, 0.5)
     coder.save_to_disk(tmp_path / "layers.2")
     sae = load_sae(tmp_path, hookpoint="layers.2")
-    x = _x()
-    out = coder.encode(x)
-    ref = torch.zeros(N, L).scatter_(1, out.top_indices, out.top_acts.detach())
-    assert_same_latents(sae, x, ref)
-    values, ids = sae.encode(x)
-    # SparseCoder.decode with sparsify's CPU decoder (its Triton one needs a GPU)
-    from sparsify.utils import eager_decode
-
-    want = eager_decode(out.top_indices, out.top_acts, coder.W_dec.mT) + coder.b_dec
-    torch.testing.assert_close(sae.decode(values, ids), want.detach(), rtol=1e-4, atol=1e-4)
+    assert_matches_sparsify(sae, coder)
 
 
 def test_multi_hookpoint_folder_needs_a_hookpoint(tmp_path):
