@@ -21,7 +21,7 @@ import pytest
 import torch
 from conftest import build_tiny_llama
 from test_browser_site import browser, page  # noqa: F401 (Chromium fixtures)
-from test_faults import data_checksums
+from test_faults import assert_exactly_once, data_checksums
 from test_pipeline_e2e import make_cfg
 
 from pipeline.config import FaultConfig, SinkConfig
@@ -133,8 +133,9 @@ def dense_encode(x: torch.Tensor, folder: Path, n_blocks: int, norm: bool):
 
 
 def stored(root: Path, dict_id: str):
-    part = "" if dict_id.startswith("crosscoder=") else "hookpoint="
-    t = pq.read_table(root / "latents" / f"{part}{dict_id}").to_pandas().sort_values(["seq_id", "pos"])
+    from pipeline.outputs.layout import partition
+
+    t = pq.read_table(root / "latents" / partition(dict_id)).to_pandas().sort_values(["seq_id", "pos"])
     return t, np.stack(t.latent_ids.to_numpy()), np.stack(t.acts.to_numpy()).astype(np.float64)
 
 
@@ -225,15 +226,6 @@ def test_fvu_check_per_input_block_and_against_the_transcoder_output(xc_run, ref
     assert set(manifest["crosscoder=ckpt"]["inputs"]) == set(CROSSCODERS["ckpt"])
 
 
-def assert_exactly_once(root: Path) -> None:
-    ctx = pq.read_table(root / "contexts").to_pandas()
-    expected = sorted((int(s), p) for s, toks in zip(ctx.seq_id, ctx.token_ids) for p in range(len(toks)))
-    for d in DICTS:
-        part = d if d.startswith("crosscoder=") else f"hookpoint={d}"
-        lat = pq.read_table(root / "latents" / part, columns=["seq_id", "pos"]).to_pandas()
-        assert sorted(zip(lat.seq_id.astype(int), lat.pos.astype(int))) == expected, d
-
-
 def test_worker_killed_mid_shard_is_redone_exactly_once(xc_run, tmp_path):
     from pipeline.runtime.driver import run
 
@@ -243,7 +235,7 @@ def test_worker_killed_mid_shard_is_redone_exactly_once(xc_run, tmp_path):
                                  faults=FaultConfig(crash_shard=3, crash_point="after_parts", once_marker=str(marker)))
     run(faulty)
     assert marker.exists(), "the worker never died: the fault was not exercised"
-    assert_exactly_once(tmp_path / "out" / cfg.run_id)
+    assert_exactly_once(tmp_path / "out" / cfg.run_id, DICTS)
     assert data_checksums(tmp_path / "out" / cfg.run_id) == data_checksums(root)
 
 
@@ -262,7 +254,7 @@ def test_crash_before_commit_then_resume_gives_identical_files(xc_run, tmp_path)
     assert not (resumed / "_commits" / "shard=000002.json").exists()
     summary = run(dataclasses.replace(cfg, sink=out))
     assert summary.shards_skipped > 0
-    assert_exactly_once(resumed)
+    assert_exactly_once(resumed, DICTS)
     assert data_checksums(resumed) == data_checksums(root)
 
 

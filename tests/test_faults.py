@@ -34,13 +34,16 @@ def data_checksums(root: Path) -> dict[str, str]:
     }
 
 
-def assert_exactly_once(root: Path) -> None:
+def assert_exactly_once(root: Path, dict_ids=HOOKS) -> None:
+    """Every committed context once, and each dictionary's latents one row per token of them."""
+    from pipeline.outputs.layout import partition
+
     ctx = pq.read_table(root / "contexts").to_pandas()
     expected = sorted((int(s), p) for s, toks in zip(ctx.seq_id, ctx.token_ids) for p in range(len(toks)))
     assert len(ctx.seq_id.unique()) == len(ctx)
-    for hook in HOOKS:
-        lat = pq.read_table(root / "latents" / f"hookpoint={hook}", columns=["seq_id", "pos"]).to_pandas()
-        assert sorted(zip(lat.seq_id.astype(int), lat.pos.astype(int))) == expected
+    for d in dict_ids:
+        lat = pq.read_table(root / "latents" / partition(d), columns=["seq_id", "pos"]).to_pandas()
+        assert sorted(zip(lat.seq_id.astype(int), lat.pos.astype(int))) == expected, d
 
 
 @pytest.fixture(scope="module")
