@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import pickle
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -184,3 +186,44 @@ def test_driver_never_tokenizes_and_sends_no_tokens(tiny_model_dir, tiny_corpus,
             for s in plan_shards(files, cfg.corpus, tok, tok.eos_token_id) for c in s.contexts]
     ctx = pq.read_table(root / "contexts").to_pandas().sort_values("seq_id")
     assert [(d, o, list(t)) for d, o, t in zip(ctx.doc_id, ctx.doc_offset, ctx.token_ids)] == want
+
+
+def test_cancelled_running_tokenize_task_takes_its_worker_process_with_it(tmp_path, ray_local):
+    """A running task given up on (a `max_tokens` plan ends before it) is stopped by killing its
+    worker process. Ray's `force=False` raises KeyboardInterrupt wherever the task is, and inside
+    `import torch` that left a process whose next task could not import torch (two CI runs failed on
+    "bad call flags" / "module functions cannot set METH_CLASS"). Fails with `force=False`: the
+    interrupted process lives on to take the next task."""
+    from pipeline.runtime.dispatch import cancel_tasks
+
+    def record_pid_and_wait(pid_file: str) -> None:  # nested: Ray ships it by value
+        import os
+        import time
+        with open(pid_file, "w") as f:
+            f.write(str(os.getpid()))
+        time.sleep(120)
+
+    pid_file = tmp_path / "pid"
+    ref = ray_local.remote(max_retries=0)(record_pid_and_wait).remote(str(pid_file))
+    deadline = time.monotonic() + 60
+    while not pid_file.exists() or not pid_file.read_text():
+        assert time.monotonic() < deadline, "the task never started"
+        time.sleep(0.1)
+    pid = int(pid_file.read_text())
+    cancel_tasks([ref])
+    deadline = time.monotonic() + 30
+    while _alive(pid):
+        assert time.monotonic() < deadline, f"worker process {pid} outlived its cancelled task"
+        time.sleep(0.1)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A killed child of the raylet may linger as a zombie until reaped: that is not alive.
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False

@@ -221,11 +221,9 @@ def ray_tokenize_pool(cfg: RunConfig, storage_options: dict | None) -> TokenizeP
     from pipeline.runtime.staging import stage_file
 
     start_ray(cfg)
-    # retry_exceptions=[SystemError]: twice in this session's test runs a tokenize task died with a
-    # CPython "SystemError: ...() method: bad call flags" from native code (not reproduced alone, not
-    # understood yet); staging is idempotent (the .json marker is written last), so a retry is safe.
-    task = ray.remote(max_retries=2, retry_exceptions=[SystemError])(stage_file).options(
-        num_cpus=cfg.cluster.tokenize_cpus)
+    # max_retries: a worker lost mid-task (node gone) runs it again; staging is idempotent (the .json
+    # marker is written last), so a retry is safe.
+    task = ray.remote(max_retries=2)(stage_file).options(num_cpus=cfg.cluster.tokenize_cpus)
 
     def get(ref):
         try:
@@ -233,17 +231,25 @@ def ray_tokenize_pool(cfg: RunConfig, storage_options: dict | None) -> TokenizeP
         except ray.exceptions.RayTaskError as err:  # the task's own error (bad file, bad setting), as it was
             raise (err.cause if isinstance(err.cause, Exception) else err) from None
 
-    def cancel(refs) -> None:
-        for ref in refs:
-            ray.cancel(ref, force=False)
-        for ref in refs:
-            try:
-                ray.get(ref)
-            except Exception:  # cancelled, or failed: its result is not wanted either way
-                pass
-
     return TokenizePool(lambda f, cap: task.remote(cfg, f, cap, storage_options), get,
-                        lambda ref: bool(ray.wait([ref], timeout=0)[0]), cancel, cfg.cluster.tokenize_ahead)
+                        lambda ref: bool(ray.wait([ref], timeout=0)[0]), cancel_tasks, cfg.cluster.tokenize_ahead)
+
+
+def cancel_tasks(refs: list) -> None:
+    """Give up on Ray tasks and wait until none runs. A running one is stopped by killing its
+    worker process (`force=True`), never by the KeyboardInterrupt that `force=False` raises
+    wherever the task happens to be: inside `import torch` that leaves the process with a
+    half-initialised torch._C, and the next task it runs fails to import torch ("bad call flags",
+    "module functions cannot set METH_CLASS", or a segfault). A task not started yet is dropped."""
+    import ray
+
+    for ref in refs:
+        ray.cancel(ref, force=True)
+    for ref in refs:
+        try:
+            ray.get(ref)
+        except Exception:  # cancelled, killed, or failed: its result is not wanted either way
+            pass
 
 
 def inline_tokenize_pool(cfg: RunConfig, storage_options: dict | None) -> TokenizePool:
