@@ -42,7 +42,7 @@ def run(cfg: RunConfig, dispatcher=None, tokenize: Callable[[], TokenizePool] | 
     """Extract latents for `cfg`; resumable: a second call with the same run id does only what is left.
 
     `dispatcher`: anything with RayDispatcher's methods (bench/driver.py passes an in-process one);
-    default: a pool of Ray harvest actors, started only once there is a shard to do.
+    default: a pool of Ray harvest actors, started once there is a shard to do or a file to tokenize.
     `tokenize`: makes the pool of tokenize tasks (default: Ray tasks, `dispatch.ray_tokenize_pool`),
     called only once there is a file to tokenize. The driver itself never loads the tokenizer."""
     store = RunStore(cfg.sink, cfg.run_id)
@@ -64,9 +64,19 @@ def run(cfg: RunConfig, dispatcher=None, tokenize: Callable[[], TokenizePool] | 
             cfg.corpus, token_cache=os.path.abspath(os.path.expanduser(cfg.corpus.token_cache))))
     used_staging = []
 
+    def start_workers() -> None:
+        nonlocal dispatcher
+        if dispatcher is None:
+            dispatcher = ray_dispatcher(cfg, prep.sae_by_hook)
+            log.info(f"[{cfg.run_id}] {cfg.cluster.num_workers} harvest worker(s); writing to {store.url}")
+
     def make_pool() -> TokenizePool:
         used_staging.append(True)
-        return (tokenize or (lambda: ray_tokenize_pool(task_cfg, prep.corpus_storage)))()
+        pool = (tokenize or (lambda: ray_tokenize_pool(task_cfg, prep.corpus_storage)))()
+        # A file to tokenize means shards to do: the harvest actors load the model and SAEs while
+        # the first files are tokenized, not after (actor creation returns at once).
+        start_workers()
+        return pool
 
     def account(block: bool) -> None:
         for result in dispatcher.completed(block=block):
@@ -77,9 +87,7 @@ def run(cfg: RunConfig, dispatcher=None, tokenize: Callable[[], TokenizePool] | 
                     on_tokenizer=lambda info: tokenizer.update(info=info))
     try:
         for task in plan:
-            if dispatcher is None:
-                dispatcher = ray_dispatcher(cfg, prep.sae_by_hook)
-                log.info(f"[{cfg.run_id}] {cfg.cluster.num_workers} harvest worker(s); writing to {store.url}")
+            start_workers()  # a known file's shard needs no tokenize task
             while not dispatcher.has_room():
                 account(block=True)
             dispatcher.submit(task)
