@@ -155,9 +155,13 @@ def plan_run(cfg: RunConfig, files: list[CorpusFile], ledger: Ledger, committed:
         pos = np.searchsorted(committed, shard_id)
         return bool(pos < len(committed) and committed[pos] == shard_id)
 
-    def done(rec: FileRecord | None) -> bool:
-        return (rec is not None and rec.complete
-                and all(is_committed(s) for s in range(rec.first_shard, rec.last_shard + 1)))
+    def done(rec: FileRecord | None, budget: int | None) -> bool:
+        """Finished and committed: nothing to tokenize. A file cut by `corpus.max_tokens` is
+        finished when the budget left for it is no more than what it gave (a larger one reads on)."""
+        if rec is None or rec.last_shard is None:
+            return False
+        finished = rec.complete or (budget is not None and rec.tokens >= budget)
+        return finished and all(is_committed(s) for s in range(rec.first_shard, rec.last_shard + 1))
 
     order = known + [(f, None) for f in new]
     pool: TokenizePool | None = None
@@ -166,7 +170,7 @@ def plan_run(cfg: RunConfig, files: list[CorpusFile], ledger: Ledger, committed:
     for i, (f, rec) in enumerate(order):  # a file needs tokenizing unless finished and committed
         if budget is not None and budget <= 0:
             break
-        if done(rec):
+        if done(rec, budget):
             if budget is not None:
                 budget -= rec.tokens
             continue
