@@ -149,9 +149,8 @@ def test_huge_single_document_is_streamed(tiny_model_dir, tiny_sae_dir, tmp_path
     # document (as bytes or str) would add >= 1024 MiB: 6.4x the bound.
     growth = got["after"] - got["before"]
     assert growth < 160 << 20, f"peak RSS grew by {growth >> 20} MiB streaming a {size >> 20} MiB document"
-    # The whole process (~360 MiB measured, most of it torch/transformers imports) stays below
-    # half the document's size.
-    assert got["after"] < size / 2, got
+    # No bound on the whole process: its imports alone are ~360 MiB with the CPU build of torch and
+    # ~800 MiB with the CUDA build that PyPI gives a fresh Linux machine (seen on a clean-HOME clone).
     doc.unlink()
 
     # 2. End to end: a document far larger than a piece, through the real run.
