@@ -38,11 +38,14 @@ Memory bound, besides inputs and outputs: candidates N*S*K_PAD*8 bytes, tile scr
 (S >= 1 always). Example: N=4096, k=256, 132 SMs -> S=5 -> 63 MB; the N x L bf16 matrix
 at L=2^24 would be 128 GB.
 
-Under TRITON_INTERPRET=1 (CPU tests) the autotuner gets a single small feasible config, and
+Under TRITON_INTERPRET=1 (CPU tests) the kernel is launched with one small feasible config (no
+autotuner), and
 tiles are upcast to fp32 before `tl.dot` because the interpreter's bf16 dot is wrong in
 triton 3.9; the GPU path keeps bf16/fp16 operands on tensor cores.
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
@@ -248,8 +251,11 @@ def _merge_tile_rows(
         tl.store(thr_ptr + rows * n_splits + split, tl.min(best, axis=1), mask=row_ok)
 
 
+# Under the interpreter the Python entry launches `.fn` with one config of its own: triton 3.7's
+# autotuner benchmarks whenever it holds several configs, even if pruning leaves one, and its
+# benchmarker needs a GPU driver ("0 active drivers" on a CPU machine).
 @triton.autotune(
-    configs=_interpreter_configs() if _INTERPRET else _gpu_configs(),
+    configs=_gpu_configs(),
     key=["d", "L", "k"],
     prune_configs_by={"early_config_prune": _prune_configs},
 )
@@ -475,7 +481,11 @@ def topk_encode_triton(
     def grid(meta: dict) -> tuple[int, int]:  # row blocks fastest: concurrent programs share weight tiles
         return triton.cdiv(n_rows, meta["BLOCK_N"]), n_splits
 
-    _encode_tiles_kernel[grid](
+    launch = _encode_tiles_kernel[grid]
+    if _INTERPRET:
+        c = _prune_configs(_interpreter_configs(), {"x_ptr": x}, K_PAD=k_pad)[0]
+        launch = functools.partial(_encode_tiles_kernel.fn[grid], **c.kwargs, num_warps=c.num_warps)
+    launch(
         x, weight, bias if bias is not None else x, candidates, tiles, minima,
         n_rows, n_latents, d, k, split_len, n_splits,
         x.stride(0), weight.stride(0),
