@@ -1,9 +1,11 @@
 """A bucket reduce under a hard memory limit (RLIMIT_DATA in the process that runs it, as a Ray
-task would): one bucket holding 24M pairs under RLIMIT_DATA=1200 MB. The code before issue 14 held
-a bucket's pairs and several sorted copies in RAM and dies with MemoryError here (checked: numpy
-cannot allocate in its lexsort); the DuckDB reduce sorts out of core within `task_memory_mb` and
-finishes. The new reduce also passes with 12M pairs at the same limit: its need does not grow
-with the bucket (the limit covers the interpreter, torch/pyarrow/duckdb imports and thread stacks)."""
+task would): one bucket holding 24M pairs, with 936 MB of data allowed beyond what the imports
+took. The code before issue 14 held a bucket's pairs and several sorted copies in RAM and dies
+with MemoryError here (checked at 1200 MB in all, when the imports of the CPU torch build took
+264 MB: numpy cannot allocate in its lexsort); the DuckDB reduce sorts out of core within
+`task_memory_mb` and finishes. The new reduce also passes with 12M pairs at the same limit: its
+need does not grow with the bucket. The limit is set above the imports, not as a total: the CUDA
+torch build that PyPI gives a fresh machine takes 818 MB of data at import, the CPU build 264 MB."""
 from __future__ import annotations
 
 import json
@@ -32,7 +34,7 @@ from pipeline.outputs.sink import RunStore
 pytestmark = pytest.mark.slow
 
 HOOK, N_LATENTS, K, CTX, SHARD_CTX, N_SHARDS = "layers.0", 64, 8, 1000, 250, 12  # 24M pairs, one bucket
-LIMIT_MB = 1200
+BUDGET_MB = 936  # data beyond the imports (1200 MB in all with the CPU torch build's 264 MB)
 
 TASK = """
 import json, resource, sys
@@ -41,10 +43,13 @@ from pipeline.config import PostprocessConfig, SinkConfig
 from pipeline.outputs.postprocess import process_bucket
 from pipeline.outputs.sink import RunStore
 a = json.loads(sys.argv[1])
-limit = a["limit_mb"] << 20
+import duckdb
+duckdb.connect().execute("select 1")  # its lazily loaded parts count as imports too
+vm_data = next(int(line.split()[1]) << 10 for line in open("/proc/self/status") if line.startswith("VmData"))
+limit = vm_data + (a["budget_mb"] << 20)
 resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
 try:  # the limit is real: one allocation of its size fails
-    np.ones(limit // 8)
+    np.ones((a["budget_mb"] << 20) // 8)
     sys.exit("RLIMIT_DATA is not enforced here")
 except MemoryError:
     pass
@@ -89,7 +94,7 @@ def test_bucket_reduce_fits_a_memory_limit_the_old_code_exceeded(tmp_path):
     for shard in range(N_SHARDS):  # the map: bounded by one shard, run here without a limit
         scatter_shard(store, HOOK, shard, cfg.bucket_size)
     args = {"root": str(tmp_path), "hook": HOOK, "shards": list(range(N_SHARDS)), "n_latents": N_LATENTS,
-            "shard_size": SHARD_CTX, "limit_mb": LIMIT_MB,
+            "shard_size": SHARD_CTX, "budget_mb": BUDGET_MB,
             "cfg": {k: v for k, v in cfg.__dict__.items() if k not in ("sink", "hookpoints", "logit_effects")}}
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
     out = subprocess.run([sys.executable, "-c", TASK, json.dumps(args)], capture_output=True, text=True, env=env,
