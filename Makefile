@@ -1,8 +1,9 @@
 # Two commands on a fresh machine: `make demo` and `make test`. Both install what they need.
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# CPU machines take the CPU build of torch that this workplace keeps on disk; a GPU image
-# (infra/Dockerfile) installs its own CUDA build first and overrides this.
+# Here pip's config (find-links) supplies the CPU build of torch kept on disk; a machine with plain
+# pip gets PyPI's CUDA build (it runs on CPU too, and brings triton 3.7; both are tested: a
+# clean-HOME clone took that path). A GPU image (infra/Dockerfile) installs its own CUDA build first.
 TORCH_SPEC ?= torch==2.13.0
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
