@@ -155,13 +155,16 @@ def plan_run(cfg: RunConfig, files: list[CorpusFile], ledger: Ledger, committed:
         pos = np.searchsorted(committed, shard_id)
         return bool(pos < len(committed) and committed[pos] == shard_id)
 
+    def all_committed(first: int, last: int) -> bool:  # `committed` is sorted and unique: count, don't walk
+        return int(np.searchsorted(committed, last, "right") - np.searchsorted(committed, first)) == last - first + 1
+
     def done(rec: FileRecord | None, budget: int | None) -> bool:
         """Finished and committed: nothing to tokenize. A file cut by `corpus.max_tokens` is
         finished when the budget left for it is no more than what it gave (a larger one reads on)."""
         if rec is None or rec.last_shard is None:
             return False
         finished = rec.complete or (budget is not None and rec.tokens >= budget)
-        return finished and all(is_committed(s) for s in range(rec.first_shard, rec.last_shard + 1))
+        return finished and all_committed(rec.first_shard, rec.last_shard)
 
     order = known + [(f, None) for f in new]
     pool: TokenizePool | None = None
