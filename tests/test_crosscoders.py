@@ -21,7 +21,7 @@ import pytest
 import torch
 from conftest import build_tiny_llama
 from test_browser_site import browser, page  # noqa: F401 (Chromium fixtures)
-from test_faults import assert_exactly_once, data_checksums
+from test_faults import assert_exactly_once, data_checksums, run_failing_shard_2_after_its_parts
 from test_pipeline_e2e import make_cfg
 
 from pipeline.config import FaultConfig, SinkConfig
@@ -240,15 +240,11 @@ def test_worker_killed_mid_shard_is_redone_exactly_once(xc_run, tmp_path):
 
 
 def test_crash_before_commit_then_resume_gives_identical_files(xc_run, tmp_path):
-    from pipeline.runtime.dispatch import ShardFailed
     from pipeline.runtime.driver import run
 
     cfg, _, root = xc_run
     out = SinkConfig(root=str(tmp_path / "out"))
-    always = dataclasses.replace(cfg, sink=out, faults=FaultConfig(crash_shard=2, crash_point="after_parts"),
-                                 cluster=dataclasses.replace(cfg.cluster, max_shard_attempts=2))
-    with pytest.raises(ShardFailed, match="shard 2"):
-        run(always)
+    run_failing_shard_2_after_its_parts(cfg, out)
     resumed = tmp_path / "out" / cfg.run_id
     assert (resumed / "latents" / "crosscoder=ckpt" / "shard=000002" / "part-0.parquet").exists()
     assert not (resumed / "_commits" / "shard=000002.json").exists()

@@ -75,18 +75,24 @@ def test_worker_killed_mid_shard_is_redone_without_duplicates(clean_run, tmp_pat
     assert summary.shards_done + summary.shards_skipped == len(list((root / "_commits").glob("*.json")))
 
 
+def run_failing_shard_2_after_its_parts(cfg: RunConfig, sink: SinkConfig) -> None:
+    """Every attempt at shard 2 dies after writing its parts: the run must fail, not commit it."""
+    from pipeline.runtime.dispatch import ShardFailed
+    from pipeline.runtime.driver import run
+
+    always = dataclasses.replace(cfg, sink=sink, faults=FaultConfig(crash_shard=2, crash_point="after_parts"),
+                                 cluster=dataclasses.replace(cfg.cluster, max_shard_attempts=2))
+    with pytest.raises(ShardFailed, match="shard 2"):
+        run(always)
+
+
 def test_crash_between_parts_and_commit_leaves_nothing_visible(clean_run, tmp_path):
     from pipeline.outputs.sink import RunStore
-    from pipeline.runtime.dispatch import ShardFailed
     from pipeline.runtime.driver import run
 
     cfg, _, reference = clean_run
     out = SinkConfig(root=str(tmp_path / "out"))
-    # Every attempt at shard 2 dies after writing its parts: the run must fail, not commit it.
-    always = dataclasses.replace(cfg, sink=out, faults=FaultConfig(crash_shard=2, crash_point="after_parts"),
-                                 cluster=dataclasses.replace(cfg.cluster, max_shard_attempts=2))
-    with pytest.raises(ShardFailed, match="shard 2"):
-        run(always)
+    run_failing_shard_2_after_its_parts(cfg, out)
     root = tmp_path / "out" / "same"
     assert (root / "contexts" / "shard=000002" / "part-0.parquet").exists()  # the orphaned parts are there...
     assert not (root / "_commits" / "shard=000002.json").exists()
