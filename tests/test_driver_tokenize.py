@@ -218,12 +218,12 @@ def test_cancelled_running_tokenize_task_takes_its_worker_process_with_it(tmp_pa
     pid = int(pid_file.read_text())
     cancel_tasks([ref])
     deadline = time.monotonic() + 30
-    while _alive(pid):
+    while process_alive(pid):
         assert time.monotonic() < deadline, f"worker process {pid} outlived its cancelled task"
         time.sleep(0.1)
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

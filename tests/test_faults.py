@@ -174,3 +174,55 @@ def test_incremental_run_processes_only_new_files(clean_run, tmp_path, tiny_corp
     (corpus / "b.txt").write_text("this file was edited after it was processed")
     with pytest.raises(CorpusError, match="b.txt changed"):
         run(nightly)
+
+
+def test_replaced_worker_is_killed_not_left_to_finish_its_retries(tmp_path, ray_local):
+    """A worker that dies and is slow to restart is replaced. The pool must kill it: a dropped
+    handle ends an actor only after its queued tasks, so it came back and finished Ray's retries of
+    its old shards while the next run redid them (a CI run found its half-written commit marker
+    in the next run's folder). Fails without the `ray.kill` in `_replace_if_dead`: the restarted
+    process outlives the pool."""
+    from types import SimpleNamespace
+
+    from test_driver_tokenize import process_alive
+
+    from pipeline.runtime.dispatch import RayDispatcher
+
+    class CrashesOnceRestartsSlowly:  # nested: Ray ships it by value
+        def __init__(self, folder: str):
+            import os
+            import time
+
+            import ray
+            self.folder = Path(folder)
+            with open(self.folder / "pids", "a") as f:
+                f.write(f"{os.getpid()}\n")
+            if ray.get_runtime_context().was_current_actor_reconstructed:
+                time.sleep(60)  # longer than the pool waits for it
+
+        def process(self, payload):
+            import os
+            crashed = self.folder / "crashed"
+            if not crashed.exists():
+                crashed.touch()
+                os._exit(1)
+            return payload.shard_id
+
+    actor_cls = ray_local.remote(max_restarts=1, max_task_retries=0, num_cpus=0)(CrashesOnceRestartsSlowly)
+    pool = RayDispatcher(lambda i: actor_cls.remote(str(tmp_path)), n_actors=1, depth=1, max_attempts=2)
+    pool.ready_timeout_s = 3
+    pool.submit(SimpleNamespace(shard_id=7))
+    done: list = []
+    while pool.pending():
+        done += pool.completed(block=True)
+    pool.close()
+    assert done == [7] and pool.retries == 1
+    pids = [int(p) for p in (tmp_path / "pids").read_text().split()]
+    assert len(pids) >= 2, pids  # the first actor, its restart if it began, the replacement
+    replaced, replacement = pids[:-1], pids[-1]
+    # Killed when it was replaced, seconds ago; Ray alone ends it only some seconds after close.
+    assert not [p for p in replaced if process_alive(p)], f"the replaced worker outlived the pool: {pids}"
+    deadline = time.monotonic() + 10
+    while process_alive(replacement):
+        assert time.monotonic() < deadline, f"worker process {replacement} outlived the pool"
+        time.sleep(0.1)

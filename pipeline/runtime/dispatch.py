@@ -292,6 +292,7 @@ class RayDispatcher:
         self.max_attempts = max_attempts
         self.inflight: dict = {}  # ObjectRef -> (actor index, payload, attempt)
         self.retries = 0
+        self.ready_timeout_s = 60.0  # how long a restarting actor may take before it is replaced
 
     def has_room(self) -> bool:
         return len(self.inflight) < self.depth * len(self.actors)
@@ -334,9 +335,13 @@ class RayDispatcher:
         import ray
 
         try:
-            ray.get(self.actors[i].__ray_ready__.remote(), timeout=60)
-        except Exception:  # dead for good (restarts exhausted): start a fresh one in its slot
+            ray.get(self.actors[i].__ray_ready__.remote(), timeout=self.ready_timeout_s)
+        except Exception:  # dead for good, or still restarting: start a fresh one in its slot
             log.warning(f"[dispatch] replacing dead worker {i}")
+            # Kill it first. A dropped handle ends an actor only after its queued tasks, so an
+            # actor still restarting would come back and finish Ray's retries of its old shards
+            # while the pool (or the next run) redoes them: a writer nobody tracks.
+            ray.kill(self.actors[i], no_restart=True)
             self.actors[i] = self.make_actor(i)
 
     def close(self) -> None:
@@ -347,4 +352,8 @@ class RayDispatcher:
         except Exception as err:  # a dead actor has nothing left to free; killing it below is enough
             log.debug(f"[dispatch] closing workers: {err}")
         for actor in self.actors:
-            ray.kill(actor)
+            ray.kill(actor, no_restart=True)
+        # `ray.kill` returns before the processes are gone. Return only once every task given to
+        # the pool has ended, so that no process of it writes into the run after `close`.
+        if self.inflight:
+            ray.wait(list(self.inflight), num_returns=len(self.inflight), timeout=60)
