@@ -155,7 +155,8 @@ def main() -> None:
     ap.add_argument("--shard-tokens", type=int, default=1 << 17)
     ap.add_argument("--bucket-size", type=int, default=1 << 16)
     ap.add_argument("--cpus", type=int, default=2)
-    ap.add_argument("--rss-memory-mb", default="1024", help="DuckDB memory_limit(s) for the RSS measurement, comma-separated")
+    ap.add_argument("--rss-memory-mb", default="512,1024",
+                    help="DuckDB memory_limit(s) for the RSS measurement, comma-separated (the default is 512)")
     ap.add_argument("--workdir", default=None, help="where the synthetic run goes (default: a temp folder)")
     ap.add_argument("--out", default=None, help="also write the report here")
     args = ap.parse_args()
@@ -176,7 +177,7 @@ def main() -> None:
         import ray
 
         ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
-        cfg = PostprocessConfig(run_id="bench", bucket_size=args.bucket_size, num_cpus=1, task_memory_mb=1024)
+        cfg = PostprocessConfig(run_id="bench", bucket_size=args.bucket_size, num_cpus=1)  # default memory_limit
         t0 = time.perf_counter()
         summary = postprocess(store, cfg)
         wall = time.perf_counter() - t0

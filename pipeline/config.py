@@ -213,7 +213,10 @@ class PostprocessConfig:
     seed: int = 0
     num_cpus: float = 1.0  # per Ray task
     # DuckDB's memory_limit inside each bucket task: sorts and aggregates beyond it spill to local disk.
-    task_memory_mb: int = 1024
+    # 512 MB: the hottest bucket's reduce peaks at ~1.2 GB RSS at 1x and at 4x the corpus. At 1024 its
+    # sort grew into the limit as the corpus grew (1.3-1.4 -> 1.67 GB); that task ran ~10% faster at 4x,
+    # the whole run no faster (bench/results/postprocess-v4.txt, -v5.txt).
+    task_memory_mb: int = 512
     quiet: bool = False
     logit_effects: LogitEffectsConfig = field(default_factory=lambda: LogitEffectsConfig())
 

@@ -81,7 +81,7 @@ def run_failing_shard_2_after_its_parts(cfg: RunConfig, sink: SinkConfig) -> Non
     from pipeline.runtime.driver import run
 
     always = dataclasses.replace(cfg, sink=sink, faults=FaultConfig(crash_shard=2, crash_point="after_parts"),
-                                 cluster=dataclasses.replace(cfg.cluster, max_shard_attempts=2))
+                                 cluster=dataclasses.replace(cfg.cluster, max_shard_attempts=1))
     with pytest.raises(ShardFailed, match="shard 2"):
         run(always)
 
