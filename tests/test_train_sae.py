@@ -151,3 +151,17 @@ def test_auxk_revives_dead_latents():
 def test_rejects_bad_input():
     with pytest.raises(ValueError):
         train_topk_sae(torch.randn(10), TrainConfig(n_latents=8, k=2))
+
+
+def test_demo_sae_cache_is_keyed_by_the_model_dtype(tmp_path):
+    """The demo SAE fitted on a float32 forward is not reused for a bfloat16 one (or back): their
+    activations differ. Fails if `cache_path` ignores the dtype."""
+    from pipeline.config import CorpusConfig, TrainSAEConfig
+    from pipeline.data.corpus import CorpusFile
+    from pipeline.sae.demo import cache_path
+
+    train = TrainSAEConfig(cache_dir=str(tmp_path))
+    files = [CorpusFile(url=str(tmp_path / "a.jsonl"), format="jsonl", size=1, fingerprint="f1")]
+    key = dict(train=train, model_sha="abc", hookpoint="layers.1", files=files, corpus=CorpusConfig())
+    assert cache_path(model_dtype="float32", **key) == cache_path(model_dtype="float32", **key)
+    assert cache_path(model_dtype="float32", **key) != cache_path(model_dtype="bfloat16", **key)

@@ -185,18 +185,19 @@ def sae_paths(cfg: RunConfig, files: list[CorpusFile], identity: dict) -> dict[s
     """Hookpoint -> SAE path; fits (or reuses) the demo SAE when `sae.path` is empty."""
     if cfg.sae.path:
         return {h: cfg.sae.path.replace("{hookpoint}", h) for h in cfg.sae.hookpoints}
-    from pipeline.model.loader import load_model, load_tokenizer
+    from pipeline.model.loader import load_model, load_tokenizer, resolve_model_dtype
     from pipeline.sae.demo import cache_path, ensure_demo_sae
 
     torch.set_num_threads(cfg.cluster.torch_threads)
+    model_dtype = resolve_model_dtype(cfg.model.dtype)  # the fit runs here, on this CPU (load_model's default)
     model = tokenizer = None
     paths = {}
     for hook in cfg.sae.hookpoints:
-        cached = (cache_path(cfg.sae.train, identity["sha256"], hook, files, cfg.corpus) / "cfg.json").exists()
+        cached = (cache_path(cfg.sae.train, identity["sha256"], model_dtype, hook, files, cfg.corpus) / "cfg.json").exists()
         if not cached and model is None:  # fitting needs tokens and activations here, once
             model, tokenizer = load_model(cfg.model), load_tokenizer(cfg.model)
         paths[hook] = str(ensure_demo_sae(model, tokenizer, files, cfg.corpus, hook, cfg.sae.train,
-                                          identity["sha256"], cfg.model.batch_size))
+                                          identity["sha256"], model_dtype, cfg.model.batch_size))
     return paths
 
 

@@ -1,7 +1,7 @@
 """The embedded default SAE: fitted once on the default model's activations, then cached.
 
-The cache key covers everything that changes the result (model weights' sha256, hookpoint,
-corpus files, ctx_len, SAE shape, training budget, seed), so a cached SAE is reused only
+The cache key covers everything that changes the result (model weights' sha256, the dtype the model
+runs in, hookpoint, corpus files, ctx_len, SAE shape, training budget, seed), so a cached SAE is reused only
 when it would be trained identically.
 """
 from __future__ import annotations
@@ -24,10 +24,12 @@ from pipeline.model.harvest import Harvester
 log = logging.getLogger(__name__)
 
 
-def cache_path(train: TrainSAEConfig, model_sha: str, hookpoint: str, files: list[CorpusFile], corpus: CorpusConfig) -> Path:
+def cache_path(train: TrainSAEConfig, model_sha: str, model_dtype: str, hookpoint: str, files: list[CorpusFile],
+               corpus: CorpusConfig) -> Path:
     key = json.dumps(
         {
             "model": model_sha,
+            "model_dtype": model_dtype,  # bf16 and fp32 forwards give different activations
             "hookpoint": hookpoint,
             "files": [(f.url, f.fingerprint) for f in files],
             "ctx_len": corpus.ctx_len,
@@ -79,11 +81,11 @@ def harvest_training_activations(
 
 
 def ensure_demo_sae(model, tokenizer, files, corpus: CorpusConfig, hookpoint: str, train: TrainSAEConfig,
-                    model_sha: str, batch_size: int) -> Path:
+                    model_sha: str, model_dtype: str, batch_size: int) -> Path:
     from pipeline.sae.formats import load_sae
     from pipeline.sae.train import TrainConfig, train_topk_sae
 
-    path = cache_path(train, model_sha, hookpoint, files, corpus)
+    path = cache_path(train, model_sha, model_dtype, hookpoint, files, corpus)
     if (path / "cfg.json").exists():
         sae = load_sae(path)
         report = sae.meta.get("train", {})
