@@ -12,8 +12,9 @@ Prints, side by side from one run:
   stage, is reported beside it). Also the same query straight over the latents parts (unnest of
   the k-lists), the one-liner a user would write instead of running post-processing, beside our
   map + stats;
-- peak RSS of the largest task (the hottest bucket's reduce, in a fresh process) at 1x and at 4x
-  the corpus (4x: the hot bucket's input replicated with new seq_ids and contexts).
+- peak RSS and time of the largest task (the hottest bucket's reduce, in a fresh process) at 1x
+  and at 4x the corpus (4x: the hot bucket's input replicated with new seq_ids and contexts), at
+  each DuckDB memory_limit in --rss-memory-mb (the default, 512, first).
 """
 from __future__ import annotations
 
