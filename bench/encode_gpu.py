@@ -3,16 +3,16 @@
     python3 bench/encode_gpu.py --quick                 # the issue-12 target shapes, N=4096
     python3 bench/encode_gpu.py                         # a wider grid (skips shapes that don't fit)
     python3 bench/encode_gpu.py --mainloop-only         # gate: persistent mainloop vs cuBLAS
-    python3 bench/encode_gpu.py --quick --write-table kernels/tuning_table.py
+    python3 bench/encode_gpu.py --quick --write-table kernels/sae_harvest_kernels/tuning_table.py
 
 For every (d, L, k, N) it times, on the same bf16 x [N, d], weight [L, d] and fp32 bias:
-- fused / binmax / gemm_filter: the exact top-k backends of `kernels` (no N x L matrix);
+- fused / binmax / gemm_filter: the exact top-k backends of `sae_harvest_kernels` (no N x L matrix);
 - matmul:  torch.mm over the same N x L in latent chunks into a reused bf16 buffer, matmul
            only (the ceiling: every backend does this work plus the selection);
 - chunked: the usual torch loop, addmm + torch.topk per chunk, then a top-k merge.
 It prints the card, tokens/s, each backend's ratio to matmul and to chunked, and peak GPU
 memory above the resident inputs. Targets (docs/DESIGN.md, issue 12) are marked on their rows.
-`--mainloop-only` times `kernels.binmax.bin_maxima` (the persistent GEMM with a row-max
+`--mainloop-only` times `sae_harvest_kernels.binmax.bin_maxima` (the persistent GEMM with a row-max
 epilogue, i.e. the mainloop with a trivial epilogue) against cuBLAS; gate >= 0.9x at
 N=4096, d=768, L=2^20. Without a CUDA device it prints one line ("skipped") and exits 0.
 """
@@ -26,7 +26,7 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path[:0] = [os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", p) for p in ("kernels", ".")]  # sae_harvest_kernels, no install
 
 CHUNK_BYTES = 2 * 2**30  # N x chunk bf16 buffer for the matmul / chunked baselines
 BACKENDS = ("fused", "binmax", "gemm_filter")
@@ -66,14 +66,14 @@ def chunked_topk(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, k: int) -> t
 
 def backend_fn(name: str, x, w, b, k):
     if name == "fused":
-        from kernels.topk_encode_triton import topk_encode_triton
+        from sae_harvest_kernels.topk_encode_triton import topk_encode_triton
 
         return functools.partial(topk_encode_triton, x, w, b, k)
     if name == "binmax":
-        from kernels.binmax import topk_encode_binmax
+        from sae_harvest_kernels.binmax import topk_encode_binmax
 
         return functools.partial(topk_encode_binmax, x, w, b, k)
-    from kernels.gemm_filter import topk_encode_gemm_filter
+    from sae_harvest_kernels.gemm_filter import topk_encode_gemm_filter
 
     return functools.partial(topk_encode_gemm_filter, x, w, b, k)
 
@@ -112,7 +112,7 @@ def fits(dev, d: int, n_latents: int) -> bool:
 
 
 def mainloop_gate(args, dev) -> int:
-    from kernels.binmax import GPU_CONFIG, GPU_CONFIG_128, bin_maxima
+    from sae_harvest_kernels.binmax import GPU_CONFIG, GPU_CONFIG_128, bin_maxima
 
     n_rows, d, n_latents = args.n, args.d, args.L
     x, w, _ = inputs(dev, n_rows, d, n_latents)
@@ -143,7 +143,7 @@ def main() -> int:
     parser.add_argument("--n", type=int, default=4096, help="tokens (mainloop gate)")
     parser.add_argument("--d", type=int, default=768, help="model dim (mainloop gate)")
     parser.add_argument("--L", type=int, default=2**20, help="latents (mainloop gate)")
-    parser.add_argument("--write-table", metavar="PATH", help="write the fastest backend per shape as kernels/tuning_table.py")
+    parser.add_argument("--write-table", metavar="PATH", help="write the fastest backend per shape as kernels/sae_harvest_kernels/tuning_table.py")
     args = parser.parse_args()
 
     if not torch.cuda.is_available():
@@ -207,7 +207,7 @@ def main() -> int:
 
 
 def write_table(path: str, winners: list, card: str, quick: bool) -> None:
-    from kernels.tuning import render_table
+    from sae_harvest_kernels.tuning import render_table
 
     today = datetime.date.today().isoformat()
     provenance = f"measured: bench/encode_gpu.py {'--quick ' if quick else ''}on {card}, {today}"

@@ -18,7 +18,7 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path[:0] = [os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", p) for p in ("kernels", ".")]  # sae_harvest_kernels, no install
 
 BACKENDS = ("fused", "binmax", "gemm_filter", "torch")
 # N, d, L, k, bias
@@ -45,15 +45,15 @@ def reference(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, k: int, 
 
 
 def run_backend(name: str, x, w, b, k, stats: dict):
-    import kernels
-    from kernels.binmax import topk_encode_binmax
-    from kernels.gemm_filter import topk_encode_gemm_filter
+    import sae_harvest_kernels
+    from sae_harvest_kernels.binmax import topk_encode_binmax
+    from sae_harvest_kernels.gemm_filter import topk_encode_gemm_filter
 
     if name == "binmax":
         return topk_encode_binmax(x, w, b, k, stats=stats)
     if name == "gemm_filter":
         return topk_encode_gemm_filter(x, w, b, k, stats=stats)
-    return kernels.topk_encode(x, w, b, k, backend=name)
+    return sae_harvest_kernels.topk_encode(x, w, b, k, backend=name)
 
 
 def main() -> int:

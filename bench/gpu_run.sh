@@ -10,7 +10,7 @@
 set -u
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$ROOT"
-export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONPATH="$ROOT/kernels:$ROOT${PYTHONPATH:+:$PYTHONPATH}"  # sae_harvest_kernels lives in kernels/
 export TRITON_CACHE_AUTOTUNING=1  # stages 1 and 3 share compiled kernels and autotune picks
 export TRITON_DEFAULT_FP_FUSION=1
 PY="${PYTHON:-python3}"
@@ -44,5 +44,5 @@ stage mainloop-gate 60 $PY bench/encode_gpu.py --mainloop-only --rep 50
 stage quick-bench 190 $PY bench/encode_gpu.py --quick --rep 50 --write-table "$DEST/tuning_table.py"
 stage worker 90 $PY bench/worker_gpu.py --shards 2
 echo '```' >> "$LOG"
-echo "record: $LOG (measured table, if any: $DEST/tuning_table.py; copy it to kernels/ to commit it)"
+echo "record: $LOG (measured table, if any: $DEST/tuning_table.py; copy it to kernels/sae_harvest_kernels/ to commit it)"
 exit $status

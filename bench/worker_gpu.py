@@ -7,7 +7,7 @@ Model: a random-initialised `LlamaForCausalLM` with SmolLM2-135M's shape (hidden
 9 heads, 3 kv heads, intermediate 1536, vocab 49152) in bf16, run up to the hookpoint layer
 only (as the worker does: forward cost ends at the deepest hookpoint), no lm_head. SAE: bf16
 W_enc [L, 576] with fp32 b_enc and b_dec, sparsify semantics (x - b_dec, top-k, ReLU), encoded by
-`kernels.topk_encode` (`--backend`, default auto). Per shard (`--seqs` x `--ctx` tokens) it
+`sae_harvest_kernels.topk_encode` (`--backend`, default auto). Per shard (`--seqs` x `--ctx` tokens) it
 prints tokens/s for
 - forward-only: the forward passes of the shard's batches;
 - encode-only: the encode of the same activations (kept from a forward run);
@@ -30,7 +30,7 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path[:0] = [os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", p) for p in ("kernels", ".")]  # sae_harvest_kernels, no install
 
 TARGET = 0.8
 
@@ -91,10 +91,10 @@ class SAE:
 
     @torch.inference_mode()
     def encode(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        import kernels
+        import sae_harvest_kernels
 
         x = (h.reshape(-1, h.shape[-1]).float() - self.b_dec).to(torch.bfloat16)
-        values, ids = kernels.topk_encode(x, self.w_enc, self.b_enc, self.k, backend=self.backend)
+        values, ids = sae_harvest_kernels.topk_encode(x, self.w_enc, self.b_enc, self.k, backend=self.backend)
         return values.relu_(), ids
 
 
@@ -161,7 +161,7 @@ def main() -> int:
     parser.add_argument("--ctx", type=int, default=1024, help="tokens per sequence")
     parser.add_argument("--batch", type=int, default=8, help="sequences per forward / encode batch")
     parser.add_argument("--shards", type=int, default=2, help="timed shards per measurement (after one warm-up)")
-    parser.add_argument("--backend", default="auto", help="kernels.topk_encode backend")
+    parser.add_argument("--backend", default="auto", help="sae_harvest_kernels.topk_encode backend")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("no CUDA device: GPU worker benchmark skipped (run it on an H100-class GPU)")

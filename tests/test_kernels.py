@@ -4,9 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-import kernels
-from kernels.reference import ordered_topk, preactivations, sparse_decode_reference, topk_encode_reference
-from kernels.streaming import sparse_decode_torch, topk_encode_streaming
+import sae_harvest_kernels
+from sae_harvest_kernels.reference import ordered_topk, preactivations, sparse_decode_reference, topk_encode_reference
+from sae_harvest_kernels.streaming import sparse_decode_torch, topk_encode_streaming
 
 GRID = [
     # N, d, L, k, chunk
@@ -66,7 +66,7 @@ def test_tie_straddling_kth_place_goes_to_lower_id():
     w = torch.zeros(12, 1)
     w[7] = 2.0
     w[[9, 3, 5]] = 1.0
-    values, ids = kernels.topk_encode(x, w, None, 3, backend="torch")
+    values, ids = sae_harvest_kernels.topk_encode(x, w, None, 3, backend="torch")
     assert ids.tolist() == [[7, 3, 5]]
     assert values.tolist() == [[2.0, 1.0, 1.0]]
 
@@ -103,7 +103,7 @@ def test_bf16_inputs_are_accumulated_in_fp32():
     g = torch.Generator().manual_seed(1)
     x = torch.randn(20, 64, generator=g).bfloat16()
     w = torch.randn(500, 64, generator=g).bfloat16()
-    values, ids = kernels.topk_encode(x, w, None, 8)
+    values, ids = sae_harvest_kernels.topk_encode(x, w, None, 8)
     assert_same_topk(values, ids, preactivations(x, w, None), 8)
 
 
@@ -122,13 +122,13 @@ def test_sparse_decode_equals_dense(n, k, L, d):
     dense = torch.zeros(n, L)
     dense.scatter_(1, ids.long(), values)
     torch.testing.assert_close(sparse_decode_torch(values, ids, w), dense @ w, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(kernels.sparse_decode(values, ids, w), sparse_decode_reference(values, ids, w))
+    torch.testing.assert_close(sae_harvest_kernels.sparse_decode(values, ids, w), sparse_decode_reference(values, ids, w))
 
 
 def test_argument_errors_name_the_problem():
     with pytest.raises(ValueError, match="k=9"):
-        kernels.topk_encode(torch.randn(2, 4), torch.randn(8, 4), None, 9)
+        sae_harvest_kernels.topk_encode(torch.randn(2, 4), torch.randn(8, 4), None, 9)
     with pytest.raises(ValueError, match="d=5"):
-        kernels.topk_encode(torch.randn(2, 4), torch.randn(8, 5), None, 2)
+        sae_harvest_kernels.topk_encode(torch.randn(2, 4), torch.randn(8, 5), None, 2)
     with pytest.raises(ValueError, match="unknown encode backend"):
-        kernels.topk_encode(torch.randn(2, 4), torch.randn(8, 4), None, 2, backend="cuda")
+        sae_harvest_kernels.topk_encode(torch.randn(2, 4), torch.randn(8, 4), None, 2, backend="cuda")

@@ -30,13 +30,13 @@ import torch
 
 triton = pytest.importorskip("triton")
 
-import kernels
-from kernels.binmax import _binmax_kernel, _rescore_kernel, bin_maxima, topk_encode_binmax
-from kernels.gemm_filter import _filter_kernel, topk_encode_gemm_filter
-from kernels.reference import preactivations, sparse_decode_reference, topk_encode_reference
-from kernels.sparse_decode_triton import _sparse_decode_kernel, sparse_decode_triton
-from kernels.streaming import topk_encode_streaming
-from kernels.topk_encode_triton import _encode_tiles_kernel, _merge_kernel, topk_encode_triton
+import sae_harvest_kernels
+from sae_harvest_kernels.binmax import _binmax_kernel, _rescore_kernel, bin_maxima, topk_encode_binmax
+from sae_harvest_kernels.gemm_filter import _filter_kernel, topk_encode_gemm_filter
+from sae_harvest_kernels.reference import preactivations, sparse_decode_reference, topk_encode_reference
+from sae_harvest_kernels.sparse_decode_triton import _sparse_decode_kernel, sparse_decode_triton
+from sae_harvest_kernels.streaming import topk_encode_streaming
+from sae_harvest_kernels.topk_encode_triton import _encode_tiles_kernel, _merge_kernel, topk_encode_triton
 
 # The kernels are built now; don't leak interpreter mode into modules collected after this
 # one (the autouse fixture below sets it again while these tests run).
@@ -60,7 +60,7 @@ interpreted = pytest.mark.skipif(not IN_PROCESS, reason="kernels built for GPU e
 
 @pytest.fixture(autouse=True)
 def _one_thread_and_interpreter(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "1")  # kernels.resolve_backend reads it per call
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # sae_harvest_kernels.resolve_backend reads it per call
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -243,11 +243,11 @@ def test_public_dispatch_to_triton():
     x = _ints((9, 64), -3, 4, torch.float32, 11)
     w = _ints((130, 64), -2, 3, torch.float32, 12)
     b = _ints((130,), -5, 6, torch.float32, 13)
-    triton_values, triton_ids = kernels.topk_encode(x, w, b, 10, backend="triton")
-    torch_values, torch_ids = kernels.topk_encode(x, w, b, 10, backend="torch")
+    triton_values, triton_ids = sae_harvest_kernels.topk_encode(x, w, b, 10, backend="triton")
+    torch_values, torch_ids = sae_harvest_kernels.topk_encode(x, w, b, 10, backend="torch")
     assert torch.equal(triton_values, torch_values) and torch.equal(triton_ids, torch_ids)
     values = torch.randn(9, 10)
-    out = kernels.sparse_decode(values, triton_ids, w, backend="triton")
+    out = sae_harvest_kernels.sparse_decode(values, triton_ids, w, backend="triton")
     torch.testing.assert_close(out, sparse_decode_reference(values, triton_ids, w), atol=1e-5, rtol=1e-5)
 
 
@@ -381,7 +381,7 @@ def test_persistent_mainloop_bin_maxima(use_tma, num_programs):
     b = _ints((300,), -5, 6, torch.float32, 43)
     maxima = bin_maxima(x, w, b, use_tma=use_tma, num_programs=num_programs)
     pre = preactivations(x, w, b)
-    block_l = 32  # kernels.binmax.INTERPRET_CONFIG
+    block_l = 32  # sae_harvest_kernels.binmax.INTERPRET_CONFIG
     padded = torch.full((37, maxima.shape[0] * block_l), float("-inf"))
     padded[:, :300] = pre
     assert torch.equal(maxima, padded.view(37, -1, block_l).amax(dim=2).T)
@@ -449,16 +449,16 @@ def test_public_dispatch_every_backend(backend):
     x = _ints((9, 64), -3, 4, torch.bfloat16, 81)
     w = _ints((400, 64), -2, 3, torch.bfloat16, 82)
     b = _ints((400,), -5, 6, torch.float32, 83)
-    values, ids = kernels.topk_encode(x, w, b, 12, backend=backend)
+    values, ids = sae_harvest_kernels.topk_encode(x, w, b, 12, backend=backend)
     ref_values, ref_ids = _stable_sort_reference(x, w, b, 12)
     assert torch.equal(values, ref_values) and torch.equal(ids, ref_ids)
 
 
 def test_auto_backend_table():
-    from kernels import tuning, tuning_table
+    from sae_harvest_kernels import tuning, tuning_table
 
     assert "unmeasured" in tuning_table.PROVENANCE and not tuning_table.ENTRIES
-    assert kernels.resolve_backend("auto", torch.device("cpu"), (768, 2**20, 32)) == "torch"
+    assert sae_harvest_kernels.resolve_backend("auto", torch.device("cpu"), (768, 2**20, 32)) == "torch"
     assert tuning.pick_backend(768, 2**24, 32) == tuning_table.DEFAULT
     # A rendered table is valid Python and its nearest measured shape wins.
     text = tuning.render_table([(768, 2**20, 32, "binmax", 1e5), (4096, 2**22, 64, "gemm_filter", 2e4)],
@@ -474,7 +474,7 @@ def test_auto_backend_table():
     finally:
         tuning_table.ENTRIES = original
     with pytest.raises(ValueError):
-        kernels.resolve_backend("cutlass", torch.device("cpu"))
+        sae_harvest_kernels.resolve_backend("cutlass", torch.device("cpu"))
 
 
 @pytest.mark.parametrize("script", ["bench/encode_gpu.py", "bench/worker_gpu.py"])
@@ -500,10 +500,10 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-import kernels.binmax as bm
-import kernels.gemm_filter as gf
-import kernels.sparse_decode_triton as dec
-import kernels.topk_encode_triton as enc
+import sae_harvest_kernels.binmax as bm
+import sae_harvest_kernels.gemm_filter as gf
+import sae_harvest_kernels.sparse_decode_triton as dec
+import sae_harvest_kernels.topk_encode_triton as enc
 
 target = GPUTarget("cuda", 90, 32)
 

@@ -7,12 +7,12 @@ into contiguous latent ranges, one `LatentPartActor` per range, all in one place
 Encode (same result as `SAE.encode`, bit for bit):
   driver: x_n = normalize(x) - b_pre          (the SAE's own `normalize`, on CPU)
   actors: local top-k of x_n @ W_enc[range].T + b_enc[range], ids offset to global ids
-  driver: `kernels.merge.merge_topk` (exact tie rule), then ReLU and latent_scale[ids]
+  driver: `sae_harvest_kernels.merge.merge_topk` (exact tie rule), then ReLU and latent_scale[ids]
 Each pre-activation is computed by the same kernel from the same row of weights as in the
 unsplit SAE, so the merged top-k equals the unsplit one exactly, ties included.
 
 Decode gathers on the driver: each actor returns the `W_dec` rows of the distinct ids that
-fall in its range, and the driver runs `kernels.sparse_decode` on those rows. That is bitwise
+fall in its range, and the driver runs `sae_harvest_kernels.sparse_decode` on those rows. That is bitwise
 equal to `SAE.decode` (same rows, same summation order) and moves O(distinct ids x d) rows;
 summing per-actor partial decodes would move n_parts x N x d floats and only match to
 rounding. Decode is for reconstruction checks, not the harvest hot path.
@@ -30,8 +30,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-import kernels
-from kernels.merge import merge_topk
+import sae_harvest_kernels
+from sae_harvest_kernels.merge import merge_topk
 from pipeline.remote import sha256_of_files
 from pipeline.sae.sae import OWN_FORMAT, SAE
 from pipeline.sae.weights import kernel_matrix, safetensors_header, vector
@@ -131,7 +131,7 @@ class LatentPartActor:
         # A range narrower than k contributes all its latents; the merge still finds the global k.
         local_k = min(k, self.stop - self.start)
         bounds = [0, x.shape[0]] if bounds is None else bounds
-        out = [kernels.topk_encode(x[a:b].to(self.device), self.W_enc, self.b_enc, local_k, backend=self.backend)
+        out = [sae_harvest_kernels.topk_encode(x[a:b].to(self.device), self.W_enc, self.b_enc, local_k, backend=self.backend)
                for a, b in zip(bounds[:-1], bounds[1:])]
         values = torch.cat([v for v, _ in out]) if out else torch.empty(0, local_k)
         ids = torch.cat([i for _, i in out]) if out else torch.empty(0, local_k, dtype=torch.int32)
@@ -384,7 +384,7 @@ class LatentSplitSAE:
         else:  # no ids at all (N == 0 or k == 0)
             rows = torch.empty(0, self.d_in)
         # The driver works on CPU, so the torch path (what SAE.decode runs on CPU too).
-        out = kernels.sparse_decode(values.cpu(), inverse.reshape(ids.shape), rows, backend="torch")
+        out = sae_harvest_kernels.sparse_decode(values.cpu(), inverse.reshape(ids.shape), rows, backend="torch")
         if self.sae.b_dec is not None:  # as SAE.decode
             out = out + self.sae.b_dec.float()
         return out.to(values.device)

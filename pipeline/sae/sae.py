@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-import kernels
+import sae_harvest_kernels
 
 OWN_FORMAT = "sae-harvest"
 INPUT_NORMS = ("none", "openai_layernorm", "constant_norm_rescale")
@@ -140,7 +140,7 @@ class SAE:
         """x [N, d] -> (values fp32 [N, k] descending, latent ids int32 [N, k])."""
         k = self.k if k is None else k
         x_n = self.encoder_input(x, k)
-        values, ids = kernels.topk_encode(x_n, self.W_enc, self.b_enc, k, backend=self.backend)
+        values, ids = sae_harvest_kernels.topk_encode(x_n, self.W_enc, self.b_enc, k, backend=self.backend)
         return self.activate(values, ids), ids
 
     def decode(self, values: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -148,7 +148,7 @@ class SAE:
         if self.W_dec is None:
             raise ValueError(f"SAE {self.source or self.format} was loaded without its decoder; "
                              f"load it with load_sae(..., with_decoder=True) to decode")
-        out = kernels.sparse_decode(values, ids, self.W_dec, backend=self.backend)
+        out = sae_harvest_kernels.sparse_decode(values, ids, self.W_dec, backend=self.backend)
         if self.b_dec is not None:
             out = out + self.b_dec.float()
         return out

@@ -1,9 +1,9 @@
-"""`auto` backend choice on CUDA from the committed table `kernels.tuning_table`."""
+"""`auto` backend choice on CUDA from the committed table `sae_harvest_kernels.tuning_table`."""
 from __future__ import annotations
 
 import math
 
-from kernels import tuning_table
+from sae_harvest_kernels import tuning_table
 
 
 def pick_backend(d: int, n_latents: int, k: int) -> str:
@@ -19,13 +19,13 @@ def pick_backend(d: int, n_latents: int, k: int) -> str:
 
 
 def render_table(entries: list[tuple[int, int, int, str, float]], card: str, provenance: str) -> str:
-    """Source text of kernels/tuning_table.py for measured `entries` (bench/encode_gpu.py --write-table)."""
+    """Source text of kernels/sae_harvest_kernels/tuning_table.py for measured `entries` (bench/encode_gpu.py --write-table)."""
     rows = "".join(f"    ({d}, {n}, {k}, {backend!r}, {tps:.6g}),\n" for d, n, k, backend, tps in entries)
     return (
-        '"""Which CUDA backend `kernels.topk_encode(..., backend="auto")` picks, per shape.\n\n'
-        "Generated data: `python3 bench/encode_gpu.py --quick --write-table kernels/tuning_table.py`\n"
+        '"""Which CUDA backend `sae_harvest_kernels.topk_encode(..., backend="auto")` picks, per shape.\n\n'
+        "Generated data: `python3 bench/encode_gpu.py --quick --write-table kernels/sae_harvest_kernels/tuning_table.py`\n"
         "rewrites this file from a GPU run (the fastest exact backend per measured shape).\n"
-        "`kernels.tuning.pick_backend` uses the measured shape nearest in log2(d, L, k).\n"
+        "`sae_harvest_kernels.tuning.pick_backend` uses the measured shape nearest in log2(d, L, k).\n"
         '"""\n\n'
         f"PROVENANCE = {provenance!r}\n"
         f"CARD = {card!r}\n"

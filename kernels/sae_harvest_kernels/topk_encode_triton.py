@@ -444,7 +444,7 @@ def topk_encode_triton(
     if n_latents >= 2**32:
         raise ValueError("latent ids must fit in 32 bits")
     if k > MAX_K:
-        from kernels.streaming import topk_encode_streaming
+        from sae_harvest_kernels.streaming import topk_encode_streaming
 
         return topk_encode_streaming(x, weight, bias, k)
 

@@ -41,7 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.topk_encode_triton import (
+from sae_harvest_kernels.topk_encode_triton import (
     _EMPTY,
     _INTERPRET,
     MAX_K,
@@ -279,7 +279,7 @@ def _pair_chunks(mask: torch.Tensor, block_n: int) -> tuple[torch.Tensor, ...]:
 
 
 def _decode_keys(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    from kernels.streaming import decode_keys
+    from sae_harvest_kernels.streaming import decode_keys
 
     values, ids = decode_keys(keys)
     return values.contiguous(), ids.to(torch.int32).contiguous()
@@ -288,10 +288,10 @@ def _decode_keys(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def fallback_encode(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, k: int):
     """The rows the fast paths hand back: the fused kernel (k <= MAX_K), else streaming torch."""
     if k <= MAX_K and (x.is_cuda or _INTERPRET):
-        from kernels.topk_encode_triton import topk_encode_triton
+        from sae_harvest_kernels.topk_encode_triton import topk_encode_triton
 
         return topk_encode_triton(x, weight, bias, k)
-    from kernels.streaming import topk_encode_streaming
+    from sae_harvest_kernels.streaming import topk_encode_streaming
 
     return topk_encode_streaming(x, weight, bias, k)
 

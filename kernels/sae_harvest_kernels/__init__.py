@@ -3,19 +3,20 @@
 `topk_encode(x, weight, bias, k)` returns the k largest entries of `x @ weight.T + bias`
 per row, values descending with ties to the lower id, without materializing the N x L
 matrix. Backends:
-- "torch": streaming chunked matmul + exact top-k merge (`kernels.streaming`), any device;
-- "fused" (alias "triton"): the fused kernel (`kernels.topk_encode_triton`);
+- "torch": streaming chunked matmul + exact top-k merge (`sae_harvest_kernels.streaming`), any device;
+- "fused" (alias "triton"): the fused kernel (`sae_harvest_kernels.topk_encode_triton`);
 - "binmax": persistent matmul writing per-tile row maxima, then exact rescoring of the
-  candidate tiles only (`kernels.binmax`);
+  candidate tiles only (`sae_harvest_kernels.binmax`);
 - "gemm_filter": cuBLAS GEMM into fp32 chunks + threshold filter + exact merge
-  (`kernels.gemm_filter`);
-- "auto": on CUDA the backend `kernels.tuning_table` lists for the nearest measured shape
+  (`sae_harvest_kernels.gemm_filter`);
+- "auto": on CUDA the backend `sae_harvest_kernels.tuning_table` lists for the nearest measured shape
   (see its PROVENANCE), torch otherwise.
 Triton backends run on CPU tensors only under TRITON_INTERPRET=1 (tests).
 
-This package imports torch (and triton lazily) only: no Ray, Hydra or I/O. It deliberately
-has no `__version__`: transformers probes an importable `kernels` for Hugging Face's hub
-kernels and must not mistake this package for it.
+This package imports torch (and triton lazily) only: no Ray, Hydra or I/O. Its import name is
+`sae_harvest_kernels`, never `kernels`: that name belongs to Hugging Face's hub-kernels package,
+which transformers imports. The folder kernels/ is a source root holding this package
+(docs/DESIGN.md, "Import names").
 """
 from __future__ import annotations
 
@@ -23,8 +24,8 @@ import os
 
 import torch
 
-from kernels.reference import sparse_decode_reference, topk_encode_reference
-from kernels.streaming import sparse_decode_torch, topk_encode_streaming
+from sae_harvest_kernels.reference import sparse_decode_reference, topk_encode_reference
+from sae_harvest_kernels.streaming import sparse_decode_torch, topk_encode_streaming
 
 __all__ = [
     "topk_encode",
@@ -49,7 +50,7 @@ def resolve_backend(backend: str, device: torch.device, shape: tuple[int, int, i
             return "torch"
         if shape is None:
             return "fused"
-        from kernels.tuning import pick_backend
+        from sae_harvest_kernels.tuning import pick_backend
 
         return pick_backend(*shape)
     if backend in TRITON_BACKENDS and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
@@ -79,15 +80,15 @@ def topk_encode(
     _check_encode_args(x, weight, bias, k)
     chosen = resolve_backend(backend, x.device, (x.shape[1], weight.shape[0], k))
     if chosen == "fused":
-        from kernels.topk_encode_triton import topk_encode_triton
+        from sae_harvest_kernels.topk_encode_triton import topk_encode_triton
 
         return topk_encode_triton(x, weight, bias, k)
     if chosen == "binmax":
-        from kernels.binmax import topk_encode_binmax
+        from sae_harvest_kernels.binmax import topk_encode_binmax
 
         return topk_encode_binmax(x, weight, bias, k)
     if chosen == "gemm_filter":
-        from kernels.gemm_filter import topk_encode_gemm_filter
+        from sae_harvest_kernels.gemm_filter import topk_encode_gemm_filter
 
         return topk_encode_gemm_filter(x, weight, bias, k)
     return topk_encode_streaming(x, weight, bias, k)
@@ -100,7 +101,7 @@ def sparse_decode(
     if values.shape != indices.shape:
         raise ValueError(f"values {tuple(values.shape)} and indices {tuple(indices.shape)} differ in shape")
     if resolve_backend(backend, values.device) in TRITON_BACKENDS:
-        from kernels.sparse_decode_triton import sparse_decode_triton
+        from sae_harvest_kernels.sparse_decode_triton import sparse_decode_triton
 
         return sparse_decode_triton(values, indices, w_dec)
     return sparse_decode_torch(values, indices, w_dec)

@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.topk_encode_triton import _EMPTY, _pack_keys
+from sae_harvest_kernels.topk_encode_triton import _EMPTY, _pack_keys
 
 CHUNK_BYTES = 512 * 2**20  # one fp32 [N, chunk] buffer
 MAX_CHUNK = 1 << 16
@@ -87,8 +87,8 @@ def topk_encode_gemm_filter(
     stats: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k of `x @ weight.T + bias`: (values fp32 [N, k] descending, ids int32 [N, k]), ties to the lower id."""
-    from kernels.binmax import _decode_keys, compute_dtype, fallback_encode
-    from kernels.streaming import _topk_keys
+    from sae_harvest_kernels.binmax import _decode_keys, compute_dtype, fallback_encode
+    from sae_harvest_kernels.streaming import _topk_keys
 
     n_rows, d = x.shape
     n_latents = weight.shape[0]

@@ -5,7 +5,7 @@ for each j it gathers the BLOCK_N decoder rows `w_dec[indices[:, j], cols]` (con
 BLOCK_D-wide segments, so loads coalesce) and accumulates in fp32 registers. Nothing of
 size N x L or N x k x d is ever formed. Row offsets are `index * stride` in int64, so
 L * d past 2^31 (16M latents x 4096) is fine. Ids must lie in [0, L): they are not checked
-on the device (that would need a host sync); kernels.reference raises on bad ids instead.
+on the device (that would need a host sync); sae_harvest_kernels.reference raises on bad ids instead.
 """
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
-"""Which CUDA backend `kernels.topk_encode(..., backend="auto")` picks, per shape.
+"""Which CUDA backend `sae_harvest_kernels.topk_encode(..., backend="auto")` picks, per shape.
 
-Generated data: `python3 bench/encode_gpu.py --quick --write-table kernels/tuning_table.py`
+Generated data: `python3 bench/encode_gpu.py --quick --write-table kernels/sae_harvest_kernels/tuning_table.py`
 rewrites this file from a GPU run (the fastest exact backend per measured shape).
-`kernels.tuning.pick_backend` uses the measured shape nearest in log2(d, L, k).
+`sae_harvest_kernels.tuning.pick_backend` uses the measured shape nearest in log2(d, L, k).
 """
 
 # Where these entries come from. Nothing here has been measured yet: no GPU run of the
