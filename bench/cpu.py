@@ -24,6 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sae_harvest_kernels.streaming import default_chunk, topk_encode_streaming  # noqa: E402
+
 from pipeline.config import CorpusConfig, ModelConfig, SinkConfig  # noqa: E402
 
 

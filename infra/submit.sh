@@ -59,6 +59,9 @@ if [[ -n "$workdir" ]]; then
   # Never upload the venv, outputs, caches or git history (Ray caps uploads at a few hundred MB).
   runtime_env+=", \"working_dir\": $(json_str "$workdir"), \"excludes\": [\".venv\", \"out\", \".cache\", \".git\","
   runtime_env+=" \"**/__pycache__\", \"*.egg-info\", \".pytest_cache\", \".ruff_cache\", \"bench/results\"]"
+  # The kernels' import package lives in kernels/ (a source root, not on the working dir's sys.path):
+  # upload it as a module too, so the job runs the kernels of this checkout beside its pipeline/.
+  runtime_env+=", \"py_modules\": [$(json_str "$workdir/kernels/sae_harvest_kernels")]"
 fi
 runtime_env+="}"
 

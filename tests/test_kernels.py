@@ -2,9 +2,8 @@
 from __future__ import annotations
 
 import pytest
-import torch
-
 import sae_harvest_kernels
+import torch
 from sae_harvest_kernels.reference import ordered_topk, preactivations, sparse_decode_reference, topk_encode_reference
 from sae_harvest_kernels.streaming import sparse_decode_torch, topk_encode_streaming
 

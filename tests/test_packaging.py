@@ -55,8 +55,9 @@ def test_kernels_folder_is_a_source_root_not_a_package():
 
 def test_this_process_sees_the_hub_package_too():
     # pytest's own sys.path (rootdir, tests/) must not shadow it either.
-    import kernels
     import sae_harvest_kernels
+
+    import kernels
 
     assert "site-packages" in Path(kernels.__file__).parts
     assert sae_harvest_kernels.topk_encode.__module__ == "sae_harvest_kernels"

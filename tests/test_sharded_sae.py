@@ -5,9 +5,9 @@ import itertools
 
 import pytest
 import torch
-
 from sae_harvest_kernels.merge import merge_topk
 from sae_harvest_kernels.reference import ordered_topk, preactivations
+
 from pipeline.sae.formats import load_sae
 from pipeline.sae.latent_split import LatentPartActor, LatentSplitSAE, load_slices, split_ranges
 from pipeline.sae.sae import SAE

@@ -28,10 +28,10 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import torch
-
 import sae_harvest_kernels
+import torch
 from sae_harvest_kernels.merge import merge_topk
+
 from pipeline.remote import sha256_of_files
 from pipeline.sae.sae import OWN_FORMAT, SAE
 from pipeline.sae.weights import kernel_matrix, safetensors_header, vector

@@ -20,9 +20,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 import sae_harvest_kernels
+import torch
 
 OWN_FORMAT = "sae-harvest"
 INPUT_NORMS = ("none", "openai_layernorm", "constant_norm_rescale")
