@@ -11,17 +11,13 @@
     .../models--org--name a hub-cache repo folder itself (resolved like hf-cache:, at main)
     s3://bucket/prefix    any fsspec URL: the prefix is copied to a local cache (sha256-checked,
                           pipeline.remote.fetch_to_cache) and loaded from there
-Nothing is ever fetched from a hub: HF_HUB_OFFLINE is set before transformers loads.
+Nothing is ever fetched from a hub: HF_HUB_OFFLINE is set before transformers loads (pipeline/__init__.py).
 """
 from __future__ import annotations
 
 import importlib.util
 import os
 from pathlib import Path
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-os.environ.setdefault("TQDM_DISABLE", "1")  # GGUF de-quantization draws a progress bar per load
 
 import torch
 

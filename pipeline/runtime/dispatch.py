@@ -129,6 +129,9 @@ def start_ray(cfg: RunConfig) -> None:
 
     if ray.is_initialized():
         return
+    # Ray's token-auth banner (a WARNING at every local start, then where it saved the token) tells a
+    # user of the local instance nothing to act on; infra/submit.sh sends the token when it exists.
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     env = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "TQDM_DISABLE": "1",
            "OMP_NUM_THREADS": str(cfg.cluster.torch_threads)}
     # Where S3 is, not who we are: keys come from each node's environment or role, since
