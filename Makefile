@@ -95,7 +95,7 @@ bench-gpu:
 	bash bench/gpu_run.sh
 
 lint: setup
-	$(VENV)/bin/ruff check pipeline kernels tests bench
+	$(VENV)/bin/ruff check pipeline kernels tests bench infra
 
 clean:
 	rm -rf out .cache
