@@ -94,8 +94,9 @@ def _record_failure(cfg: RunConfig, started: datetime, err: Exception) -> None:
 
     try:
         store = RunStore(cfg.sink, cfg.run_id)
-        empty = RunSummary(cfg.run_id, store.url, hookpoints=list(cfg.sae.hookpoints))
-        write_run_summary(store, summary_record(empty, started_at=started, failures=1,
+        # A run that failed after doing work (poison shards, dispatch.ShardFailed) carries its summary.
+        done = getattr(err, "summary", None) or RunSummary(cfg.run_id, store.url, hookpoints=list(cfg.sae.hookpoints))
+        write_run_summary(store, summary_record(done, started_at=started, failures=1,
                                                 error=redact_text(f"{type(err).__name__}: {err}")[:2000]))
     except Exception as also:  # noqa: BLE001  the original error is the one to report
         log.error(f"[{cfg.run_id}] could not record the failure: {also}")
@@ -135,9 +136,9 @@ def app(dcfg: DictConfig) -> None:
         (log.info if report.ok else log.error)(report.describe())
         if not report.ok:
             failed.append(f"[{cfg.run_id}] {report.describe()}")
-    if cfg.fail_on_quarantine and summary.quarantined:
-        failed.append(f"[{cfg.run_id}] {summary.quarantined} document(s) quarantined and fail_on_quarantine=true; "
-                      f"see manifest.json 'quarantined' under {summary.output}")
+    if cfg.fail_on_quarantine and (summary.quarantined or summary.shards_quarantined):
+        failed.append(f"[{cfg.run_id}] {summary.quarantined} document(s) and {summary.shards_quarantined} shard(s) "
+                      f"quarantined and fail_on_quarantine=true; see manifest.json 'quarantined' under {summary.output}")
     if failed:
         sys.exit("\n".join(failed))
 

@@ -128,7 +128,16 @@ class ClusterConfig:
     cpus_per_worker: float = 2.0
     torch_threads: int = 2
     max_in_flight: int = 2  # shards queued per worker beyond the one running
-    max_shard_attempts: int = 3  # a shard whose worker died is redone elsewhere up to this often
+    # A worker death is charged to a shard only when that shard alone was on the worker; shards in
+    # flight with others are redone uncharged, each alone on a worker (pipeline/runtime/dispatch.py).
+    # A shard charged this many deaths is a poison shard.
+    max_shard_attempts: int = 3
+    # What a poison shard does to the run. fail: every other shard is still committed, then the run
+    # stops naming it (a rerun resumes with it). quarantine: it is recorded (_quarantine/, the
+    # manifest's "quarantined") and the run completes without it; later runs leave it alone unless
+    # retry_quarantined=true.
+    on_poison_shard: str = "fail"
+    retry_quarantined: bool = False
     # Extra Ray resources each worker needs, e.g. {"accelerator_type:H100": 0.001} or a custom
     # label that pins workers to a node group.
     worker_resources: dict[str, float] = field(default_factory=dict)
@@ -145,8 +154,10 @@ class FaultConfig:
     """Real process deaths at chosen points, for the exactly-once tests. Off by default."""
     crash_shard: int | None = None
     # before_parts | after_parts (parts written, no commit yet) | split_part (part 0 of a
-    # latent-split SAE dies while encoding the shard)
+    # latent-split SAE dies while encoding the shard) | hold (the worker appends its pid to
+    # `pid_file` and waits, computing nothing, for a kill from outside: `kill -9` tests)
     crash_point: str = "after_parts"
+    pid_file: str | None = None
     # Crash only while this file does not exist (it is created just before dying): crash once.
     once_marker: str | None = None
 

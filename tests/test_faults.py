@@ -75,15 +75,17 @@ def test_worker_killed_mid_shard_is_redone_without_duplicates(clean_run, tmp_pat
     assert summary.shards_done + summary.shards_skipped == len(list((root / "_commits").glob("*.json")))
 
 
-def run_failing_shard_2_after_its_parts(cfg: RunConfig, sink: SinkConfig) -> None:
-    """Every attempt at shard 2 dies after writing its parts: the run must fail, not commit it."""
+def run_failing_shard_2_after_its_parts(cfg: RunConfig, sink: SinkConfig, attempts: int = 1, **cluster):
+    """Every attempt at shard 2 dies after writing its parts: the run must fail naming it, not commit
+    it. Returns the ShardFailed (its `.summary` is the run's record)."""
     from pipeline.runtime.dispatch import ShardFailed
     from pipeline.runtime.driver import run
 
     always = dataclasses.replace(cfg, sink=sink, faults=FaultConfig(crash_shard=2, crash_point="after_parts"),
-                                 cluster=dataclasses.replace(cfg.cluster, max_shard_attempts=1))
-    with pytest.raises(ShardFailed, match="shard 2"):
+                                 cluster=dataclasses.replace(cfg.cluster, max_shard_attempts=attempts, **cluster))
+    with pytest.raises(ShardFailed, match="shard 2 ") as failed:
         run(always)
+    return failed.value
 
 
 def test_crash_between_parts_and_commit_leaves_nothing_visible(clean_run, tmp_path):
@@ -102,6 +104,140 @@ def test_crash_between_parts_and_commit_leaves_nothing_visible(clean_run, tmp_pa
     run(dataclasses.replace(cfg, sink=out))  # resume without faults
     assert_exactly_once(root)
     assert data_checksums(root) == reference
+
+
+def shard_documents(root: Path, shard_id: int) -> list[str]:
+    """The documents a shard's contexts start in, in order, from a run that committed it."""
+    doc_ids = pq.read_table(root / "contexts" / f"shard={shard_id:06d}").column("doc_id").to_pylist()
+    return list(dict.fromkeys(doc_ids))
+
+
+def committed_ids(root: Path) -> set[int]:
+    return {int(p.stem.split("=")[1]) for p in (root / "_commits").glob("shard=*.json")}
+
+
+def all_shard_ids(reference: dict) -> set[int]:
+    return {int(k.split("=")[1].split(".")[0]) for k in reference if k.startswith("_commits/")}
+
+
+def test_poison_shard_is_named_and_every_other_shard_commits_uncharged(clean_run, tmp_path):
+    """Two workers, two shards queued behind the running one: whichever shards share shard 2's
+    worker when it dies, only shard 2 is charged (it dies again alone, twice) and named, with its
+    seq_ids, file and documents; every other shard is committed before the run fails."""
+    import json
+
+    from pipeline.runtime.driver import run
+
+    cfg, clean_root, reference = clean_run
+    out = SinkConfig(root=str(tmp_path / "out"))
+    failed = run_failing_shard_2_after_its_parts(cfg, out, attempts=2, num_workers=2, max_in_flight=2)
+    root = tmp_path / "out" / "same"
+    assert failed.summary.charged == {2: 2}, "a shard queued with the poison one was charged its death"
+    assert committed_ids(root) == all_shard_ids(reference) - {2}
+    manifest = json.loads((root / "manifest.json").read_text())
+    assert manifest["status"] == "failed"
+    (poison,) = manifest["failed_shards"]
+    source = next(f["url"] for f in manifest["files"] if f["first_shard"] <= 2 <= f["last_shard"])
+    assert poison["shard"] == 2 and poison["seq_ids"] == [4, 5] and poison["file"] == source
+    assert poison["documents"] == shard_documents(clean_root, 2) and poison["attempts"] == 2
+    text = str(failed)
+    assert f"seq_id 4-5, {source}, documents {poison['documents'][0]}" in text
+    assert "every other shard is committed" in text and "pid:" in text
+    assert "run_id=same" in text and "cluster.on_poison_shard=quarantine" in text
+    resumed = run(dataclasses.replace(cfg, sink=out))  # the rerun the error names: only shard 2 is left
+    assert resumed.shards_done == 1 and resumed.charged == {}
+    assert json.loads((root / "manifest.json").read_text())["status"] == "complete"
+    assert_exactly_once(root)
+    assert data_checksums(root) == reference
+
+
+def test_quarantined_poison_shard_lets_the_run_finish_exactly_once(clean_run, tmp_path):
+    import json
+
+    from pipeline.runtime.driver import run
+
+    cfg, clean_root, reference = clean_run
+    out = SinkConfig(root=str(tmp_path / "out"))
+    poisoned = dataclasses.replace(
+        cfg, sink=out, faults=FaultConfig(crash_shard=2, crash_point="after_parts"),
+        cluster=dataclasses.replace(cfg.cluster, max_shard_attempts=1, max_in_flight=2, on_poison_shard="quarantine"))
+    summary = run(poisoned)
+    root = tmp_path / "out" / "same"
+    assert summary.charged == {2: 1} and summary.shards_quarantined == 1
+    assert [p["shard"] for p in summary.poison_shards] == [2]
+    assert committed_ids(root) == all_shard_ids(reference) - {2}
+    manifest = json.loads((root / "manifest.json").read_text())
+    assert manifest["status"] == "complete"
+    (q,) = [q for q in manifest["quarantined"] if "shard" in q]
+    assert q["shard"] == 2 and q["documents"] == shard_documents(clean_root, 2) and "killed its worker" in q["reason"]
+    assert (root / "_quarantine" / "shard=000002.json").exists()
+    assert_exactly_once_except(root, {4, 5})
+    # Left alone by later runs (faults off now) unless asked...
+    again = run(dataclasses.replace(cfg, sink=out))
+    assert again.shards_done == 0 and again.shards_quarantined == 1
+    # ...and retried when asked: then the run is byte-identical to one that never met it.
+    retry = run(dataclasses.replace(cfg, sink=out, cluster=dataclasses.replace(cfg.cluster, retry_quarantined=True)))
+    assert retry.shards_done == 1 and retry.shards_quarantined == 0
+    assert not (root / "_quarantine" / "shard=000002.json").exists()
+    assert not [q for q in json.loads((root / "manifest.json").read_text())["quarantined"] if "shard" in q]
+    assert_exactly_once(root)
+    assert data_checksums(root) == reference
+
+
+def assert_exactly_once_except(root: Path, missing_seq: set[int]) -> None:
+    """What readers see: every committed context once, latents one row per token; `missing_seq` absent."""
+    from pipeline.outputs.sink import RunStore
+
+    store = RunStore(SinkConfig(root=str(root.parent)), root.name)
+    ctx = store.read_committed("contexts").to_pandas()
+    assert not set(ctx.seq_id) & missing_seq and len(ctx.seq_id.unique()) == len(ctx)
+    expected = sorted((int(s), p) for s, toks in zip(ctx.seq_id, ctx.token_ids) for p in range(len(toks)))
+    for d in HOOKS:
+        lat = store.read_committed("latents", d, columns=["seq_id", "pos"]).to_pandas()
+        assert sorted(zip(lat.seq_id.astype(int), lat.pos.astype(int))) == expected, d
+
+
+def test_worker_killed_from_outside_while_holding_the_poison_shard(clean_run, tmp_path):
+    """`kill -9` of the real worker process, every time it holds shard 2: the same verdict as an
+    injected crash, with Ray's report of the death as the cause."""
+    import threading
+
+    from test_driver_tokenize import process_alive
+
+    cfg, _, reference = clean_run
+    pids = tmp_path / "holding"
+    pids.touch()
+    stop = threading.Event()
+    killed: list[int] = []
+
+    def killer() -> None:
+        while not stop.is_set():
+            for pid in map(int, pids.read_text().split()):
+                if pid not in killed and process_alive(pid):
+                    os.kill(pid, signal.SIGKILL)
+                    killed.append(pid)
+            stop.wait(0.1)
+
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    try:
+        from pipeline.runtime.dispatch import ShardFailed
+        from pipeline.runtime.driver import run
+
+        held = dataclasses.replace(
+            cfg, sink=SinkConfig(root=str(tmp_path / "out")),
+            faults=FaultConfig(crash_shard=2, crash_point="hold", pid_file=str(pids)),
+            cluster=dataclasses.replace(cfg.cluster, max_shard_attempts=1, max_in_flight=2))
+        with pytest.raises(ShardFailed, match="shard 2 ") as failed:
+            run(held)
+    finally:
+        stop.set()
+        thread.join(5)
+    assert len(killed) == 2, killed  # once with others queued (nobody charged), once alone
+    assert failed.value.summary.charged == {2: 1}
+    root = tmp_path / "out" / "same"
+    assert committed_ids(root) == all_shard_ids(reference) - {2}
+    assert not (root / "contexts" / "shard=000002").exists()  # held before computing: no parts at all
 
 
 def hydra_overrides(cfg: RunConfig) -> list[str]:

@@ -123,6 +123,11 @@ def test_split_part_killed_mid_shard_loses_and_duplicates_nothing(unsplit_run, t
     cfg = dataclasses.replace(cfg, sae=dataclasses.replace(cfg.sae, split_max_restarts=part_restarts))
     run(cfg)
     assert marker.exists(), "no part died: the fault was not exercised"
+    # A placement group made by an actor lives as long as the driver: the dead worker's must be
+    # removed, or its CPUs/GPUs stay reserved and a later worker may never be scheduled.
+    from ray.util.placement_group import placement_group_table
+    left = [pg["name"] for pg in placement_group_table().values() if pg["state"] != "REMOVED"]
+    assert left == [], f"placement groups outlived their workers: {left}"
     root = tmp_path / "out" / "same"
     assert_exactly_once(root)
     assert data_checksums(root) == data_checksums(reference)

@@ -122,7 +122,7 @@ def ray_head(tmp_path_factory):
         with pytest.raises(urllib.error.HTTPError) as refused:
             urllib.request.urlopen(f"{url}/api/jobs/", timeout=10)
         assert refused.value.code in (401, 403)
-        yield url, env
+        yield url, env, f"127.0.0.1:{gcs}"
     finally:
         stop_head(head, temp_dir)
         if head.poll() is None:
@@ -131,7 +131,7 @@ def ray_head(tmp_path_factory):
 
 
 def test_submit_runs_the_pipeline_as_a_ray_job(ray_head, tiny_model_dir, tiny_corpus, tiny_sae_dir, tmp_path):
-    url, env = ray_head
+    url, env, _ = ray_head
     out = tmp_path / "out"
     overrides = [
         "experiment=none", "cluster=cpu_cluster", "run_id=job1", f"model.path={tiny_model_dir}", "model.gguf_file=null",
@@ -169,3 +169,25 @@ def test_submit_runs_the_pipeline_as_a_ray_job(ray_head, tiny_model_dir, tiny_co
                           env={**env, "RAY_AUTH_MODE": "token"},
                           capture_output=True, text=True, timeout=60, check=False)
     assert "run job1:" in logs.stdout
+
+
+def test_a_local_run_starts_its_own_ray_beside_a_running_cluster(ray_head, tiny_model_dir, tiny_corpus,
+                                                                 tiny_sae_dir, tmp_path):
+    """`cluster.address=null` (the local preset) means a Ray of the run's own, even in a shell where
+    `ray start --head` runs and RAY_ADDRESS names it: joining would make ray.init refuse the
+    num_cpus a local run sets ("When connecting to an existing cluster, num_cpus ... must not be
+    provided"), which is how the demo failed for a user with a cluster up."""
+    _, env, gcs = ray_head
+    out = tmp_path / "out"
+    overrides = [
+        "experiment=none", "run_id=beside", f"model.path={tiny_model_dir}", "model.gguf_file=null",
+        "model.dtype=float32", "model.batch_size=4", f"sae.path='{tiny_sae_dir}/{{hookpoint}}'",
+        "sae.hookpoints=[layers.1]", "corpus=files", f"corpus.paths=[{tiny_corpus}]", "corpus.ctx_len=16",
+        "corpus.shard_size=3", f"sink.root={out}", "cluster.num_workers=1", "cluster.cpus_per_worker=1",
+        "cluster.torch_threads=1",
+    ]
+    run = subprocess.run([sys.executable, "-m", "pipeline", *overrides], cwd=ROOT, env={**env, "RAY_ADDRESS": gcs},
+                         capture_output=True, text=True, timeout=400, check=False)
+    assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
+    manifest = json.loads((out / "beside" / "manifest.json").read_text())
+    assert manifest["status"] == "complete" and manifest["config"]["cluster"]["address"] is None

@@ -9,6 +9,9 @@
       _tokens/<file key>.parquet, .json               tokens_key(), tokens_meta_key()  staged contexts
                                                       (TOKENS_SCHEMA; one row group per local shard)
       _commits/shard=NNNNNN.json                      commit_key()    written last per shard
+      _quarantine/shard=NNNNNN.json                   quarantine_key() a shard that kills its worker
+                                                      (cluster.on_poison_shard=quarantine): why, which
+                                                      documents; removed once a retry commits it
       contexts/shard=NNNNNN/part-0.parquet            contexts_key()  CONTEXTS_SCHEMA
       latents/hookpoint=H/shard=NNNNNN/part-0.parquet latents_key()   latents_schema(k), LATENTS_PARQUET
       latents/crosscoder=NAME/shard=NNNNNN/...        crosscoder_latents_key()  the same schema
@@ -34,6 +37,7 @@ if TYPE_CHECKING:  # tensors come in; this module itself never needs torch
 MANIFEST_KEY = "manifest.json"
 SUMMARY_KEY = "summary.json"
 COMMITS_DIR = "_commits"
+QUARANTINE_DIR = "_quarantine"
 PLAN_DIR = "_plan"
 
 # -- harvest: contexts and latents ---------------------------------------------------------------
@@ -148,6 +152,10 @@ def crosscoder_latents_key(name: str, shard_id: int) -> str:
 
 def commit_key(shard_id: int) -> str:
     return f"{COMMITS_DIR}/{shard_name(shard_id)}.json"
+
+
+def quarantine_key(shard_id: int) -> str:
+    return f"{QUARANTINE_DIR}/{shard_name(shard_id)}.json"
 
 
 def plan_key(ordinal: int) -> str:

@@ -218,14 +218,20 @@ def write_latent_stats(store: RunStore, hook: str, n_buckets: int, total_tokens:
 
 # -- driver -------------------------------------------------------------------------------------
 def _remote(fn, num_cpus: float):
-    """A Ray task; Ray starts (or is joined) only once there is work, so a no-op rerun is instant."""
+    """A Ray task; Ray starts (or is joined) only once there is work, so a no-op rerun is instant.
+
+    Joined only where RAY_ADDRESS names a cluster (`ray job submit` sets it); otherwise a Ray of
+    its own, never whichever cluster was last started on the machine (plain `ray.init()` joins
+    that one: another user's, or a test's)."""
+    import os
+
     import ray
 
     task = ray.remote(num_cpus=num_cpus, max_retries=3)(fn)
 
     def submit(*args):
         if not ray.is_initialized():
-            ray.init(include_dashboard=False, log_to_driver=True)
+            ray.init(address=os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False, log_to_driver=True)
         return task.remote(*args)
 
     return submit

@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.config import SinkConfig
-from pipeline.outputs.layout import COMMITS_DIR, commit_key, contexts_key, latents_key
+from pipeline.outputs.layout import COMMITS_DIR, QUARANTINE_DIR, commit_key, contexts_key, latents_key
 
 T = TypeVar("T")
 
@@ -160,6 +160,16 @@ class RunStore:
     def write_json(self, key: str, obj: dict) -> None:
         self.write_bytes(key, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
+    def remove(self, key: str) -> None:
+        """Delete `key`; already gone is fine."""
+        def rm() -> None:
+            try:
+                self.fs.rm(self.path(key))
+            except FileNotFoundError:
+                pass
+
+        with_retries(f"remove {key}", rm, self.cfg.retries)
+
     # -- reading -----------------------------------------------------------------------
     def exists(self, key: str) -> bool:
         return with_retries(f"exists {key}", lambda: self.fs.exists(self.path(key)), self.cfg.retries)
@@ -173,9 +183,16 @@ class RunStore:
 
     def committed_shards(self) -> list[int]:
         """Sorted shard ids that have a commit marker (one listing, no per-shard requests)."""
-        prefix = self.path(COMMITS_DIR)
+        return self._marked_shards(COMMITS_DIR)
+
+    def quarantined_shards(self) -> list[int]:
+        """Sorted ids of shards set aside for killing their workers (cluster.on_poison_shard=quarantine)."""
+        return self._marked_shards(QUARANTINE_DIR)
+
+    def _marked_shards(self, folder: str) -> list[int]:
+        prefix = self.path(folder)
         try:
-            names = with_retries(f"list {COMMITS_DIR}", lambda: self.fs.ls(prefix, detail=False), self.cfg.retries)
+            names = with_retries(f"list {folder}", lambda: self.fs.ls(prefix, detail=False), self.cfg.retries)
         except FileNotFoundError:
             return []
         self.fs.invalidate_cache(prefix)

@@ -2,9 +2,9 @@
 
 `HarvestActor` is a plain class (the model, the SAEs and a `ShardWorker`); `ray_dispatcher`
 starts Ray and wraps it with `ray.remote(**HARVEST_ACTOR_OPTIONS)` when the pool starts, as
-Ray Data does with its `_MapWorker`. `RayDispatcher` keeps at most `depth` shards per actor in flight (one computing, the next
-already queued so its tokens are ready when the actor frees up), redoes a shard elsewhere when
-its actor dies, and replaces dead actors. `InlineDispatcher` runs a function in-process; the
+Ray Data does with its `_MapWorker`. `RayDispatcher` keeps at most `depth` shards per actor in
+flight (one computing, the next already queued so its tokens are ready when the actor frees up),
+replaces dead actors, decides which shard a death is charged to, and sets poison shards aside. `InlineDispatcher` runs a function in-process; the
 driver benchmark uses it with a no-op worker to measure the driver's own cost.
 """
 from __future__ import annotations
@@ -16,6 +16,7 @@ import os
 import time
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from pipeline.cli import setup_logging
 from pipeline.config import RunConfig
@@ -26,10 +27,10 @@ from pipeline.runtime.worker import ShardPayload, ShardResult, ShardTask
 
 log = logging.getLogger(__name__)
 
-# Ray restarts a dead actor and retries its task itself (max_restarts/max_task_retries); the
-# dispatcher redoes a shard elsewhere when that is exhausted. max_concurrency=2 lets the next
-# shard compute while the previous one's Parquet parts upload.
-HARVEST_ACTOR_OPTIONS = {"max_restarts": 2, "max_task_retries": 2, "max_concurrency": 2}
+# Ray neither restarts a dead actor nor replays its queue: `RayDispatcher` replaces the worker and
+# decides which shard was to blame and what runs next (an order Ray's retries would not keep).
+# max_concurrency=2 lets the next shard compute while the previous one's Parquet parts upload.
+HARVEST_ACTOR_OPTIONS = {"max_restarts": 0, "max_task_retries": 0, "max_concurrency": 2}
 
 
 class HarvestActor:
@@ -149,7 +150,9 @@ def start_ray(cfg: RunConfig) -> None:
         # Locally every worker also needs its latent-split parts' CPU slots (sae.latent_splits).
         split = len(cfg.sae.hookpoints) * cfg.sae.latent_splits * cfg.sae.split_cpus if cfg.sae.latent_splits > 1 else 0
         per_worker = cfg.cluster.cpus_per_worker + split
-        ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(per_worker * cfg.cluster.num_workers)),
+        # address="local": a Ray of our own even when `ray start --head` (or RAY_ADDRESS) offers one to
+        # join, since cluster.address=null says so and a joined cluster refuses num_cpus.
+        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, math.ceil(per_worker * cfg.cluster.num_workers)),
                  include_dashboard=False, runtime_env={"env_vars": env}, log_to_driver=True)
 
 
@@ -161,14 +164,34 @@ def ray_dispatcher(cfg: RunConfig, sae_by_hook: dict[str, str]) -> RayDispatcher
     actor_cls = ray.remote(**HARVEST_ACTOR_OPTIONS)(HarvestActor)
     quiet = not log.isEnabledFor(logging.INFO)
 
+    names: dict[int, str] = {}  # id(actor handle) -> actor name
+
     def make_actor(i: int):
-        return actor_cls.options(
-            name=f"harvest-{cfg.run_id}-{i}-{time.time_ns() % 10**9}", num_cpus=cfg.cluster.cpus_per_worker,
+        name = f"harvest-{cfg.run_id}-{i}-{time.time_ns() % 10**9}"
+        actor = actor_cls.options(
+            name=name, num_cpus=cfg.cluster.cpus_per_worker,
             num_gpus=cfg.cluster.gpus_per_worker, resources=dict(cfg.cluster.worker_resources) or None,
         ).remote(cfg, sae_by_hook, quiet)
+        names[id(actor)] = name
+        return actor
+
+    def release(actor) -> None:
+        """Remove a gone worker's latent-split placement groups (`<actor name>/<hookpoint>`): a
+        placement group made by an actor lives as long as the driver, so a dead worker's would hold
+        its GPUs/CPUs for the rest of the run and its replacement might never be scheduled."""
+        from ray.util.placement_group import get_placement_group, remove_placement_group
+
+        name = names.pop(id(actor), None)
+        if name is None or cfg.sae.latent_splits <= 1:
+            return
+        for hook in sae_by_hook:
+            try:
+                remove_placement_group(get_placement_group(f"{name}/{hook}"))
+            except Exception:  # noqa: BLE001  never made, or removed by the actor's own close()
+                pass
 
     return RayDispatcher(make_actor, cfg.cluster.num_workers, 1 + max(0, cfg.cluster.max_in_flight),
-                         cfg.cluster.max_shard_attempts)
+                         cfg.cluster.max_shard_attempts, release=release)
 
 
 class ShardFailed(RuntimeError):
@@ -267,6 +290,8 @@ class InlineDispatcher:
         self.fn = fn
         self.done: deque[ShardResult] = deque()
         self.retries = 0
+        self.charged: dict[int, int] = {}
+        self.poisoned: list[PoisonShard] = []
 
     def has_room(self) -> bool:
         return True
@@ -286,77 +311,171 @@ class InlineDispatcher:
         pass
 
 
+@dataclass
+class PoisonShard:
+    """A shard that killed a worker `attempts` times, each time alone on it: the cause beyond doubt."""
+
+    task: ShardTask | ShardPayload
+    attempts: int
+    cause: str  # the last death as Ray reported it (exit code, signal, out of memory)
+
+
+@dataclass
+class WorkerSlot:
+    actor: object
+    load: int = 0  # shards in flight on it
+    alone: bool = False  # running one suspect shard with nothing queued beside it
+
+
 class RayDispatcher:
-    def __init__(self, make_actor: Callable[[int], object], n_actors: int, depth: int, max_attempts: int):
+    """At most `depth` shards in flight per actor; a shard lost with its worker is redone here.
+
+    Ray replays nothing (HARVEST_ACTOR_OPTIONS): when a worker dies, the pool alone decides what
+    runs next, so the outcome never depends on which of its queued tasks Ray would have retried
+    first. Attribution: a death is charged to a shard only when it was the only shard on the
+    worker; shards in flight together (one computing, one uploading, the rest queued) are all
+    redone uncharged, each alone on a worker, where a second death is unambiguous. A shard
+    charged `max_attempts` deaths is a poison shard: set aside in `poisoned`, never resubmitted,
+    while every other shard goes on (the driver applies `cluster.on_poison_shard`)."""
+
+    def __init__(self, make_actor: Callable[[int], object], n_actors: int, depth: int, max_attempts: int,
+                 release: Callable[[object], None] = lambda actor: None):
         self.make_actor = make_actor
-        self.actors = [make_actor(i) for i in range(n_actors)]
-        self.load = [0] * n_actors
+        self.release = release  # frees what a killed actor held outside itself
+        self.slots = [WorkerSlot(make_actor(i)) for i in range(n_actors)]
         self.depth = depth
         self.max_attempts = max_attempts
-        self.inflight: dict = {}  # ObjectRef -> (actor index, payload, attempt)
-        self.retries = 0
-        self.ready_timeout_s = 60.0  # how long a restarting actor may take before it is replaced
+        self.inflight: dict = {}  # ObjectRef -> (slot index, payload)
+        self.suspects: deque = deque()  # shards lost with others: each runs next alone on a worker
+        self.charged: dict[int, int] = {}  # shard id -> deaths it alone can have caused
+        self.poisoned: list[PoisonShard] = []
+        self.retries = 0  # shards redone after their worker died
 
     def has_room(self) -> bool:
-        return len(self.inflight) < self.depth * len(self.actors)
+        self._place_suspects()
+        return any(not s.alone and s.load < self.depth for s in self.slots)
 
-    def submit(self, payload: ShardPayload, attempt: int = 1) -> None:
-        i = min(range(len(self.actors)), key=lambda j: self.load[j])
-        ref = self.actors[i].process.remote(payload)
-        self.inflight[ref] = (i, payload, attempt)
-        self.load[i] += 1
+    def submit(self, payload: ShardTask | ShardPayload) -> None:
+        self._place_suspects()
+        free = [i for i, s in enumerate(self.slots) if not s.alone and s.load < self.depth]
+        self._send(min(free, key=lambda j: self.slots[j].load), payload)
+
+    def _send(self, i: int, payload) -> None:
+        ref = self.slots[i].actor.process.remote(payload)
+        self.inflight[ref] = (i, payload)
+        self.slots[i].load += 1
+
+    def _place_suspects(self) -> None:
+        """Each idle worker takes the next suspect, alone: nothing else goes to it until it is done."""
+        for i, slot in enumerate(self.slots):
+            if not self.suspects:
+                return
+            if slot.load == 0:
+                slot.alone = True
+                self._send(i, self.suspects.popleft())
 
     def pending(self) -> int:
-        return len(self.inflight)
+        return len(self.inflight) + len(self.suspects)
 
     def completed(self, block: bool) -> list[ShardResult]:
         import ray
 
+        self._place_suspects()
         if not self.inflight:
             return []
         ready, _ = ray.wait(list(self.inflight), num_returns=1, timeout=None if block else 0)
         results = []
         for ref in ready:
-            i, payload, attempt = self.inflight.pop(ref)
-            self.load[i] -= 1
+            if ref not in self.inflight:  # taken with its dead worker's other shards below
+                continue
+            i, payload = self.inflight.pop(ref)
+            self.slots[i].load -= 1
             try:
-                results.append(ray.get(ref))
-            except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError,
-                    ray.exceptions.ObjectLostError, ray.exceptions.NodeDiedError) as err:
-                # The actor (or its node) died with the shard; Ray's own retries are exhausted.
-                # Committing is idempotent (same keys, same bytes, marker last), so redo it.
-                if attempt >= self.max_attempts:
-                    raise ShardFailed(f"shard {payload.shard_id} failed {attempt} times; last: {err}") from err
-                self.retries += 1
-                log.warning(f"[dispatch] shard {payload.shard_id}: worker lost ({type(err).__name__}); "
-                         f"redoing it (attempt {attempt + 1}/{self.max_attempts})")
-                self._replace_if_dead(i)
-                self.submit(payload, attempt + 1)
+                result = ray.get(ref)
+            except worker_lost_errors() as err:
+                results += self._worker_died(i, payload, err)
+                continue
+            if self.slots[i].alone:  # the suspect was innocent: the worker takes normal work again
+                self.slots[i].alone = False
+            results.append(result)
+        self._place_suspects()
         return results
 
-    def _replace_if_dead(self, i: int) -> None:
+    def _worker_died(self, i: int, payload, err: Exception) -> list[ShardResult]:
+        """Worker `i` is gone with `payload`: kill and replace it, take what its other shards
+        finished, and charge or requeue what they did not. Returns the finished results."""
         import ray
 
-        try:
-            ray.get(self.actors[i].__ray_ready__.remote(), timeout=self.ready_timeout_s)
-        except Exception:  # dead for good, or still restarting: start a fresh one in its slot
-            log.warning(f"[dispatch] replacing dead worker {i}")
-            # Kill it first. A dropped handle ends an actor only after its queued tasks, so an
-            # actor still restarting would come back and finish Ray's retries of its old shards
-            # while the pool (or the next run) redoes them: a writer nobody tracks.
-            ray.kill(self.actors[i], no_restart=True)
-            self.actors[i] = self.make_actor(i)
+        if getattr(err, "actor_init_failed", False):  # every new worker would fail the same way
+            raise WorkerStartFailed(f"a harvest worker failed to start: {err}") from err
+        # Killed first: a worker that only looks dead (unreachable) must not come back and write.
+        ray.kill(self.slots[i].actor, no_restart=True)
+        self.release(self.slots[i].actor)
+        others = [r for r, (j, _) in self.inflight.items() if j == i]
+        if others:  # they end at once now (failed, or finished just before the death)
+            ray.wait(others, num_returns=len(others), timeout=30)
+        lost, results = [(payload, err)], []
+        for ref in others:
+            _, p = self.inflight.pop(ref)
+            try:
+                results.append(ray.get(ref, timeout=0))
+            except Exception as e:  # noqa: BLE001  lost with the worker, whatever Ray calls it
+                lost.append((p, e))
+        self.slots[i] = WorkerSlot(self.make_actor(i))
+        self.retries += len(lost)
+        sole = len(lost) == 1
+        if not sole:
+            names = ", ".join(str(p.shard_id) for p, _ in lost)
+            log.warning(f"[dispatch] worker {i} died with shards {names} in flight; none is charged: "
+                        f"each runs alone next ({death_cause(err)})")
+        for p, e in lost:
+            if sole:
+                self.charged[p.shard_id] = self.charged.get(p.shard_id, 0) + 1
+            attempts = self.charged.get(p.shard_id, 0)
+            if attempts >= self.max_attempts:
+                log.error(f"[dispatch] shard {p.shard_id} killed its worker {attempts} time(s), alone on it: "
+                          f"a poison shard ({death_cause(e)})")
+                self.poisoned.append(PoisonShard(p, attempts, death_cause(e)))
+                continue
+            if sole:
+                log.warning(f"[dispatch] shard {p.shard_id}: worker lost ({death_cause(e)}); redoing it alone "
+                            f"(charged {attempts}/{self.max_attempts})")
+            self.suspects.append(p)
+        return results
 
     def close(self) -> None:
         import ray
 
         try:  # free what the actors hold outside themselves (latent-split placement groups)
-            ray.get([actor.close.remote() for actor in self.actors if hasattr(actor, "close")], timeout=60)
+            ray.get([s.actor.close.remote() for s in self.slots if hasattr(s.actor, "close")], timeout=60)
         except Exception as err:  # a dead actor has nothing left to free; killing it below is enough
             log.debug(f"[dispatch] closing workers: {err}")
-        for actor in self.actors:
-            ray.kill(actor, no_restart=True)
+        for slot in self.slots:
+            ray.kill(slot.actor, no_restart=True)
+            self.release(slot.actor)
         # `ray.kill` returns before the processes are gone. Return only once every task given to
         # the pool has ended, so that no process of it writes into the run after `close`.
         if self.inflight:
             ray.wait(list(self.inflight), num_returns=len(self.inflight), timeout=60)
+
+
+class WorkerStartFailed(RuntimeError):
+    pass
+
+
+def worker_lost_errors() -> tuple[type, ...]:
+    """What `ray.get` raises when a shard's worker (or its node) died under it."""
+    import ray
+
+    e = ray.exceptions
+    return (e.RayActorError, e.WorkerCrashedError, e.ObjectLostError, e.NodeDiedError)
+
+
+def death_cause(err: Exception) -> str:
+    """The lines of a Ray death error that say why: exit code or signal, out of memory, node gone."""
+    # Ray's text goes on with a generic list of possible causes: not this death's, so cut there.
+    lines = [ln.split("Some common causes")[0].strip() for ln in str(err).splitlines()]
+    keep = [ln for ln in lines if ln and any(w in ln.lower() for w in (
+        "pid:", "exit", "signal", "memory", "oom", "killed", "node", "died", "crash", "sigkill", "sigsegv"))]
+    text = " | ".join(keep or lines[:1]) or type(err).__name__
+    return f"{type(err).__name__}: {text}"[:600]

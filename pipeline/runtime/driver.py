@@ -26,13 +26,14 @@ import numpy as np
 from pipeline.config import RunConfig
 from pipeline.data import token_cache
 from pipeline.data.corpus import CorpusError, CorpusFile
+from pipeline.outputs.layout import commit_key, quarantine_key
 from pipeline.outputs.sink import RunStore
-from pipeline.runtime.dispatch import TokenizePool, ray_dispatcher, ray_tokenize_pool
+from pipeline.runtime.dispatch import PoisonShard, ShardFailed, TokenizePool, ray_dispatcher, ray_tokenize_pool
 from pipeline.runtime.ledger import FileRecord, Ledger
 from pipeline.runtime.manifest import close_run, open_run
 from pipeline.runtime.preflight import prepare
 from pipeline.runtime.staging import clear_staging
-from pipeline.runtime.summary import Progress, RunSummary
+from pipeline.runtime.summary import Progress, RunSummary, rerun_command
 from pipeline.runtime.worker import ShardTask
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,8 @@ def run(cfg: RunConfig, dispatcher=None, tokenize: Callable[[], TokenizePool] | 
     default: a pool of Ray harvest actors, started once there is a shard to do or a file to tokenize.
     `tokenize`: makes the pool of tokenize tasks (default: Ray tasks, `dispatch.ray_tokenize_pool`),
     called only once there is a file to tokenize. The driver itself never loads the tokenizer."""
+    if cfg.cluster.on_poison_shard not in ("fail", "quarantine"):
+        raise ValueError(f"cluster.on_poison_shard={cfg.cluster.on_poison_shard!r}: use fail or quarantine")
     store = RunStore(cfg.sink, cfg.run_id)
     prep = prepare(cfg)
     previous = open_run(store, prep.manifest)
@@ -55,6 +58,14 @@ def run(cfg: RunConfig, dispatcher=None, tokenize: Callable[[], TokenizePool] | 
     started = time.perf_counter()
     ledger = Ledger(store)
     committed = np.asarray(store.committed_shards(), dtype=np.int64)
+    # Shards an earlier run quarantined (cluster.on_poison_shard=quarantine) count as settled,
+    # unless this run is asked to retry them.
+    quarantined = np.setdiff1d(np.asarray(store.quarantined_shards(), dtype=np.int64), committed)
+    retried = quarantined.tolist() if cfg.cluster.retry_quarantined else []
+    if len(quarantined) and not retried:
+        log.warning(f"[{cfg.run_id}] {len(quarantined)} quarantined shard(s) left alone "
+                    f"(cluster.retry_quarantined=true retries them): {quarantined[:10].tolist()}")
+        committed = np.union1d(committed, quarantined)
     summary = RunSummary(cfg.run_id, store.url, hookpoints=list(prep.sae_by_hook), setup_seconds=prep.seconds)
     progress = Progress(cfg.run_id, cfg.corpus.max_tokens, sum(f.size for f in prep.files))
     # Tokenize tasks run on other processes/nodes: the local token cache must be an absolute path.
@@ -85,6 +96,7 @@ def run(cfg: RunConfig, dispatcher=None, tokenize: Callable[[], TokenizePool] | 
 
     plan = plan_run(cfg, prep.files, ledger, committed, make_pool, summary,
                     on_tokenizer=lambda info: tokenizer.update(info=info))
+    poisoned = []
     try:
         for task in plan:
             start_workers()  # a known file's shard needs no tokenize task
@@ -94,21 +106,71 @@ def run(cfg: RunConfig, dispatcher=None, tokenize: Callable[[], TokenizePool] | 
             account(block=False)
         while dispatcher is not None and dispatcher.pending():
             account(block=True)
+        if dispatcher is not None and dispatcher.poisoned:  # every other shard is committed by now
+            poisoned = [poison_record(store, p) for p in dispatcher.poisoned]
     finally:
         plan.close()  # stops tokenize tasks a max_tokens plan no longer needs
         if dispatcher is not None:
             summary.retries = dispatcher.retries
+            summary.charged = dict(sorted(dispatcher.charged.items()))
             dispatcher.close()
 
     summary.seconds = time.perf_counter() - started
-    if used_staging:
-        clear_staging(store)  # every planned shard is committed: the staged tokens served their purpose
+    summary.poison_shards = poisoned
+    for shard_id in retried:  # quarantined by an earlier run: committed now, it is no longer set aside
+        if store.exists(commit_key(shard_id)):
+            store.remove(quarantine_key(shard_id))
+    fail = bool(poisoned) and cfg.cluster.on_poison_shard == "fail"
+    if poisoned and not fail:
+        for rec in poisoned:
+            store.write_json(quarantine_key(rec["shard"]), rec)
+            log.error(f"[{cfg.run_id}] quarantined {describe_poison(rec)}; retry with: "
+                      f"{rerun_command(cfg, 'cluster.retry_quarantined=true')}")
+    if used_staging and not fail:
+        clear_staging(store)  # every planned shard is settled: the staged tokens served their purpose
     ledger.compact()  # next start-up reads one snapshot (runtime/ledger.py); no-op if nothing changed
     prep.manifest["tokenizer"] = tokenizer["info"]
-    close_run(store, prep.manifest, ledger.summary(), ledger.quarantined(), fvu_check=summary.fvu,
-              acts_overflow=summary.acts_overflow)
+    shard_quarantine = [store.read_json(quarantine_key(i)) for i in store.quarantined_shards()]
+    summary.shards_quarantined = len(shard_quarantine)
+    close_run(store, prep.manifest, ledger.summary(), ledger.quarantined() + shard_quarantine,
+              fvu_check=summary.fvu, acts_overflow=summary.acts_overflow,
+              failed_shards=poisoned if fail else None)
     progress.update(summary, force=True)
+    if fail:
+        err = ShardFailed("\n".join(
+            [f"[{cfg.run_id}] {describe_poison(rec)}" for rec in poisoned]
+            + [f"every other shard is committed ({summary.shards_done} this run). Rerun to retry "
+               f"{'it' if len(poisoned) == 1 else 'them'} (nothing else is redone): {rerun_command(cfg)}; "
+               f"or finish without: {rerun_command(cfg, 'cluster.on_poison_shard=quarantine')}"]))
+        err.summary = summary
+        raise err
     return summary
+
+
+def poison_record(store: RunStore, poison: PoisonShard) -> dict:
+    """What the run records of a poison shard: where it is in the corpus and why it was set aside.
+    `documents`: the documents its contexts start in (read back from the staging area)."""
+    task = poison.task
+    if isinstance(task, ShardTask):
+        from pipeline.runtime.staging import read_shard
+
+        try:
+            doc_ids = read_shard(store, task.tokens_key, task.local, task.n_contexts)[0]
+        except OSError as err:
+            doc_ids = [f"(unreadable: {err})"]
+        n, source = task.n_contexts, task.source
+    else:
+        doc_ids, n, source = list(task.doc_ids), len(task.token_ids), ""
+    docs = list(dict.fromkeys(doc_ids))
+    return {"shard": task.shard_id, "seq_ids": [task.seq_start, task.seq_start + n - 1], "file": source,
+            "documents": docs[:100], "n_documents": len(docs), "attempts": poison.attempts,
+            "reason": f"killed its worker {poison.attempts} time(s), alone on it; last: {poison.cause}"}
+
+
+def describe_poison(rec: dict) -> str:
+    docs = ", ".join(rec["documents"][:5]) + (f", ... ({rec['n_documents']} in all)" if rec["n_documents"] > 5 else "")
+    return (f"shard {rec['shard']} (seq_id {rec['seq_ids'][0]}-{rec['seq_ids'][1]}, {rec['file'] or 'in memory'}, "
+            f"documents {docs}) {rec['reason']}")
 
 
 # A batch of planned files is made durable in one ledger write before any of its shards is
@@ -193,7 +255,7 @@ def plan_run(cfg: RunConfig, files: list[CorpusFile], ledger: Ledger, committed:
                 if is_committed(shard_id):
                     summary.shards_skipped += 1
                 else:
-                    yield ShardTask(shard_id, shard_id * size, key, local, min(size, n - local * size))
+                    yield ShardTask(shard_id, shard_id * size, key, local, min(size, n - local * size), rec.url)
 
     try:
         for i, (f, rec) in enumerate(order):

@@ -105,8 +105,11 @@ def open_run(store: RunStore, manifest: dict) -> dict | None:
 
 
 def close_run(store: RunStore, manifest: dict, files: list[dict], quarantined: list[dict],
-              fvu_check: dict | None = None, acts_overflow: int = 0) -> None:
-    """Mark the run complete with its corpus files and quarantine; no write when nothing changed.
+              fvu_check: dict | None = None, acts_overflow: int = 0, failed_shards: list[dict] | None = None) -> None:
+    """Mark the run complete with its corpus files and quarantine (documents, and shards that
+    killed their workers); no write when nothing changed. With `failed_shards` (poison shards
+    under cluster.on_poison_shard=fail) the status is "failed" and they are listed; a rerun
+    that commits them marks the run complete.
 
     `fvu_check` (hookpoint -> this invocation's FVU record) is merged, token-weighted, into the
     manifest's "fvu" from earlier invocations (pipeline/sae/fvu.py). `acts_overflow`: this
@@ -116,7 +119,10 @@ def close_run(store: RunStore, manifest: dict, files: list[dict], quarantined: l
 
     previous = store.read_json(MANIFEST_KEY)
     total = int(previous.get("acts_overflow", 0)) + int(acts_overflow)
-    final = {**manifest, "status": "complete", "files": files, "quarantined": quarantined, "acts_overflow": total}
+    final = {**manifest, "status": "failed" if failed_shards else "complete", "files": files,
+             "quarantined": quarantined, "acts_overflow": total}
+    if failed_shards:
+        final["failed_shards"] = failed_shards
     merged = fvu.merge(previous.get("fvu") or {}, fvu_check or {})
     if merged:
         final["fvu"] = merged

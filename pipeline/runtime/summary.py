@@ -48,6 +48,10 @@ class RunSummary:
     # hookpoint -> FVU check over this invocation's shards, token-weighted (pipeline/sae/fvu.py)
     fvu: dict[str, dict] = field(default_factory=dict)
     acts_overflow: int = 0  # activations saturated at the fp16 range (output.acts_dtype=float32 avoids)
+    # shard id -> worker deaths charged to it (only shards that were alone on the dying worker)
+    charged: dict[int, int] = field(default_factory=dict)
+    poison_shards: list[dict] = field(default_factory=list)  # driver.poison_record of each
+    shards_quarantined: int = 0  # set aside for killing workers, this run or earlier ones
 
     @property
     def tokens_per_second(self) -> float:
@@ -76,7 +80,11 @@ class RunSummary:
             f"(+{self.setup_seconds:.1f}s setup), {self.tokens_per_second:,.0f} tokens/s; "
             f"quarantined documents: {self.quarantined}, shard retries: {self.retries}"
             + (f"; {self.acts_overflow:,} activations beyond fp16 stored saturated (output.acts_dtype=float32)"
-               if self.acts_overflow else "") + "\n"
+               if self.acts_overflow else "")
+            + (f"; shards quarantined for killing their workers: {self.shards_quarantined}"
+               if self.shards_quarantined else "") + "\n"
+            + "".join(f"poison shard {p['shard']} (seq_id {p['seq_ids'][0]}-{p['seq_ids'][1]}, {p['file']}): "
+                      f"{p['reason']}\n" for p in self.poison_shards)
             + "".join(f"FVU check {hook}: FVU {s['fvu']:.4f}, dead in sample {s['dead_fraction']:.4f} "
                       f"({s['tokens']:,} sampled tokens, {s['shards']} shards)\n" for hook, s in self.fvu.items())
             + f"output: {self.output}"
@@ -130,6 +138,9 @@ def summary_record(summary, *, started_at: datetime | None = None, failures: int
         "quarantined": summary.quarantined,
         "failures": failures,
         "retries": summary.retries,
+        "charged_attempts": {str(k): v for k, v in getattr(summary, "charged", {}).items()},
+        "poison_shards": list(getattr(summary, "poison_shards", [])),
+        "shards_quarantined": getattr(summary, "shards_quarantined", 0),
         "acts_overflow": getattr(summary, "acts_overflow", 0),
         "tokens_per_second": round(summary.tokens / seconds, 1) if seconds > 0 else 0.0,
         "fvu": dict(getattr(summary, "fvu", {}) or {}),
@@ -142,7 +153,8 @@ def write_run_summary(store: RunStore, record: dict, *, always: bool = False) ->
 
     Skipped (returns None) when the run changed nothing and nothing went wrong, unless `always`.
     """
-    idle = not record["shards_new"] and not record["quarantined"] and not record["failures"] and not record["error"]
+    idle = not (record["shards_new"] or record["quarantined"] or record.get("shards_quarantined")
+                or record["failures"] or record["error"])
     if idle and not always:
         return None
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
@@ -150,3 +162,22 @@ def write_run_summary(store: RunStore, record: dict, *, always: bool = False) ->
     store.write_json(key, record)
     store.write_json(SUMMARY_KEY, record)
     return key
+
+
+def rerun_command(cfg, extra: str = "") -> str:
+    """The command that runs `cfg` again (as typed, under Hydra; credentials masked), plus `extra`."""
+    import shlex
+
+    from pipeline.runtime.manifest import redact_text
+
+    overrides = None
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        if HydraConfig.initialized():
+            overrides = [o for o in HydraConfig.get().overrides.task if not o.lstrip("+~").startswith("run_id=")]
+    except Exception:  # noqa: BLE001  not under Hydra: name the run and leave the settings to the user
+        overrides = None
+    args = [f"run_id={cfg.run_id}"] + ([shlex.quote(o) for o in overrides] if overrides is not None
+                                       else ["<the same settings>"])
+    return redact_text(" ".join(["python -m pipeline", *args, *([extra] if extra else [])]))

@@ -54,6 +54,7 @@ class ShardTask:
     tokens_key: str  # the staged file's key (pipeline.outputs.layout.tokens_key(tokens_key))
     local: int
     n_contexts: int
+    source: str = ""  # the corpus file's URL: named when the shard kills its worker
 
 
 @dataclass
@@ -211,6 +212,15 @@ class ShardWorker:
         logging.shutdown()  # flush before the hard exit
         os._exit(17)
 
+    def _maybe_hold(self, shard_id: int) -> None:
+        f = self.faults
+        if f.crash_shard != shard_id or f.crash_point != "hold" or not f.pid_file:
+            return
+        with open(f.pid_file, "a") as out:
+            out.write(f"{os.getpid()}\n")
+        log.warning(f"[fault] worker pid {os.getpid()} holds shard {shard_id}, waiting to be killed")
+        time.sleep(600)  # a test that forgot to kill it fails on its own timeout, not here
+
     def process(self, payload: ShardTask | ShardPayload) -> ShardResult:
         started = time.perf_counter()
         if self.store.exists(commit_key(payload.shard_id)):
@@ -223,6 +233,7 @@ class ShardWorker:
                                                      payload.n_contexts)
             payload = ShardPayload(payload.shard_id, payload.seq_start, doc_ids, offsets, token_ids)
         with self._compute:
+            self._maybe_hold(payload.shard_id)
             encoded = self.encode_shard(payload)
             fvu = self.last_fvu
         self._maybe_crash(payload.shard_id, "before_parts")
