@@ -50,6 +50,10 @@ class SAEConfig:
     # An SAE checkpoint (file or folder); `{hookpoint}` is replaced per hookpoint. Empty: train.
     path: str = ""
     hookpoints: list[str] = field(default_factory=lambda: ["layers.12"])
+    # A dictionary whose metadata names the hookpoint it was trained on (cfg.json, SAELens
+    # hook_name, sparsify's folder name) and is applied at another stops the run before any work;
+    # true runs it there anyway (a warning, and the manifest's saes entry records the mismatch).
+    allow_hookpoint_mismatch: bool = False
     k: int | None = None  # override the checkpoint's k
     backend: str = "auto"  # kernels backend: auto | torch | triton
     # Weight dtype in the workers: auto (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16 | float16.

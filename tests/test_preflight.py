@@ -59,13 +59,22 @@ def test_k_vs_latent_count(shape):
     check_sae_against_model(sae, "layers.1", shape, "tiny-llama", SAEConfig(k=96))
 
 
-def test_sae_trained_on_another_hookpoint_warns(shape):
+def test_sae_trained_on_another_hookpoint_stops_unless_allowed(shape):
+    """An error naming both hookpoints and the setting (it was a warning: issue 27); the override
+    warns and returns what the manifest records. tests/test_hookpoint_mismatch.py: every format."""
     sae = random_sae(32, 96, 8, hookpoint="layers.1")
+    with pytest.raises(ConfigMismatch, match=r"sae\.hookpoints=\[layers\.2\]: SAE demo was trained on hookpoint "
+                                             r"'layers\.1' .*applied at 'layers\.2' of model tiny-llama.*write layers\.1 "
+                                             r"instead of layers\.2 in sae\.hookpoints.*sae\.allow_hookpoint_mismatch=true"):
+        check_sae_against_model(sae, "layers.2", shape, "tiny-llama", SAEConfig(hookpoints=["layers.2"]))
     with pytest.warns(UserWarning, match=r"trained on hookpoint 'layers\.1' but is applied at 'layers\.2' of model tiny-llama"):
-        check_sae_against_model(sae, "layers.2", shape, "tiny-llama", SAEConfig())
+        record = check_sae_against_model(sae, "layers.2", shape, "tiny-llama", SAEConfig(allow_hookpoint_mismatch=True))
+    assert record == {"trained": "layers.1", "applied": "layers.2", "allowed_by": "sae.allow_hookpoint_mismatch=true"}
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        check_sae_against_model(sae, "layers.1", shape, "tiny-llama", SAEConfig())
+        assert check_sae_against_model(sae, "layers.1", shape, "tiny-llama", SAEConfig()) is None
+        sae.hookpoint = None  # a checkpoint that names no hookpoint: nothing to compare
+        assert check_sae_against_model(sae, "layers.2", shape, "tiny-llama", SAEConfig()) is None
 
 
 def test_sae_cast_beyond_float16_range_names_the_tensor():

@@ -179,6 +179,17 @@ def test_sparsify_transcoder_hookpoints(tmp_path, module, hookpoint, output):
     assert (info.kind, info.hookpoint, info.output) == ("transcoder", hookpoint, output)
 
 
+@pytest.mark.parametrize("folder,hookpoint", [("layers.3", "layers.3"), ("h.3", "layers.3"), ("h.2.mlp", "layers.2.mlp"),
+                                               ("layers.3.self_attn", "layers.3.self_attn"), ("layers.4/seed1", "layers.4"),
+                                               ("my-sae", None)])
+def test_sparsify_hookpoint_is_its_module(tmp_path, folder, hookpoint):
+    """sparsify names each folder after the module it hooked (GPT-2's `h.N` is our `layers.N`; the
+    trainer's `<module>/seedN` for several seeds). A module we have no name for stays as it is, so it
+    matches no hookpoint; a folder renamed by hand names none (None: nothing to check)."""
+    write_sparsify(tmp_path / folder)
+    assert sae_info(tmp_path / folder).hookpoint == hookpoint
+
+
 def test_sparsify_transcoder_on_an_unmapped_module_fails(tmp_path):
     write_sparsify(tmp_path / "layers.1.self_attn", transcode=True)
     with pytest.raises(SAEFormatError, match="'layers.1.self_attn'.*only MLP modules"):
@@ -375,6 +386,11 @@ def test_transformer_lens_hook_names():
     assert transformer_lens_hookpoint("blocks.3.hook_mlp_out") == "layers.3.mlp"
     assert transformer_lens_hookpoint("blocks.3.hook_attn_out") == "layers.3.attn"
     assert transformer_lens_hookpoint("blocks.3.hook_resid_mid") == "blocks.3.hook_resid_mid"  # no equivalent
+    # SAELens on a Hugging Face model (HookedProxyLM): the module's output
+    assert transformer_lens_hookpoint("model.layers.5") == "layers.5"
+    assert transformer_lens_hookpoint("transformer.h.2") == "layers.2"
+    assert transformer_lens_hookpoint("gpt_neox.layers.1.mlp") == "layers.1.mlp"
+    assert transformer_lens_hookpoint("model.layers.5.self_attn") == "model.layers.5.self_attn"
 
 
 # ---------------------------------------------------------------------------------------------

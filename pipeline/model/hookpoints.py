@@ -56,6 +56,11 @@ class HookpointError(ValueError):
     pass
 
 
+def is_hookpoint_name(name: str) -> bool:
+    """Whether `name` is spelled as one of our hookpoints (whether a model has it: `resolve_hookpoint`)."""
+    return _NAME.match(name) is not None
+
+
 @dataclass(frozen=True)
 class Hookpoint:
     name: str

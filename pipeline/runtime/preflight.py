@@ -12,6 +12,7 @@ loads the real weights just to validate.
 from __future__ import annotations
 
 import dataclasses
+import re
 import time
 import warnings
 from collections.abc import Iterable
@@ -21,12 +22,12 @@ import torch
 
 from pipeline.config import ModelConfig, RunConfig, SAEConfig
 from pipeline.data.corpus import CorpusFile, resolve_corpus
-from pipeline.model.hookpoints import resolve_hookpoint
+from pipeline.model.hookpoints import is_hookpoint_name, resolve_hookpoint
 from pipeline.model.loader import from_pretrained_args, model_files, model_identity
 from pipeline.outputs.layout import latents_schema
 from pipeline.outputs.sink import storage_options
 from pipeline.runtime.manifest import manifest_for
-from pipeline.sae.formats import SAEFormatError, SAEInfo, resolve_dtype, sae_info
+from pipeline.sae.formats import SAEFormatError, SAEInfo, resolve_dtype, resolve_sae_path, sae_info
 from pipeline.sae.sae import SAE
 
 
@@ -68,7 +69,10 @@ def check_hookpoints(model: torch.nn.Module, hookpoints: list[str]) -> None:
         resolve_hookpoint(model, h)  # raises HookpointError naming the hookpoint, the model and the valid names
 
 
-def check_sae_against_model(sae: SAE | SAEInfo, hookpoint: str, shape: ModelShape, model_name: str, sae_cfg: SAEConfig) -> None:
+def check_sae_against_model(sae: SAE | SAEInfo, hookpoint: str, shape: ModelShape, model_name: str,
+                            sae_cfg: SAEConfig) -> dict | None:
+    """Width, k and trained hookpoint; returns the manifest's record of a hookpoint mismatch that
+    `sae.allow_hookpoint_mismatch` let through (None when there is none)."""
     if sae.d_in != shape.hidden_size:
         raise ConfigMismatch(
             f"SAE {sae.source or sae_cfg.name} for {hookpoint} has d_in={sae.d_in}, but model {model_name} "
@@ -80,12 +84,37 @@ def check_sae_against_model(sae: SAE | SAEInfo, hookpoint: str, shape: ModelShap
             f"sae.k={k} (checkpoint k={sae.k}) must be between 1 and the {sae.n_latents} latents of SAE "
             f"{sae.source or sae_cfg.name} for {hookpoint}"
         )
-    if sae.hookpoint and sae.hookpoint != hookpoint:
-        warnings.warn(
-            f"SAE {sae.source} was trained on hookpoint {sae.hookpoint!r} but is applied at {hookpoint!r} "
-            f"of model {model_name}",
-            stacklevel=2,
-        )
+    return check_trained_hookpoint(sae, hookpoint, model_name, sae_cfg)
+
+
+ALLOW_MISMATCH = "sae.allow_hookpoint_mismatch=true"
+HOOKPOINT_NAMES = "embed, layers.N, layers.N.attn, layers.N.mlp, layers.N.mlp_in, layers.N.mlp_out"
+
+
+def check_trained_hookpoint(sae: SAE | SAEInfo, hookpoint: str, model_name: str, sae_cfg: SAEConfig) -> dict | None:
+    """A dictionary applied at another hookpoint than the one its own metadata names stops the run:
+    every latent would be computed from activations it was not trained on, and nothing downstream
+    could tell (issue 27). `sae.allow_hookpoint_mismatch=true` runs it anyway, with a warning, and
+    the record returned goes into the manifest. None when the hookpoints match or none is named."""
+    trained = sae.hookpoint
+    if not trained or trained == hookpoint:
+        return None
+    source = getattr(sae, "hookpoint_from", "")
+    name = sae.source or sae_cfg.name
+    what = f"transcoder {name}, which reconstructs {sae.output}," if sae.kind == "transcoder" else f"SAE {name}"
+    what += (f" was trained on hookpoint {trained!r}{f' ({source})' if source else ''} but is applied at "
+             f"{hookpoint!r} of model {model_name}")
+    if sae_cfg.allow_hookpoint_mismatch:
+        warnings.warn(f"{what}; running it there anyway ({ALLOW_MISMATCH}; the manifest records it)", stacklevel=3)
+        return {"trained": trained, "applied": hookpoint, "allowed_by": ALLOW_MISMATCH}
+    if is_hookpoint_name(trained):
+        fix = f"write {trained} instead of {hookpoint} in sae.hookpoints"
+    else:
+        fix = (f"{trained!r} has no hookpoint here ({HOOKPOINT_NAMES}), so it cannot be applied where it was "
+               f"trained; check sae.path")
+    raise ConfigMismatch(f"sae.hookpoints=[{','.join(sae_cfg.hookpoints)}]: {what}. To apply it where it was "
+                         f"trained, {fix}; to run it at {hookpoint} anyway, set {ALLOW_MISMATCH} "
+                         f"(the manifest records it)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -185,7 +214,13 @@ def prepare(cfg: RunConfig) -> Prepared:
 def sae_paths(cfg: RunConfig, files: list[CorpusFile], identity: dict) -> dict[str, str]:
     """Hookpoint -> SAE path; fits (or reuses) the demo SAE when `sae.path` is empty."""
     if cfg.sae.path:
-        return {h: cfg.sae.path.replace("{hookpoint}", h) for h in cfg.sae.hookpoints}
+        paths = {}
+        for h in cfg.sae.hookpoints:
+            try:  # `{hookpoint}` finds sparsify's folder for a transcoder (named after its module)
+                paths[h] = resolve_sae_path(cfg.sae.path, h)
+            except FileNotFoundError as e:
+                raise SAELoadError(f"sae.path={cfg.sae.path!r}, sae.hookpoints entry {h}: {e}") from e
+        return paths
     from pipeline.model.loader import load_model, load_tokenizer, resolve_model_dtype
     from pipeline.sae.demo import cache_path, ensure_demo_sae
 
@@ -223,12 +258,14 @@ def check_saes(cfg: RunConfig, sae_by_hook: dict[str, str], shape: ModelShape) -
         if sae.kind == "crosscoder":
             raise ConfigMismatch(f"sae.path={cfg.sae.path!r}: {path} (for {hook}) is a crosscoder over "
                                  f"{sae.inputs}; list it under sae.crosscoders, not sae.hookpoints")
-        check_sae_against_model(sae, hook, shape, cfg.model.name, cfg.sae)
+        mismatch = check_sae_against_model(sae, hook, shape, cfg.model.name, cfg.sae)
         identities[hook] = {
             "path": path, "format": sae.format, "sha256": sae.sha256, "d_in": sae.d_in,
             "n_latents": sae.n_latents, "k": cfg.sae.k or sae.k, "hookpoint_trained": sae.hookpoint,
             # A transcoder's latents live under its input hookpoint; the manifest says what it is.
             **({"kind": sae.kind, "output": sae.output} if sae.kind == "transcoder" else {}),
+            # Only when sae.allow_hookpoint_mismatch let one through: other runs' identity is unchanged.
+            **({"hookpoint_mismatch": mismatch} if mismatch else {}),
         }
     return identities
 
@@ -324,6 +361,7 @@ def check_crosscoders(cfg: RunConfig, metas: dict, shape: ModelShape) -> tuple[d
                 f"crosscoder {name} ({path}) reads {len(missing)} of its {len(info.inputs)} inputs that model "
                 f"{cfg.model.name} does not have: {', '.join(missing)}; the model has "
                 f"{', '.join(valid_hookpoints(metas[None]))}")
+        mismatch = check_crosscoder_trained(name, path, info, cfg.sae)
         if info.d_in != len(info.inputs) * shape.hidden_size:
             raise ConfigMismatch(f"crosscoder {name} ({path}) has d_in={info.d_in}, but its {len(info.inputs)} inputs "
                                  f"of model {cfg.model.name} (hidden_size={shape.hidden_size}) make "
@@ -335,8 +373,37 @@ def check_crosscoders(cfg: RunConfig, metas: dict, shape: ModelShape) -> tuple[d
         did = crosscoder_id(name)
         paths[did] = path
         identities[did] = {"path": path, "format": info.format, "sha256": info.sha256, "d_in": info.d_in,
-                           "n_latents": info.n_latents, "k": k, "kind": "crosscoder", "inputs": list(info.inputs)}
+                           "n_latents": info.n_latents, "k": k, "kind": "crosscoder", "inputs": list(info.inputs),
+                           **({"hookpoint_mismatch": mismatch} if mismatch else {})}
     return paths, identities
+
+
+def check_crosscoder_trained(name: str, path: str, info: SAEInfo, sae_cfg: SAEConfig) -> dict | None:
+    """A crosscoder reads its `inputs`, which a user often writes into its config by hand; where the
+    library's own metadata names what it was trained on, every input must read that: the
+    model-diff replication's `hook_point` (the hookpoint), dictionary_learning's trainer `layer`
+    (the block index). Same stop and override as `check_trained_hookpoint`."""
+    from pipeline.runtime.sources import split_source
+
+    hooks = [split_source(src)[1] for src in info.inputs]
+    if info.format == "crosscoder_model_diff" and info.hookpoint:
+        trained, source = info.hookpoint, info.hookpoint_from
+        wrong = [src for src, h in zip(info.inputs, hooks) if h != trained]
+    elif info.format == "dictionary_learning" and str(info.meta.get("layer", "")).isdigit():
+        layer = int(info.meta["layer"])
+        trained, source = f"layer {layer}", f"config.json layer={layer}"
+        wrong = [src for src, h in zip(info.inputs, hooks) if not re.match(rf"^layers\.{layer}(?:\.|$)", h)]
+    else:
+        return None
+    if not wrong:
+        return None
+    what = (f"crosscoder {name} ({path}) was trained on {trained} ({source}) but its inputs {', '.join(wrong)} "
+            f"(its config's 'inputs') read another hookpoint")
+    if sae_cfg.allow_hookpoint_mismatch:
+        warnings.warn(f"{what}; running it anyway ({ALLOW_MISMATCH}; the manifest records it)", stacklevel=3)
+        return {"trained": trained, "applied": wrong, "allowed_by": ALLOW_MISMATCH}
+    raise ConfigMismatch(f"sae.crosscoders.{name}={path!r}: {what}. Fix 'inputs' in its config, or set "
+                         f"{ALLOW_MISMATCH} to run it anyway (the manifest records it)")
 
 
 def check_transcoders(meta: torch.nn.Module, sae_ids: dict, model_name: str) -> None:

@@ -53,6 +53,9 @@ class SAEInfo:
     kind: str = "sae"  # sae | transcoder | crosscoder (pipeline/sae/sae.py KINDS)
     inputs: list[str] = field(default_factory=list)  # crosscoder sources, in concatenation order
     output: str | None = None  # transcoder: the hookpoint it reconstructs
+    # Where `hookpoint` was read from (cfg.json's hook_name, sparsify's folder name, ...): what the
+    # preflight's error names when the SAE is applied at another hookpoint.
+    hookpoint_from: str = ""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -166,9 +169,12 @@ def _openai_info(path: Path, sd: dict) -> SAEInfo:
     if "decoder.weight" not in sd and "decoder.linear.weight" not in sd:
         raise SAEFormatError(f"{path}: no decoder.weight in the OpenAI state_dict")
     n_latents, d_in = sd["encoder.weight"].shape
-    return SAEInfo("openai", int(d_in), int(n_latents), int(act_sd["k"]), openai_hookpoint(path), str(path),
+    hookpoint = openai_hookpoint(path)
+    return SAEInfo("openai", int(d_in), int(n_latents), int(act_sd["k"]), hookpoint, str(path),
                    sha256_of_files([path]), _dtype_name(sd["encoder.weight"].dtype),
-                   {"activation": activation, "postact_fn": postact})
+                   {"activation": activation, "postact_fn": postact},
+                   hookpoint_from="its path, <location>/autoencoders/<layer>.pt as OpenAI's paths.py lays it out"
+                   if hookpoint else "")
 
 
 def info_openai(path: Path) -> SAEInfo:
@@ -208,18 +214,53 @@ def info_sparsify(path: Path) -> SAEInfo:
     n_latents, d_in = refs["encoder.weight"].shape
     if cfg.get("d_in") is not None and int(cfg["d_in"]) != d_in:
         raise SAEFormatError(f"{path}: cfg.json d_in={cfg['d_in']} but encoder.weight is {refs['encoder.weight'].shape}")
-    # sparsify names hookpoints by module path, `layers.N` = block N output = hidden_states[N+1],
-    # which is our naming too; the folder is named after the hookpoint.
+    # sparsify's cfg.json does not name the hookpoint: its trainer saves each coder in a folder
+    # named after the module it hooked (`layers.N` = block N output = hidden_states[N+1], our
+    # naming too), so the folder name is the hookpoint it was trained on.
     transcode = bool(cfg.get("transcode", False))
-    hookpoint, output = sparsify_transcoder_hookpoints(path) if transcode else (path.name, None)
+    module = sparsify_module(path)
+    if transcode:
+        hookpoint, output = sparsify_transcoder_hookpoints(path)
+        source = f"sparsify transcoder of module {module}, named by its folder: it reads the module's input"
+    else:
+        hookpoint, output = sparsify_hookpoint(module), None
+        source = f"its folder name {module!r}: sparsify names each folder after the module it was trained on"
     return SAEInfo("sparsify", d_in, n_latents, int(cfg["k"]), hookpoint, str(path),
                    sha256_of_files([path / "cfg.json", path / "sae.safetensors"]),
                    _dtype_name(refs["encoder.weight"].dtype),
-                   {"transcode": transcode, "W_skip": "W_skip" in refs, "module": path.name},
-                   kind="transcoder" if transcode else "sae", output=output)
+                   {"transcode": transcode, "W_skip": "W_skip" in refs, "module": module},
+                   kind="transcoder" if transcode else "sae", output=output,
+                   hookpoint_from=source if hookpoint else "")
 
 
-_SPARSIFY_MODULE = re.compile(r"^(?:layers|h)\.(\d+)(?:\.(mlp|feed_forward))?$")
+# A Hugging Face module path, relative to the base model (sparsify: `layers.N`, GPT-2's `h.N`) or to
+# the causal LM (SAELens on a Hugging Face model: `model.layers.N`, `transformer.h.N`, ...).
+_MODULE = re.compile(r"^(?:model\.language_model\.|model\.decoder\.|model\.|transformer\.|gpt_neox\.)?"
+                     r"(?:layers|h)\.(\d+)(?:\.(mlp|feed_forward))?$")
+_SEED_FOLDER = re.compile(r"^seed\d+$")  # sparsify's trainer with several init_seeds: <hookpoint>/seedN
+
+
+def module_hookpoint(module: str) -> str | None:
+    """A block's module path -> its output `layers.N`; its MLP module -> `layers.N.mlp`; else None."""
+    match = _MODULE.match(module)
+    if match is None:
+        return None
+    return f"layers.{match.group(1)}" + (".mlp" if match.group(2) else "")
+
+
+def sparsify_module(path: Path) -> str:
+    """The module a sparsify coder was trained on: its folder's name (the parent's for a seedN folder)."""
+    return path.parent.name if _SEED_FOLDER.match(path.name) else path.name
+
+
+def sparsify_hookpoint(module: str) -> str | None:
+    """A sparsify SAE's hookpoint from its module name. A module path we have no name for
+    (`layers.3.self_attn`) is returned as is, so it matches none of ours; a folder name that is
+    no module path at all (renamed by hand, `my-sae`) says nothing about the hookpoint: None."""
+    mapped = module_hookpoint(module)
+    if mapped is not None:
+        return mapped
+    return module if re.search(r"(?:^|\.)\d+(?:\.|$)", module) else None
 
 
 def sparsify_transcoder_hookpoints(path: Path) -> tuple[str, str]:
@@ -228,10 +269,11 @@ def sparsify_transcoder_hookpoints(path: Path) -> tuple[str, str]:
     sparsify's trainer hooks a module and, with `transcode=True`, encodes the module's *input* and
     decodes towards its *output* (trainer.py `hook`): `layers.N.mlp` -> (layers.N.mlp_in,
     layers.N.mlp_out); a whole block `layers.N` -> (its input: embed or layers.N-1, layers.N)."""
-    match = _SPARSIFY_MODULE.match(path.name)
+    module = sparsify_module(path)
+    match = _MODULE.match(module)
     if match is None:
         raise SAEFormatError(
-            f"{path}: sparsify transcoder for module {path.name!r}: only MLP modules (layers.N.mlp) and whole "
+            f"{path}: sparsify transcoder for module {module!r}: only MLP modules (layers.N.mlp) and whole "
             f"blocks (layers.N) have hookpoints for their input and output"
         )
     n = int(match.group(1))
@@ -264,12 +306,13 @@ _TL_HOOK = re.compile(r"^blocks\.(\d+)\.(hook_resid_post|hook_resid_pre|hook_mlp
 
 
 def transformer_lens_hookpoint(hook_name: str | None) -> str | None:
-    """TransformerLens hook name -> our hookpoint (unmapped names are returned unchanged)."""
+    """TransformerLens hook name (or, for SAELens on a Hugging Face model, a module path such as
+    `model.layers.N`) -> our hookpoint; unmapped names are returned unchanged."""
     if not hook_name:
         return None
     match = _TL_HOOK.match(hook_name)
     if match is None:
-        return hook_name
+        return module_hookpoint(hook_name) or hook_name
     n, hook = int(match.group(1)), match.group(2)
     if hook == "hook_resid_pre":
         return "embed" if n == 0 else f"layers.{n - 1}"
@@ -316,12 +359,13 @@ def info_saelens(path: Path) -> SAEInfo:
     d_in, n_latents = refs["W_enc"].shape  # stored [d, L]
     if int(cfg.get("d_in", d_in)) != d_in:
         raise SAEFormatError(f"{path}: cfg.json d_in={cfg['d_in']} but W_enc is {refs['W_enc'].shape}")
+    hook_name = meta.get("hook_name") or cfg.get("hook_name") or cfg.get("hook_point")
     return SAEInfo(
-        "saelens", d_in, n_latents, k,
-        transformer_lens_hookpoint(meta.get("hook_name") or cfg.get("hook_name") or cfg.get("hook_point")),
+        "saelens", d_in, n_latents, k, transformer_lens_hookpoint(hook_name),
         str(path), sha256_of_files([path / "cfg.json", path / "sae_weights.safetensors"]),
         _dtype_name(refs["W_enc"].dtype),
         {"normalize_activations": norm, "model_name": meta.get("model_name") or cfg.get("model_name")},
+        hookpoint_from=f"cfg.json hook_name {hook_name!r}" if hook_name else "",
     )
 
 
@@ -380,7 +424,8 @@ def info_own(path: Path) -> SAEInfo:
     return SAEInfo(OWN_FORMAT, d_in, n_latents, int(cfg["k"]), cfg.get("hookpoint"), str(path),
                    sha256_of_files([path / "cfg.json", path / "sae.safetensors"]),
                    _dtype_name(refs["W_enc"].dtype), cfg.get("meta", {}),
-                   kind=cfg.get("kind", "sae"), inputs=list(cfg.get("inputs") or []), output=cfg.get("output"))
+                   kind=cfg.get("kind", "sae"), inputs=list(cfg.get("inputs") or []), output=cfg.get("output"),
+                   hookpoint_from="cfg.json hookpoint" if cfg.get("hookpoint") else "")
 
 
 def load_own(path: Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
@@ -606,7 +651,8 @@ def _mdiff_read(path: Path) -> tuple[dict, dict, SAEInfo]:
     meta = {"model_name": cfg.get("model_name"), "hook_point": cfg.get("hook_point"), "inputs_from": named,
             "norm_scaling_factors": [float(f) for f in factors], "k_from": "config" if cfg.get("k") else "default"}
     info = SAEInfo("crosscoder_model_diff", m * d, n_latents, k, hook, str(path), sha256_of_files([weights, cfg_file]),
-                   _dtype_name(sd["W_enc"].dtype), meta, kind="crosscoder", inputs=inputs)
+                   _dtype_name(sd["W_enc"].dtype), meta, kind="crosscoder", inputs=inputs,
+                   hookpoint_from=f"cfg.json hook_point {cfg['hook_point']!r}" if hook else "")
     return sd, cfg, info
 
 
@@ -636,6 +682,117 @@ LOADERS.update(dictionary_learning=load_dictionary_learning, crosscoder_model_di
 INFOS.update(dictionary_learning=info_dictionary_learning, crosscoder_model_diff=info_crosscoder_model_diff)
 
 
+# ---------------------------------------------------------------------------------------------
+# Which folder holds the dictionary for a hookpoint. sparsify names every folder after the module it
+# hooked, and a transcoder reads that module's *input*: the transcoder for `layers.N.mlp_in` is in
+# `layers.N.mlp`, the one for `layers.N` (a whole block's input) in `layers.N+1` (issue 27).
+
+
+def sparsify_transcoder_folders(hookpoint: str) -> list[str]:
+    """The folder names sparsify gives a transcoder that reads `hookpoint`."""
+    match = re.match(r"^layers\.(\d+)\.mlp_in$", hookpoint)
+    if match:
+        return [f"{blocks}.{match.group(1)}.{mlp}" for blocks in ("layers", "h") for mlp in ("mlp", "feed_forward")]
+    match = re.match(r"^layers\.(\d+)$", hookpoint)
+    if hookpoint != "embed" and match is None:
+        return []
+    n = 0 if hookpoint == "embed" else int(match.group(1)) + 1
+    return [f"layers.{n}", f"h.{n}"]
+
+
+def _read_cfg(fs, folder: str) -> dict | None:
+    try:
+        cfg = json.loads(fs.cat_file(f"{folder}/cfg.json"))
+    except (OSError, ValueError):  # no cfg.json (FileNotFoundError), or not JSON
+        return None
+    return cfg if isinstance(cfg, dict) else None
+
+
+def _folder_reads(fs, folder: str) -> tuple[str, str | None, str | None] | None:
+    """(what it is, hookpoint it reads, hookpoint it reconstructs if a transcoder) of a checkpoint
+    folder, from its cfg.json alone (no weight, no digest: cheap on a remote prefix too)."""
+    cfg = _read_cfg(fs, folder)
+    if cfg is None:
+        return None
+    if cfg.get("format") == OWN_FORMAT:
+        return f"{cfg.get('kind', 'sae')} (sae-harvest format)", cfg.get("hookpoint"), cfg.get("output")
+    if cfg.get("transcode"):
+        try:
+            reads, output = sparsify_transcoder_hookpoints(Path(folder))
+        except SAEFormatError:
+            return "sparsify transcoder", None, None
+        return "sparsify transcoder", reads, output
+    hook_name = (cfg.get("metadata") or {}).get("hook_name") or cfg.get("hook_name") or cfg.get("hook_point")
+    if hook_name:
+        return "SAELens SAE", transformer_lens_hookpoint(hook_name), None
+    return "sparsify SAE", sparsify_hookpoint(sparsify_module(Path(folder))), None
+
+
+def _transcoder_folder(fs, template: str, hookpoint: str) -> str | None:
+    """`template` with `{hookpoint}` replaced by the sparsify folder of the transcoder reading
+    `hookpoint`, if there is one."""
+    import fsspec
+
+    for name in sparsify_transcoder_folders(hookpoint):
+        candidate = template.replace("{hookpoint}", name)
+        found = _folder_reads(fs, fsspec.core.url_to_fs(candidate)[1])
+        if found is not None and found[0] == "sparsify transcoder" and found[1] == hookpoint:
+            return candidate
+    return None
+
+
+def _missing_message(fs, template: str, hookpoint: str) -> str:
+    """What the folder the `{hookpoint}` part points into holds, and what to write instead."""
+    import fsspec
+
+    msg = f"SAE path {template.replace('{hookpoint}', hookpoint)} does not exist"
+    parent = template.split("{hookpoint}")[0].rsplit("/", 1)[0] or "."
+    root = fsspec.core.url_to_fs(parent)[1]
+    try:
+        names = sorted(e["name"].rstrip("/").rsplit("/", 1)[-1] for e in fs.ls(root, detail=True)
+                       if e.get("type") == "directory")
+    except OSError:
+        return msg
+    if not names:
+        return f"{msg} ({parent} holds no folders)"
+    # Describe the folders of this hookpoint's layer: a transcoder or SAE of a neighbouring name.
+    match = re.match(r"^layers\.(\d+)", hookpoint)
+    near = [n for n in names if re.search(rf"(?:^|\.){match.group(1)}(?:\.|$)", n)] if match else []
+    notes = []
+    for name in near[:6]:
+        found = _folder_reads(fs, f"{root}/{name}")
+        if found is None or found[1] is None:
+            continue
+        what, reads, output = found
+        if output:
+            notes.append(f"{name} is a {what} that reads {reads} and reconstructs {output}; its latents are listed "
+                         f"under the hookpoint it reads: write {reads} in sae.hookpoints")
+        elif reads != hookpoint:
+            notes.append(f"{name} is a {what} trained on {reads}: write {reads} in sae.hookpoints")
+    shown = ", ".join(names[:12]) + (", ..." if len(names) > 12 else "")
+    return f"{msg}. {parent} holds {shown}" + "".join(f". {n}" for n in notes)
+
+
+def resolve_sae_path(template: str, hookpoint: str) -> str:
+    """`sae.path` for one hookpoint: `{hookpoint}` filled in. Where that path does not exist, the
+    folder sparsify writes for a transcoder reading `hookpoint` (`layers.N.mlp` for
+    `layers.N.mlp_in`) is tried in its place; failing that, FileNotFoundError names the folders
+    found and what to write instead. Local paths and fsspec URLs (s3://); only cfg.json files are
+    read. A path without `{hookpoint}` is returned as is."""
+    import fsspec
+
+    path = template.replace("{hookpoint}", hookpoint)
+    if "{hookpoint}" not in template:
+        return path
+    fs, root = fsspec.core.url_to_fs(path)
+    if fs.exists(root):
+        return path
+    found = _transcoder_folder(fs, template, hookpoint)
+    if found is None:
+        raise FileNotFoundError(_missing_message(fs, template, hookpoint))
+    return found
+
+
 def _local(path: str | os.PathLike, hookpoint: str | None, cache_dir) -> tuple[str, Path, str]:
     source = str(path)
     if is_remote(source):
@@ -643,11 +800,14 @@ def _local(path: str | os.PathLike, hookpoint: str | None, cache_dir) -> tuple[s
     path = Path(str(path).removeprefix("file://"))
     if not path.exists():
         raise FileNotFoundError(f"SAE path {source} does not exist")
-    if hookpoint is not None and path.is_dir():
+    if hookpoint is not None and path.is_dir() and not (path / "cfg.json").exists():
         if (path / hookpoint).is_dir():
             path = path / hookpoint
-        elif hookpoint.endswith(".mlp_in") and (path / hookpoint.removesuffix("_in")).is_dir():
-            path = path / hookpoint.removesuffix("_in")  # sparsify transcoders: folder named after the MLP module
+        else:  # a folder of sparsify coders: a transcoder's folder is named after its module
+            import fsspec
+
+            found = _transcoder_folder(fsspec.filesystem("file"), f"{path}/{{hookpoint}}", hookpoint)
+            path = Path(found) if found else path
     return source, path, detect_format(path)
 
 
@@ -680,7 +840,8 @@ def load_sae(path: str | os.PathLike, hookpoint: str | None = None, cache_dir: s
     """Load an SAE in any supported format, detected from the files present.
 
     `path`: a local file/folder or a remote URL (s3://..., fetched to `cache_dir` with a sha256
-    check). A folder holding one subfolder per hookpoint (sparsify's layout) needs `hookpoint`.
+    check). A folder holding one subfolder per hookpoint (sparsify's layout) needs `hookpoint`;
+    a sparsify transcoder's subfolder is named after its module (`layers.N.mlp` for `layers.N.mlp_in`).
     Formats: the project's own, OpenAI `sparse_autoencoder`, EleutherAI `sparsify`, SAELens
     `topk` (the readers above).
     `dtype`: the weight matrices' dtype ("auto", "float32", "bfloat16", "float16" or a torch dtype;
