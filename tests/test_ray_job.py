@@ -40,10 +40,10 @@ def free_ports(n: int) -> list[int]:
     return ports
 
 
-def wait_for_dashboard(url: str, head: subprocess.Popen, timeout: float = 120) -> None:
+def wait_for_dashboard(url: str, head: subprocess.Popen | None = None, timeout: float = 120) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
-        if head.poll() is not None:
+        if head is not None and head.poll() is not None:
             raise RuntimeError(f"ray start exited with {head.returncode}")
         try:
             with urllib.request.urlopen(f"{url}/api/version", timeout=2):
@@ -56,13 +56,9 @@ def wait_for_dashboard(url: str, head: subprocess.Popen, timeout: float = 120) -
     raise TimeoutError(f"dashboard at {url} did not come up in {timeout}s")
 
 
-def stop_head(head: subprocess.Popen, temp_dir: str) -> None:
-    """Stop exactly this head: its process tree and any process of its session (by temp dir)."""
-    procs = []
-    try:
-        procs = psutil.Process(head.pid).children(recursive=True) + [psutil.Process(head.pid)]
-    except psutil.NoSuchProcess:
-        pass
+def stop_ray_session(temp_dir: str, procs: list | None = None) -> None:
+    """Stop `procs` and every process of the Ray session started with --temp-dir=temp_dir (only those)."""
+    procs = list(procs or [])
     for p in psutil.process_iter(["cmdline"]):
         try:
             mine = p.pid != os.getpid() and p.info["cmdline"] and any(temp_dir in a for a in p.info["cmdline"])
@@ -82,6 +78,15 @@ def stop_head(head: subprocess.Popen, temp_dir: str) -> None:
         except psutil.NoSuchProcess:
             pass
     psutil.wait_procs(alive, timeout=5)
+
+
+def stop_head(head: subprocess.Popen, temp_dir: str) -> None:
+    """Stop exactly this head: its process tree and any process of its session (by temp dir)."""
+    try:
+        tree = psutil.Process(head.pid).children(recursive=True) + [psutil.Process(head.pid)]
+    except psutil.NoSuchProcess:
+        tree = []
+    stop_ray_session(temp_dir, tree)
 
 
 def user_env(home: Path) -> dict:

@@ -30,25 +30,20 @@ What COMMANDS says for each key, one of:
 from __future__ import annotations
 
 import json
-import os
 import re
 import shlex
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import psutil
 import pytest
 from conftest import TEXTS, build_tiny_llama, build_tokenizer
 from sae_files import write_openai_sae, write_own_sae
-from test_ray_job import free_ports, user_env
+from test_ray_job import free_ports, stop_ray_session, user_env, wait_for_dashboard
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -482,42 +477,6 @@ def workspace(root: Path) -> Path:
         score = [{"activating": True, "prediction": True}, {"activating": False, "prediction": False}]
         (delphi / "scores" / "detection" / f"layers.12_latent{i}.txt").write_text(json.dumps(score))
     return ws
-
-
-def stop_ray_session(temp_dir: str) -> None:
-    """Stop the processes of the head started with --temp-dir=temp_dir (and only those)."""
-    procs = []
-    for p in psutil.process_iter(["cmdline"]):
-        try:
-            if p.pid != os.getpid() and any(temp_dir in a for a in p.info["cmdline"] or []):
-                procs.append(p)
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            pass
-    for p in procs:
-        try:
-            p.send_signal(signal.SIGTERM)
-        except psutil.NoSuchProcess:
-            pass
-    _, alive = psutil.wait_procs(procs, timeout=10)
-    for p in alive:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(alive, timeout=5)
-
-
-def wait_for_dashboard(url: str, timeout: float = 120) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            with urllib.request.urlopen(f"{url}/api/version", timeout=2):
-                return
-        except urllib.error.HTTPError:
-            return  # answers (401 without the token): up
-        except OSError:
-            time.sleep(1)
-    raise TimeoutError(f"the dashboard at {url} did not come up in {timeout}s")
 
 
 @dataclass
