@@ -532,10 +532,10 @@ def session(tmp_path_factory):
     names = ["ray_gcs", "ray_dashboard", "ray_client", "ray_agent_http", "ray_agent_grpc", "ray_metrics",
              "ray_runtime_env"]
     values = dict(zip(names, free_ports(len(names))), fs=str(fs), ws=str(ws), tmp=str(tmp), ray_temp=ray_temp)
-    # A user's shell (tests/test_ray_job.py's user_env: own HOME, venv not on PATH, no RAY_* settings),
-    # plus RAY_ADDRESS=local: a driver given no address joins the Ray instance most recently started on
-    # the machine (/tmp/ray/ray_current_cluster), which on a shared test machine is someone else's.
-    s = Session(ws, {**user_env(home), "RAY_ADDRESS": "local"}, values, tmp / "logs")
+    # A user's shell (tests/test_ray_job.py's user_env: own HOME, venv not on PATH, no RAY_* settings).
+    # No RAY_ADDRESS: local runs and post-processing start a Ray of their own even while another
+    # instance runs on the machine (a plain ray.init() would join the one started last).
+    s = Session(ws, user_env(home), values, tmp / "logs")
     try:
         yield s
     finally:
