@@ -325,6 +325,7 @@ class WorkerSlot:
     actor: object
     load: int = 0  # shards in flight on it
     alone: bool = False  # running one suspect shard with nothing queued beside it
+    fresh: bool = True  # no shard finished on it yet (a replacement): where suspects go first
 
 
 class RayDispatcher:
@@ -366,12 +367,14 @@ class RayDispatcher:
         self.slots[i].load += 1
 
     def _place_suspects(self) -> None:
-        """Each idle worker takes the next suspect, alone: nothing else goes to it until it is done."""
-        for i, slot in enumerate(self.slots):
+        """Each idle worker takes the next suspect, alone: nothing else goes to it until it is done.
+        Fresh workers (a dead one's replacement) first, so what an earlier shard left behind in a
+        process (memory, a wedged GPU context) is not blamed on the suspect."""
+        for i in sorted(range(len(self.slots)), key=lambda j: not self.slots[j].fresh):
             if not self.suspects:
                 return
-            if slot.load == 0:
-                slot.alone = True
+            if self.slots[i].load == 0:
+                self.slots[i].alone = True
                 self._send(i, self.suspects.popleft())
 
     def pending(self) -> int:
@@ -397,6 +400,7 @@ class RayDispatcher:
                 continue
             if self.slots[i].alone:  # the suspect was innocent: the worker takes normal work again
                 self.slots[i].alone = False
+            self.slots[i].fresh = False
             results.append(result)
         self._place_suspects()
         return results
@@ -468,7 +472,8 @@ def worker_lost_errors() -> tuple[type, ...]:
     import ray
 
     e = ray.exceptions
-    return (e.RayActorError, e.WorkerCrashedError, e.ObjectLostError, e.NodeDiedError)
+    # OutOfMemoryError: Ray's memory monitor killed the worker process (it says so in the message).
+    return (e.RayActorError, e.WorkerCrashedError, e.ObjectLostError, e.NodeDiedError, e.OutOfMemoryError)
 
 
 def death_cause(err: Exception) -> str:
