@@ -24,8 +24,10 @@ and the top / quantile / random examples with tokens shaded by this latent's act
 
 Pages go to the most active latents, at most `max_latents` per hookpoint
 (`logit_effects.page_latents`, the same order post-processing computes logit effects in).
-Work is one bucket of page latents at a time (its examples and logit effects), so memory
-follows the bucket size and the number of pages, not the SAE width.
+Work is one bucket of page latents at a time (its stats rows and logit effects), so memory
+follows the bucket size and the number of pages, not the SAE width. The examples are stored by
+reference: their windows are cut once for all pages (pipeline/outputs/windows.py, each contexts
+and latents shard read once).
 """
 from __future__ import annotations
 
@@ -55,6 +57,7 @@ from pipeline.outputs.layout import (
 from pipeline.outputs.logit_effects import page_latents
 from pipeline.outputs.postprocess import read_json_or_none
 from pipeline.outputs.sink import RunStore
+from pipeline.outputs.windows import is_by_reference, read_windows
 
 log = logging.getLogger(__name__)
 
@@ -308,6 +311,30 @@ def stats_rows(store: RunStore, hook: str, ids: np.ndarray) -> list[dict]:
     return rows
 
 
+def page_examples(store: RunStore, hook: str, pages: np.ndarray, buckets: np.ndarray) -> dict[int, pa.Table]:
+    """Per bucket, the page latents' examples with their windows (`token_ids`, `acts`): the rows of
+    every bucket first (by reference, a few narrow columns), then ONE windows.read_windows call over
+    all of them, so each contexts / latents shard is read once for the whole site. Memory: the
+    pages' windows (about 90 x window x 8 bytes per page). Parts from before issue 23 keep theirs."""
+    refs, out = [], {}
+    for b in np.unique(buckets).tolist():
+        ex = store.read_part(examples_key(hook, b))
+        ex = ex.filter(pc.is_in(ex["latent_id"], value_set=pa.array(pages[buckets == b], pa.int32())))
+        if is_by_reference(ex.schema):
+            refs.append((b, ex))
+        else:
+            out[b] = ex
+    if refs:
+        cols = ["latent_id", "kind", "rank", "seq_id", "pos"]
+        both = pa.concat_tables([ex.select(cols) for _, ex in refs]).replace_schema_metadata(refs[0][1].schema.metadata)
+        both = read_windows(store, hook, both)
+        at = 0
+        for b, ex in refs:
+            out[b] = both.slice(at, ex.num_rows)
+            at += ex.num_rows
+    return out
+
+
 def build_hook(store: RunStore, out: Path, hook: str, max_latents: int, vocab: Vocab, explanations,
                bucket_size: int, shard_rows: int) -> tuple[list[int], dict]:
     # Whole columns only for what ranks pages (two numbers per latent); the pages' full rows
@@ -330,12 +357,11 @@ def build_hook(store: RunStore, out: Path, hook: str, max_latents: int, vocab: V
     folder.mkdir(parents=True, exist_ok=True)
     rows: dict[int, list] = {}
     buckets = pages // bucket_size
+    examples = page_examples(store, hook, pages, buckets)
     for b in np.unique(buckets).tolist():
         ids = pages[buckets == b]
         stats = stats_rows(store, hook, ids)
-        ex = store.read_part(examples_key(hook, b))
-        ex = ex.filter(pc.is_in(ex["latent_id"], value_set=pa.array(ids, pa.int32())))
-        ex = ex.sort_by("latent_id")
+        ex = examples[b].sort_by("latent_id")
         lat_col = ex["latent_id"].to_numpy()
         starts, ends = np.searchsorted(lat_col, ids), np.searchsorted(lat_col, ids, side="right")
         effects = {} if skipped else read_logit_effects(store, hook, b, ids)
