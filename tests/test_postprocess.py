@@ -240,6 +240,39 @@ def test_windows_in_several_passes_are_identical(processed, monkeypatch):
     assert read_windows(store, HOOK, part).equals(whole)
 
 
+def test_in_memory_sort_gives_duckdbs_rows(tmp_path, monkeypatch):
+    """A bucket that fits task_memory_mb is sorted in numpy (two stable radix passes), a larger one
+    by DuckDB's ORDER BY: the same by_latent, examples and statistics, also when a spill part's
+    rows are not in (seq_id, pos) order (the latents part's row order is the writer's)."""
+    from pipeline.outputs import post_engine
+    from pipeline.outputs.layout import bucket_marker_key, bucket_stats_key, by_latent_key, examples_key, spill_key
+    from pipeline.outputs.postprocess import process_bucket, scatter_shard
+
+    store = make_run(tmp_path, "sorts", n_shards=3)
+    for s in range(3):
+        scatter_shard(store, HOOK, s, CFG.bucket_size, CFG)
+    spill = tmp_path / "sorts" / spill_key(HOOK, 1, 1)
+    t = pq.read_table(spill)
+    pq.write_table(t.take(np.random.default_rng(0).permutation(t.num_rows)), spill)
+    calls = []
+    real = post_engine._duckdb_sorted
+    monkeypatch.setattr(post_engine, "_duckdb_sorted", lambda con: calls.append(1) or real(con))
+    outs = []
+    default = post_engine.BYTES_PER_SORTED_PAIR
+    # numpy, DuckDB, numpy in batches of 7 rows (needed rows picked across batch edges)
+    for per_pair, rows in ((default, 1 << 20), (1 << 40, 1 << 20), (default, 7)):
+        monkeypatch.setattr(post_engine, "BYTES_PER_SORTED_PAIR", per_pair)
+        monkeypatch.setattr(post_engine, "SORTED_BATCH_ROWS", rows)
+        process_bucket(store, HOOK, 1, [0, 1, 2], N_LATENTS, [0, 1, 2], SHARD_SIZE, CFG)
+        store.fs.rm(store.path(bucket_marker_key(HOOK, 1)))
+        outs.append([pq.read_table(store.path(k)) for k in (by_latent_key(HOOK, 1), examples_key(HOOK, 1),
+                                                             bucket_stats_key(HOOK, 1))])
+    assert len(calls) == 1 and outs[0][0].num_rows > 100
+    for other in outs[1:]:
+        for a, b in zip(outs[0], other):
+            assert a.equals(b)
+
+
 def test_corrupt_committed_part_is_an_error_naming_the_file(tmp_path, ray_local):
     store = make_run(tmp_path, "bad", n_shards=2)
     part = tmp_path / "bad" / latents_key(HOOK, 1)

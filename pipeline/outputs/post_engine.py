@@ -287,8 +287,7 @@ def _reduce(store, hook, bucket, lo, hi, spill_keys, committed, shard_size, cfg,
     ends = first + na
 
     # 3. the sorted stream -> by_latent, keeping the needed rows (a batch overlaps a range of latents' rows).
-    reader = con.sql("SELECT latent_id, seq_id, pos, act, bin FROM pairs ORDER BY latent_id, act DESC, seq_id, pos") \
-        .to_arrow_reader(1 << 20)
+    reader = sorted_pairs(con, paths, int(n.sum()), lo, n_lat, cfg)
     from pipeline.outputs.layout import MANIFEST_KEY, by_latent_schema, run_acts_dtype
 
     BY_LATENT_SCHEMA = by_latent_schema(run_acts_dtype(store.read_json(MANIFEST_KEY)))  # the run's acts dtype
@@ -307,12 +306,18 @@ def _reduce(store, hook, bucket, lo, hi, spill_keys, committed, shard_size, cfg,
                 np.bincount(cell, minlength=(lat[-1] - lat[0] + 1) * cfg.hist_bins)
             end = offset + batch.num_rows
             r0, r1 = np.searchsorted(ends, offset, side="right"), np.searchsorted(first, end, side="left")
-            sub = need[r0:r1]
-            inside = (sub >= offset) & (sub < end)
-            idx = sub[inside] - offset
-            got_seq[r0:r1][inside] = batch.column("seq_id").to_numpy()[idx]
-            got_pos[r0:r1][inside] = batch.column("pos").to_numpy()[idx]
-            got_act[r0:r1][inside] = act.to_numpy()[idx]
+            b_seq, b_pos, b_act = batch.column("seq_id").to_numpy(), batch.column("pos").to_numpy(), act.to_numpy()
+            # latents wholly inside the batch: every needed row is in it (a plain gather); the (at most
+            # two) latents across the batch's edges: a mask
+            i0 = r0 + int(r0 < r1 and first[r0] < offset)
+            i1 = max(i0, r1 - int(r1 > r0 and ends[r1 - 1] > end))
+            idx = need[i0:i1] - offset
+            got_seq[i0:i1], got_pos[i0:i1], got_act[i0:i1] = b_seq[idx], b_pos[idx], b_act[idx]
+            for r in {r0, r1 - 1} - set(range(i0, i1)) if r1 > r0 else ():
+                row = need[r]
+                inside = (row >= offset) & (row < end)
+                got_seq[r][inside], got_pos[r][inside] = b_seq[row[inside] - offset], b_pos[row[inside] - offset]
+                got_act[r][inside] = b_act[row[inside] - offset]
             offset = end
         if offset == 0:
             writer.write_table(BY_LATENT_SCHEMA.empty_table())
@@ -343,12 +348,61 @@ def _reduce(store, hook, bucket, lo, hi, spill_keys, committed, shard_size, cfg,
                              np.zeros(len(r_lat), np.float32)])
     lap("random")
     del need, got_seq, got_pos, got_act, lat_rows, r_lat, r_rank, r_seq, r_pos
-    order = np.argsort(ex_lat, kind="stable")
+    # radix (the latent's offset in the bucket fits 16 bits): the three lists merged by latent
+    order = np.argsort((ex_lat - lo).astype(np.uint16 if n_lat <= 1 << 16 else np.int64), kind="stable")
     write_examples(store, examples_key, scratch, ex_lat[order], ex_kind[order], ex_rank[order], ex_seq[order],
                    ex_pos[order], ex_act[order], cfg)
     con.close()
     lap("examples")
     return int(n.sum()), stats, timings
+
+
+SORTED_BATCH_ROWS = 1 << 20  # rows of the sorted stream per record batch
+BYTES_PER_SORTED_PAIR = 80  # the in-memory sort's peak per pair: the spill columns, the sorted copies, 3 index arrays
+
+
+def sorted_pairs(con, paths: list[str], n_pairs: int, lo: int, n_lat: int, cfg: PostprocessConfig) -> Iterator[pa.RecordBatch]:
+    """The bucket's pairs as record batches in (latent_id, act desc, seq_id, pos) order.
+
+    A bucket whose sort fits `task_memory_mb` (n_pairs * BYTES_PER_SORTED_PAIR) and whose acts are
+    float16 (and bucket_size <= 2^16) is sorted in numpy: the spill parts read in shard order, put in (seq_id, pos) order
+    (they already are when the latents parts are: then no sort), then two stable 16-bit radix
+    passes, on the act's bits inverted (positive float16s order as their bit patterns) and on the
+    latent's offset in the bucket. Stable LSD passes give exactly DuckDB's ORDER BY, whose total
+    order has no ties (a latent appears once per position), so both give the same rows. Larger
+    buckets (or float32 acts) sort in DuckDB, out of core within `task_memory_mb`."""
+    if not paths or n_pairs * BYTES_PER_SORTED_PAIR > cfg.task_memory_mb << 20 or n_lat > 1 << 16:
+        yield from _duckdb_sorted(con)
+        return
+    t = pa.concat_tables([pq.read_table(p) for p in paths])
+    if t.schema.field("act").type != pa.float16() or t.num_rows != n_pairs:
+        del t
+        yield from _duckdb_sorted(con)
+        return
+    cols = {name: t[name].to_numpy() for name in ("latent_id", "seq_id", "pos", "act", "bin")}
+    del t
+    where = (cols["seq_id"].astype(np.int64) << POS_BITS) | cols["pos"]
+    order = None if np.all(where[1:] > where[:-1]) else np.argsort(where, kind="stable")
+    del where
+    act = cols["act"] if order is None else cols["act"][order]
+    by_act = np.argsort(np.uint16(0xFFFF) - act.view(np.uint16), kind="stable")  # radix: act descending
+    del act
+    if order is not None:
+        by_act = order[by_act]
+        del order
+    local = (cols["latent_id"][by_act] - lo).astype(np.uint16)
+    final = by_act[np.argsort(local, kind="stable")]  # radix: latent ascending, act order kept within
+    del by_act, local
+    for name in cols:
+        cols[name] = cols[name][final]
+    del final
+    for b0 in range(0, n_pairs, SORTED_BATCH_ROWS):
+        yield pa.RecordBatch.from_arrays([pa.array(cols[c][b0:b0 + SORTED_BATCH_ROWS]) for c in cols], names=list(cols))
+
+
+def _duckdb_sorted(con) -> Iterator[pa.RecordBatch]:
+    yield from con.sql("SELECT latent_id, seq_id, pos, act, bin FROM pairs ORDER BY latent_id, act DESC, seq_id, pos") \
+        .to_arrow_reader(SORTED_BATCH_ROWS)
 
 
 def _stats_table(lo, hi, n, max_act, sum_act, sum_sq, quantiles, hist) -> pa.Table:
@@ -421,11 +475,11 @@ def write_examples(store: RunStore, key: str, scratch: str, lat, kind, rank, seq
     in (latent, kind, rank) order, the window rule in the schema metadata (windows.py cuts the
     windows where they are read). About 25 bytes per example in memory, ~90 per live latent."""
     schema = EXAMPLES_SCHEMA.with_metadata(window_metadata(cfg.window))
+    kinds = pa.DictionaryArray.from_arrays(pa.array(np.asarray(kind, np.int8)), pa.array(list(KIND_CODES)))
     table = pa.Table.from_arrays([
-        pa.array(np.asarray(lat, np.int32)), pa.array(list(KIND_CODES), pa.string()).take(pa.array(kind)),
+        pa.array(np.asarray(lat, np.int32)), kinds.cast(pa.string()),
         pa.array(np.asarray(rank, np.int32)), pa.array(np.asarray(seq, np.int64)),
         pa.array(np.asarray(pos, np.int32)), pa.array(np.asarray(act, np.float32))], schema=schema)
     with local_output(store, key, scratch) as path:
         pq.write_table(table, path, compression=store.cfg.compression, compression_level=store.cfg.compression_level,
-                       row_group_size=1 << 20, use_dictionary=["kind"],
-                       write_statistics=["latent_id", "kind", "rank", "seq_id", "pos"])
+                       row_group_size=1 << 20)  # dictionaries for all: the fastest and smallest here
