@@ -81,7 +81,7 @@ class Vocab:
     """Token id -> display string, each id decoded once."""
 
     def __init__(self, tokenizer):
-        self.tokenizer, self.cache = tokenizer, {}
+        self.tokenizer, self.cache, self.spans = tokenizer, {}, np.full(0, None, object)
 
     def __call__(self, i: int) -> str:
         s = self.cache.get(i)
@@ -91,6 +91,17 @@ class Vocab:
 
     def many(self, ids) -> list[str]:
         return [self(int(i)) for i in ids]
+
+    def quiet_spans(self, ids: np.ndarray) -> np.ndarray:
+        """The example spans (object array) of these token ids where the latent is not active (most
+        of a window), each id's built once and kept in a dense array indexed by id."""
+        top = int(ids.max(initial=-1)) + 1
+        if top > len(self.spans):
+            self.spans = np.concatenate([self.spans, np.full(max(top, 2 * len(self.spans)) - len(self.spans), None, object)])
+        uniq = np.unique(ids)
+        for i in uniq[np.equal(self.spans[uniq], None)].tolist():
+            self.spans[i] = f'<span class="tok" title="0.000">{esc(self(i))}</span>'
+        return self.spans[ids]
 
 
 # -- small HTML pieces --------------------------------------------------------------------------
@@ -120,13 +131,15 @@ def svg_bars(counts: list[float], labels: tuple[str, str], width: int = 520, hei
             f'<text x="{width}" y="{height - 5}" font-size="11" text-anchor="end">{esc(labels[1])}</text></svg>')
 
 
-def example_html(kind: str, rank: int, seq_id: int, toks: list[str], acts: np.ndarray, scale: float) -> str:
-    spans = []
-    for t, a in zip(toks, acts):
-        alpha = min(float(a) / scale, 1.0) if scale > 0 else 0.0
-        style = f' style="background:rgba(230,80,30,{alpha:.2f})"' if a > 0 else ""
-        spans.append(f'<span class="tok"{style} title="{float(a):.3f}">{esc(t)}</span>')
-    return f'<div class="ex"><span class="kind">{kind} #{rank} · seq {seq_id}</span>{"".join(spans)}</div>'
+def token_spans(toks: np.ndarray, acts: np.ndarray, scale: float, vocab: Vocab) -> np.ndarray:
+    """Each token's span, shaded by this latent's activation: cached spans for the inactive tokens
+    (most of a window, one array lookup), formatted ones for the few active."""
+    spans = vocab.quiet_spans(toks)
+    for j in np.flatnonzero(acts != 0).tolist():
+        a, t = float(acts[j]), int(toks[j])
+        style = f' style="background:rgba(230,80,30,{min(a / scale, 1.0) if scale > 0 else 0.0:.2f})"' if a > 0 else ""
+        spans[j] = f'<span class="tok"{style} title="{a:.3f}">{esc(vocab(t))}</span>'
+    return spans
 
 
 def logit_html(effects: dict | None, skipped: str | None, vocab: Vocab) -> str:
@@ -182,12 +195,17 @@ def latent_page(hook: str, stats: dict, examples: pa.Table, vocab: Vocab, edges_
     quant = ", ".join(f"{q:.3g}" for q in stats["quantiles"])
     hist = svg_bars(stats["histogram"], (f"2^{edges_log2[0]:g}", f"2^{edges_log2[1]:g}"), title="activation histogram")
     scale = float(stats["max_act"]) or 1.0
-    kinds, ranks = examples["kind"].to_pylist(), examples["rank"].to_pylist()
-    seqs, toks, acts = examples["seq_id"].to_pylist(), examples["token_ids"].to_pylist(), examples["acts"].to_pylist()
+    kinds, ranks, seqs = examples["kind"].to_pylist(), examples["rank"].to_pylist(), examples["seq_id"].to_pylist()
+    tok_lists, act_lists = examples["token_ids"].combine_chunks(), examples["acts"].combine_chunks()
+    off, a_off = tok_lists.offsets.to_numpy(), act_lists.offsets.to_numpy()  # the same lengths per row
+    spans = token_spans(tok_lists.values.to_numpy()[off[0]:off[-1]], act_lists.values.to_numpy()[a_off[0]:a_off[-1]],
+                        scale, vocab).tolist()
+    off = (off - off[0]).tolist()
     sections = []
     for kind in ("top", "quantile", "random"):
         idx = sorted((r, i) for i, k in enumerate(kinds) if k == kind for r in (ranks[i],))
-        body = "".join(example_html(kind, r, seqs[i], vocab.many(toks[i]), np.asarray(acts[i]), scale) for r, i in idx)
+        body = "".join(f'<div class="ex"><span class="kind">{kind} #{r} · seq {seqs[i]}</span>'
+                       f'{"".join(spans[off[i]:off[i + 1]])}</div>' for r, i in idx)
         sections.append(f"<h2>{kind} examples ({len(idx)})</h2>{body or '<p class=muted>none</p>'}")
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>{esc(hook)} latent {lid}</title>"
             f"<link rel='stylesheet' href='../../style.css'></head><body>"

@@ -126,9 +126,15 @@ def _latent_acts(store: RunStore, hook: str, shard: int, seq: np.ndarray, start:
         found = key[r] == want
         if order is not None:
             r = order[r]
-        hit = (ids[r] == cell_lat[c][:, None]) & found[:, None]
-        a = np.where(hit, vals[r], 0).astype(np.float32)
-        out[c] = np.maximum(a.max(axis=1), 0)  # a latent twice at one position (never from a top-k): the max
+        hit = ids[r] == cell_lat[c][:, None]
+        col = hit.argmax(axis=1)
+        a = vals[r, col]
+        a = np.where(found & hit[np.arange(len(r)), col] & (a > 0), a, 0).astype(np.float32)
+        twice = np.flatnonzero(hit.sum(axis=1) > 1)  # a latent twice at one position (never from a top-k): the max
+        if len(twice):
+            v = np.where(hit[twice] & found[twice, None], vals[r[twice]], 0).astype(np.float32)
+            a[twice] = np.maximum(v.max(axis=1), 0)
+        out[c] = a
     return out
 
 
