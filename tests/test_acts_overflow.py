@@ -123,11 +123,15 @@ def test_float32_run_keeps_exact_acts_through_postprocessing(tiny_model_dir, tin
     got = by_latent.to_pandas().merge(pairs, on=["latent_id", "seq_id", "pos"], validate="one_to_one")
     assert len(got) == len(pairs) and got.act.max() > FP16_MAX
     assert np.array_equal(got.act.to_numpy(), got.want.to_numpy())  # exact, not rounded to fp16
-    ex = pq.read_table(root / "examples" / f"hookpoint={HOOK}").to_pandas()
+    from pipeline.outputs.windows import read_windows
+
+    ex = read_windows(RunStore(SinkConfig(root=str(tmp_path)), "fp32"), HOOK,
+                      pq.read_table(root / "examples" / f"hookpoint={HOOK}")).to_pandas()
     top = ex[(ex.kind == "top") & (ex["rank"] == 0)]
     best = got.groupby("latent_id").act.max()
     assert np.array_equal(np.asarray([max(a) for a in top.acts]), best.loc[top.latent_id].to_numpy())
     assert all(np.isfinite(a).all() for a in ex.acts)
+    assert np.array_equal(top.act.to_numpy(), best.loc[top.latent_id].to_numpy())  # the example's own act, exact
     # The delphi export keeps them too (a float16 `activations` tensor would hold inf).
     from safetensors.numpy import load_file
 

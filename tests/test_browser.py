@@ -88,7 +88,9 @@ def test_latent_page_shows_stats_and_decoded_shaded_examples(site, tmp_path, tin
 
     import pyarrow.parquet as pq
 
-    ex = pq.read_table(Path(store.root) / "examples").to_pandas()
+    from pipeline.outputs.windows import read_windows
+
+    ex = read_windows(store, HOOK, pq.read_table(Path(store.root) / "examples" / f"hookpoint={HOOK}")).to_pandas()
     first = ex[(ex.latent_id == latent) & (ex.kind == "top") & (ex["rank"] == 0)].iloc[0]
     tok = AutoTokenizer.from_pretrained(str(tiny_model_dir))
     pieces = [html.escape(tok.decode([int(t)])) for t in first.token_ids]

@@ -16,6 +16,7 @@ import torch
 from pipeline.config import PostprocessConfig, SinkConfig
 from pipeline.outputs.layout import (
     CONTEXTS_SCHEMA,
+    EXAMPLES_SCHEMA,
     LATENTS_PARQUET,
     commit_key,
     contexts_key,
@@ -24,6 +25,7 @@ from pipeline.outputs.layout import (
 )
 from pipeline.outputs.postprocess import postprocess, window_start
 from pipeline.outputs.sink import RunStore
+from pipeline.outputs.windows import read_windows
 
 pytestmark = pytest.mark.slow
 
@@ -140,7 +142,11 @@ def test_by_latent_is_the_sorted_inverted_index(processed):
 def test_examples_windows_and_kinds(processed):
     _, run, _ = processed
     pairs, tokens, _ = brute_force(run, [0, 1, 2, 3])
-    ex = pq.read_table(run / "examples" / f"hookpoint={HOOK}").to_pandas()
+    store = RunStore(SinkConfig(root=str(run.parent)), run.name)
+    part = pq.read_table(run / "examples" / f"hookpoint={HOOK}")
+    assert part.schema.names == EXAMPLES_SCHEMA.names + ["bucket"]  # by reference (+ the hive partition)
+    assert part.schema.metadata[b"window"] == str(CFG.window).encode()
+    ex = read_windows(store, HOOK, part).to_pandas()
     active = {(int(r.latent_id), int(r.seq_id), int(r.pos)): r.act for r in pairs.itertuples()}
     assert set(ex.kind) == {"top", "quantile", "random"}
     for latent, grp in pairs.groupby("latent_id"):
@@ -156,10 +162,11 @@ def test_examples_windows_and_kinds(processed):
         assert list(r.token_ids) == toks[start:start + CFG.window].tolist()
         expect_acts = [active.get((r.latent_id, r.seq_id, start + i), 0.0) for i in range(len(r.token_ids))]
         np.testing.assert_allclose(r.acts, expect_acts, rtol=1e-6)
+        assert r.start == start
         if r.kind == "random":
-            assert not any(r.acts)
+            assert not any(r.acts) and r.act == 0
         else:
-            assert r.acts[r.pos - start] > 0
+            assert r.acts[r.pos - start] > 0 and r.act == r.acts[r.pos - start]
     assert (ex[ex.kind == "random"].groupby("latent_id").size() == CFG.n_random).all()
 
 
@@ -220,24 +227,50 @@ def test_buckets_no_shard_touched_get_empty_outputs(tmp_path, ray_local):
             assert t.num_rows == 0, (kind, b)
 
 
-def test_examples_in_several_passes_are_identical(tmp_path, monkeypatch):
-    """A bucket's examples are built EXAMPLES_PER_PASS at a time (memory): any pass size gives the
-    same part. Run in-process (scatter, then one bucket's reduce), with 1 << 20 and with 7."""
+def test_windows_in_several_passes_are_identical(processed, monkeypatch):
+    """The window reader matches window cells against the latents' k-lists CELLS_PER_PASS at a
+    time (memory): any pass size gives the same windows."""
+    from pipeline.outputs import windows
+
+    store, run, _ = processed
+    part = pq.read_table(run / "examples" / f"hookpoint={HOOK}")
+    whole = read_windows(store, HOOK, part)
+    monkeypatch.setattr(windows, "CELLS_PER_PASS", 7)
+    assert part.num_rows * CFG.window > 7 * 3
+    assert read_windows(store, HOOK, part).equals(whole)
+
+
+def test_in_memory_sort_gives_duckdbs_rows(tmp_path, monkeypatch):
+    """A bucket that fits task_memory_mb is sorted in numpy (two stable radix passes), a larger one
+    by DuckDB's ORDER BY: the same by_latent, examples and statistics, also when a spill part's
+    rows are not in (seq_id, pos) order (the latents part's row order is the writer's)."""
     from pipeline.outputs import post_engine
-    from pipeline.outputs.layout import bucket_marker_key, examples_key
+    from pipeline.outputs.layout import bucket_marker_key, bucket_stats_key, by_latent_key, examples_key, spill_key
     from pipeline.outputs.postprocess import process_bucket, scatter_shard
 
-    store = make_run(tmp_path, "passes", n_shards=3)
+    store = make_run(tmp_path, "sorts", n_shards=3)
     for s in range(3):
         scatter_shard(store, HOOK, s, CFG.bucket_size, CFG)
-    parts = []
-    for per_pass in (1 << 20, 7):
-        monkeypatch.setattr(post_engine, "EXAMPLES_PER_PASS", per_pass)
+    spill = tmp_path / "sorts" / spill_key(HOOK, 1, 1)
+    t = pq.read_table(spill)
+    pq.write_table(t.take(np.random.default_rng(0).permutation(t.num_rows)), spill)
+    calls = []
+    real = post_engine._duckdb_sorted
+    monkeypatch.setattr(post_engine, "_duckdb_sorted", lambda con: calls.append(1) or real(con))
+    outs = []
+    default = post_engine.BYTES_PER_SORTED_PAIR
+    # numpy, DuckDB, numpy in batches of 7 rows (needed rows picked across batch edges)
+    for per_pair, rows in ((default, 1 << 20), (1 << 40, 1 << 20), (default, 7)):
+        monkeypatch.setattr(post_engine, "BYTES_PER_SORTED_PAIR", per_pair)
+        monkeypatch.setattr(post_engine, "SORTED_BATCH_ROWS", rows)
         process_bucket(store, HOOK, 1, [0, 1, 2], N_LATENTS, [0, 1, 2], SHARD_SIZE, CFG)
         store.fs.rm(store.path(bucket_marker_key(HOOK, 1)))
-        parts.append(pq.read_table(tmp_path / "passes" / examples_key(HOOK, 1)))
-    assert parts[0].num_rows > 7 * 3
-    assert parts[0].equals(parts[1])
+        outs.append([pq.read_table(store.path(k)) for k in (by_latent_key(HOOK, 1), examples_key(HOOK, 1),
+                                                             bucket_stats_key(HOOK, 1))])
+    assert len(calls) == 1 and outs[0][0].num_rows > 100
+    for other in outs[1:]:
+        for a, b in zip(outs[0], other):
+            assert a.equals(b)
 
 
 def test_corrupt_committed_part_is_an_error_naming_the_file(tmp_path, ray_local):

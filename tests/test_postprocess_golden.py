@@ -17,9 +17,10 @@ import pyarrow.parquet as pq
 import pytest
 from test_pipeline_e2e import HOOKS, make_cfg
 
-from pipeline.config import PostprocessConfig
+from pipeline.config import PostprocessConfig, SinkConfig
 from pipeline.outputs.postprocess import postprocess
 from pipeline.outputs.sink import RunStore
+from pipeline.outputs.windows import read_windows
 
 pytestmark = pytest.mark.slow
 
@@ -123,7 +124,8 @@ def test_by_latent_equals_reference(real_run, hook):
 def test_examples_equal_reference(real_run, hook):
     run, _ = real_run
     pairs, tokens, _, shards = reference(run, hook)
-    ex = pq.read_table(run / "examples" / f"hookpoint={hook}").to_pandas()
+    ex = read_windows(RunStore(SinkConfig(root=str(run.parent)), run.name), hook,
+                      pq.read_table(run / "examples" / f"hookpoint={hook}")).to_pandas()
     active = {(int(r.latent_id), int(r.seq_id), int(r.pos)): float(r.act) for r in pairs.itertuples()}
     W = CFG.window
     for r in ex.itertuples():  # every window's tokens and this latent's activations in it

@@ -24,8 +24,10 @@ and the top / quantile / random examples with tokens shaded by this latent's act
 
 Pages go to the most active latents, at most `max_latents` per hookpoint
 (`logit_effects.page_latents`, the same order post-processing computes logit effects in).
-Work is one bucket of page latents at a time (its examples and logit effects), so memory
-follows the bucket size and the number of pages, not the SAE width.
+Work is one bucket of page latents at a time (its stats rows and logit effects), so memory
+follows the bucket size and the number of pages, not the SAE width. The examples are stored by
+reference: their windows are cut once for all pages (pipeline/outputs/windows.py, each contexts
+and latents shard read once).
 """
 from __future__ import annotations
 
@@ -55,6 +57,7 @@ from pipeline.outputs.layout import (
 from pipeline.outputs.logit_effects import page_latents
 from pipeline.outputs.postprocess import read_json_or_none
 from pipeline.outputs.sink import RunStore
+from pipeline.outputs.windows import is_by_reference, read_windows
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +81,7 @@ class Vocab:
     """Token id -> display string, each id decoded once."""
 
     def __init__(self, tokenizer):
-        self.tokenizer, self.cache = tokenizer, {}
+        self.tokenizer, self.cache, self.spans = tokenizer, {}, np.full(0, None, object)
 
     def __call__(self, i: int) -> str:
         s = self.cache.get(i)
@@ -88,6 +91,17 @@ class Vocab:
 
     def many(self, ids) -> list[str]:
         return [self(int(i)) for i in ids]
+
+    def quiet_spans(self, ids: np.ndarray) -> np.ndarray:
+        """The example spans (object array) of these token ids where the latent is not active (most
+        of a window), each id's built once and kept in a dense array indexed by id."""
+        top = int(ids.max(initial=-1)) + 1
+        if top > len(self.spans):
+            self.spans = np.concatenate([self.spans, np.full(max(top, 2 * len(self.spans)) - len(self.spans), None, object)])
+        uniq = np.unique(ids)
+        for i in uniq[np.equal(self.spans[uniq], None)].tolist():
+            self.spans[i] = f'<span class="tok" title="0.000">{esc(self(i))}</span>'
+        return self.spans[ids]
 
 
 # -- small HTML pieces --------------------------------------------------------------------------
@@ -117,13 +131,15 @@ def svg_bars(counts: list[float], labels: tuple[str, str], width: int = 520, hei
             f'<text x="{width}" y="{height - 5}" font-size="11" text-anchor="end">{esc(labels[1])}</text></svg>')
 
 
-def example_html(kind: str, rank: int, seq_id: int, toks: list[str], acts: np.ndarray, scale: float) -> str:
-    spans = []
-    for t, a in zip(toks, acts):
-        alpha = min(float(a) / scale, 1.0) if scale > 0 else 0.0
-        style = f' style="background:rgba(230,80,30,{alpha:.2f})"' if a > 0 else ""
-        spans.append(f'<span class="tok"{style} title="{float(a):.3f}">{esc(t)}</span>')
-    return f'<div class="ex"><span class="kind">{kind} #{rank} · seq {seq_id}</span>{"".join(spans)}</div>'
+def token_spans(toks: np.ndarray, acts: np.ndarray, scale: float, vocab: Vocab) -> np.ndarray:
+    """Each token's span, shaded by this latent's activation: cached spans for the inactive tokens
+    (most of a window, one array lookup), formatted ones for the few active."""
+    spans = vocab.quiet_spans(toks)
+    for j in np.flatnonzero(acts != 0).tolist():
+        a, t = float(acts[j]), int(toks[j])
+        style = f' style="background:rgba(230,80,30,{min(a / scale, 1.0) if scale > 0 else 0.0:.2f})"' if a > 0 else ""
+        spans[j] = f'<span class="tok"{style} title="{a:.3f}">{esc(vocab(t))}</span>'
+    return spans
 
 
 def logit_html(effects: dict | None, skipped: str | None, vocab: Vocab) -> str:
@@ -179,12 +195,17 @@ def latent_page(hook: str, stats: dict, examples: pa.Table, vocab: Vocab, edges_
     quant = ", ".join(f"{q:.3g}" for q in stats["quantiles"])
     hist = svg_bars(stats["histogram"], (f"2^{edges_log2[0]:g}", f"2^{edges_log2[1]:g}"), title="activation histogram")
     scale = float(stats["max_act"]) or 1.0
-    kinds, ranks = examples["kind"].to_pylist(), examples["rank"].to_pylist()
-    seqs, toks, acts = examples["seq_id"].to_pylist(), examples["token_ids"].to_pylist(), examples["acts"].to_pylist()
+    kinds, ranks, seqs = examples["kind"].to_pylist(), examples["rank"].to_pylist(), examples["seq_id"].to_pylist()
+    tok_lists, act_lists = examples["token_ids"].combine_chunks(), examples["acts"].combine_chunks()
+    off, a_off = tok_lists.offsets.to_numpy(), act_lists.offsets.to_numpy()  # the same lengths per row
+    spans = token_spans(tok_lists.values.to_numpy()[off[0]:off[-1]], act_lists.values.to_numpy()[a_off[0]:a_off[-1]],
+                        scale, vocab).tolist()
+    off = (off - off[0]).tolist()
     sections = []
     for kind in ("top", "quantile", "random"):
         idx = sorted((r, i) for i, k in enumerate(kinds) if k == kind for r in (ranks[i],))
-        body = "".join(example_html(kind, r, seqs[i], vocab.many(toks[i]), np.asarray(acts[i]), scale) for r, i in idx)
+        body = "".join(f'<div class="ex"><span class="kind">{kind} #{r} · seq {seqs[i]}</span>'
+                       f'{"".join(spans[off[i]:off[i + 1]])}</div>' for r, i in idx)
         sections.append(f"<h2>{kind} examples ({len(idx)})</h2>{body or '<p class=muted>none</p>'}")
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>{esc(hook)} latent {lid}</title>"
             f"<link rel='stylesheet' href='../../style.css'></head><body>"
@@ -308,6 +329,30 @@ def stats_rows(store: RunStore, hook: str, ids: np.ndarray) -> list[dict]:
     return rows
 
 
+def page_examples(store: RunStore, hook: str, pages: np.ndarray, buckets: np.ndarray) -> dict[int, pa.Table]:
+    """Per bucket, the page latents' examples with their windows (`token_ids`, `acts`): the rows of
+    every bucket first (by reference, a few narrow columns), then ONE windows.read_windows call over
+    all of them, so each contexts / latents shard is read once for the whole site. Memory: the
+    pages' windows (about 90 x window x 8 bytes per page). Parts from before issue 23 keep theirs."""
+    refs, out = [], {}
+    for b in np.unique(buckets).tolist():
+        ex = store.read_part(examples_key(hook, b))
+        ex = ex.filter(pc.is_in(ex["latent_id"], value_set=pa.array(pages[buckets == b], pa.int32())))
+        if is_by_reference(ex.schema):
+            refs.append((b, ex))
+        else:
+            out[b] = ex
+    if refs:
+        cols = ["latent_id", "kind", "rank", "seq_id", "pos"]
+        both = pa.concat_tables([ex.select(cols) for _, ex in refs]).replace_schema_metadata(refs[0][1].schema.metadata)
+        both = read_windows(store, hook, both)
+        at = 0
+        for b, ex in refs:
+            out[b] = both.slice(at, ex.num_rows)
+            at += ex.num_rows
+    return out
+
+
 def build_hook(store: RunStore, out: Path, hook: str, max_latents: int, vocab: Vocab, explanations,
                bucket_size: int, shard_rows: int) -> tuple[list[int], dict]:
     # Whole columns only for what ranks pages (two numbers per latent); the pages' full rows
@@ -330,12 +375,11 @@ def build_hook(store: RunStore, out: Path, hook: str, max_latents: int, vocab: V
     folder.mkdir(parents=True, exist_ok=True)
     rows: dict[int, list] = {}
     buckets = pages // bucket_size
+    examples = page_examples(store, hook, pages, buckets)
     for b in np.unique(buckets).tolist():
         ids = pages[buckets == b]
         stats = stats_rows(store, hook, ids)
-        ex = store.read_part(examples_key(hook, b))
-        ex = ex.filter(pc.is_in(ex["latent_id"], value_set=pa.array(ids, pa.int32())))
-        ex = ex.sort_by("latent_id")
+        ex = examples[b].sort_by("latent_id")
         lat_col = ex["latent_id"].to_numpy()
         starts, ends = np.searchsorted(lat_col, ids), np.searchsorted(lat_col, ids, side="right")
         effects = {} if skipped else read_logit_effects(store, hook, b, ids)

@@ -33,6 +33,7 @@ from pipeline.config import DelphiExportConfig
 from pipeline.outputs.layout import MANIFEST_KEY, bucket_marker_key, by_latent_key, dictionary_ids
 from pipeline.outputs.postprocess import read_json_or_none, to_ranges
 from pipeline.outputs.sink import RunStore
+from pipeline.outputs.windows import ContextShard
 
 log = logging.getLogger(__name__)
 
@@ -48,17 +49,16 @@ def committed_seq_ids(store: RunStore) -> np.ndarray:
 
 def committed_tokens(store: RunStore, ctx_len: int, pad_id: int) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
     """(seq_ids, tokens [rows, ctx_len] padded with pad_id, unpadded count) per committed contexts shard."""
-    for t in store.iter_committed("contexts", columns=["seq_id", "token_ids"]):
-        tok = t["token_ids"].combine_chunks()
-        offsets = tok.offsets.to_numpy().astype(np.int64)
-        values = tok.values.to_numpy()
+    for shard in store.committed_shards():  # read by the window reader's ContextShard (pipeline/outputs/windows.py)
+        ctx = ContextShard.read(store, shard)
+        offsets, values = ctx.offsets, ctx.values
         lengths = np.diff(offsets)
         if len(lengths) and lengths.max() > ctx_len:
             raise ValueError(f"{store.url}: a context has {lengths.max()} tokens, more than ctx_len={ctx_len}")
         rows = np.full((len(lengths), ctx_len), pad_id, np.int32)
         mask = np.arange(ctx_len)[None, :] < lengths[:, None]
         rows[mask] = values[offsets[0]:offsets[-1]] if len(lengths) else values[:0]
-        yield t["seq_id"].to_numpy(), rows, int(lengths.sum())
+        yield ctx.seq, rows, int(lengths.sum())
 
 
 class SafetensorsWriter:

@@ -1,6 +1,7 @@
 """Print a few latents' top contexts with the activating token marked, so a person can see
 that the features mean something. Reads the run's committed output like any downstream job,
-one committed shard at a time (RunStore.iter_committed)."""
+one committed shard at a time (RunStore.iter_committed); the contexts' windows through
+pipeline/outputs/windows.py, the reader the browser and the examples use."""
 from __future__ import annotations
 
 import logging
@@ -8,11 +9,12 @@ import os
 import sys
 
 import numpy as np
-import pyarrow as pa
 
 from pipeline.config import RunConfig
 from pipeline.model.loader import load_tokenizer
+from pipeline.outputs.layout import MANIFEST_KEY
 from pipeline.outputs.sink import RunStore
+from pipeline.outputs.windows import cut_windows
 
 log = logging.getLogger(__name__)
 
@@ -70,13 +72,15 @@ def show_top_contexts(cfg: RunConfig, hookpoint: str | None = None) -> None:
             a, s, p = (np.concatenate([x, y]) for x, y in zip(best[latent], (acts[row, col], seq[row], pos[row])))
             order = np.lexsort((p, s, -a))[:keep_n]
             best[latent] = (a[order], s[order], p[order])
-    # Only the contexts those rows need, read one shard at a time.
-    wanted = np.unique(np.concatenate([b[1] for b in best.values()] or [np.zeros(0, np.int64)]))
-    tokens_of: dict[int, list[int]] = {}
-    for ctx in store.iter_committed("contexts", columns=["seq_id", "token_ids"]):
-        hit = np.isin(ctx.column("seq_id").to_numpy(), wanted)
-        for s, toks in zip(ctx.column("seq_id").to_numpy()[hit].tolist(), ctx.column("token_ids").filter(pa.array(hit)).to_pylist()):
-            tokens_of[s] = toks
+    # Their windows through the one window reader (pipeline/outputs/windows.py): `window` tokens
+    # before the position and window // 3 after it, clipped at the context's edges; each needed
+    # contexts shard is read once.
+    cand = [(latent, i) for latent in chosen for i in range(len(best[latent][0]))]
+    c_seq = np.concatenate([best[latent][1] for latent in chosen] or [np.zeros(0, np.int64)])
+    c_pos = np.concatenate([best[latent][2] for latent in chosen] or [np.zeros(0, np.int64)])
+    start, offsets, tokens, _ = cut_windows(store, c_seq, c_pos, int(store.read_json(MANIFEST_KEY)["shard_size"]),
+                                            before=demo.window, after=demo.window // 3, shift=False)
+    windows = {key: (int(start[j]), tokens[offsets[j]:offsets[j + 1]].tolist()) for j, key in enumerate(cand)}
 
     log.info(f"\nTop contexts for {demo.show_latents} latents at {hookpoint} ({n_tokens:,} tokens); "
              f"the activating token is marked [[like this]].")
@@ -89,10 +93,9 @@ def show_top_contexts(cfg: RunConfig, hookpoint: str | None = None) -> None:
             if key in seen:
                 continue
             seen.add(key)
-            tokens, p = tokens_of[int(seqs[i])], int(poss[i])
-            left = tokenizer.decode(tokens[max(0, p - demo.window):p])
-            mid = tokenizer.decode(tokens[p:p + 1])
-            right = tokenizer.decode(tokens[p + 1:p + 1 + demo.window // 3])
+            st, win = windows[(latent, i)]
+            at = int(poss[i]) - st
+            left, mid, right = tokenizer.decode(win[:at]), tokenizer.decode(win[at:at + 1]), tokenizer.decode(win[at + 1:])
             text = f"{left}[[{mid}]]{right}".replace("\n", "\\n")
             log.info(f"  {a[i]:6.2f}  {text}")
             shown += 1

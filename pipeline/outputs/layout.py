@@ -17,7 +17,7 @@
       latents/crosscoder=NAME/shard=NNNNNN/...        crosscoder_latents_key()  the same schema
       latent_stats/hookpoint=H/part-0.parquet         stats_key()     STATS_SCHEMA
       by_latent/hookpoint=H/bucket=B/part-0.parquet   by_latent_key() BY_LATENT_SCHEMA
-      examples/hookpoint=H/bucket=B/part-0.parquet    examples_key()  EXAMPLES_SCHEMA
+      examples/hookpoint=H/bucket=B/part-0.parquet    examples_key()  EXAMPLES_SCHEMA (by reference; windows.py)
       logit_effects/hookpoint=H/bucket=B/part-0.parquet  logit_effects_key()  LOGIT_EFFECTS_SCHEMA
       _post/...                                       post-processing's own markers and spill files
 
@@ -216,6 +216,11 @@ BY_LATENT_SCHEMA = by_latent_schema("float16")
 def run_acts_dtype(manifest: dict) -> str:
     """The run's `output.acts_dtype` from its manifest (runs written before the setting: float16)."""
     return ((manifest.get("config") or {}).get("output") or {}).get("acts_dtype", "float16")
+# Examples are stored by reference (issue 23): which activations were chosen, nothing cut from the
+# contexts. `act` is the chosen activation (0 for kind=random). The window rule is recorded once, in
+# the part's schema metadata (EXAMPLES_WINDOW_KEYS; pipeline/outputs/windows.py cuts the windows).
+# Parts written before issue 23 have `token_ids` list<int32> and `acts` list<float32> instead of
+# `act`: windows.read_windows detects and returns them as stored.
 EXAMPLES_SCHEMA = pa.schema(
     [
         ("latent_id", pa.int32()),
@@ -223,10 +228,10 @@ EXAMPLES_SCHEMA = pa.schema(
         ("rank", pa.int32()),
         ("seq_id", pa.int64()),
         ("pos", pa.int32()),
-        ("token_ids", pa.list_(pa.int32())),
-        ("acts", pa.list_(pa.float32())),
+        ("act", pa.float32()),
     ]
 )
+EXAMPLES_WINDOW_KEYS = (b"window", b"window_before", b"window_after", b"window_rule")
 STATS_SCHEMA = pa.schema(
     [
         ("latent_id", pa.int32()),

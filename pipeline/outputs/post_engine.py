@@ -13,15 +13,13 @@ reduce (one latent bucket): DuckDB over that bucket's spill parts, with `memory_
        by_latent, histogram bins counted (np.bincount per batch), and the few rows at precomputed
        ranks (top-n, quantile picks, the order statistics of the quantiles: one [latents, columns]
        matrix, no search) kept as they pass;
-    3. two hash joins against small tables: the (latent, candidate window) hits that rule out
-       random examples, and, unordered, the window activations of the chosen examples, scattered
-       into a dense [examples, window] float16 array (a latent twice at one position, which a
-       top-k never gives: the max);
-    4. windows' tokens from the contexts, one pass in contexts-shard order (a bounded LRU of
-       shards): each distinct (seq_id, start) window is cut once, as a row of a sliding-window view;
-    5. the examples part written in chunks of examples (Parquet's list encoding and zstd of the
-       token windows are most of the reduce's time: ~90 windows of 32 tokens per live latent).
-    Memory beyond DuckDB's limit is per example (about 300 bytes), bounded by bucket_size * ~90,
+    3. one hash join against a small table: the (latent, candidate window) hits that rule out
+       random examples;
+    4. the examples part, by reference: (latent_id, kind, rank, seq_id, pos, act) per chosen
+       activation, the window rule in its metadata. Nothing is cut from the contexts here:
+       pipeline/outputs/windows.py cuts windows where they are read (issue 23: storing each
+       example's window and acts was ~65% of the reduce's time and duplicated the corpus).
+    Memory beyond DuckDB's limit is per example (about 25 bytes), bounded by bucket_size * ~90,
     not by the corpus.
 
 Example selection is by rank and by a deterministic hash (splitmix64 of the seed and ids), so
@@ -44,7 +42,6 @@ import os
 import shutil
 import tempfile
 import time
-from collections import OrderedDict
 from collections.abc import Iterator
 
 import numpy as np
@@ -52,8 +49,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.config import PostprocessConfig
-from pipeline.outputs.layout import contexts_key
+from pipeline.outputs.layout import EXAMPLES_SCHEMA
 from pipeline.outputs.sink import RunStore, with_retries
+from pipeline.outputs.windows import ContextShard, window_metadata, window_start
 
 
 def spill_schema(act_type: pa.DataType | None = None) -> pa.Schema:
@@ -67,7 +65,6 @@ SPILL_VERSION = 2
 POS_BITS = 24
 SCALE = 2.0 ** 24  # float16 values are integer multiples of 2^-24
 KIND_CODES = ("top", "quantile", "random")
-EXAMPLES_PER_PASS = 1 << 20  # examples whose windows and activations are held at once (~300 bytes each)
 _M1, _M2, _GOLDEN = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB), np.uint64(0x9E3779B97F4A7C15)
 
 
@@ -184,35 +181,6 @@ def duckdb_connect(scratch: str, memory_mb: int, threads: int):
     return con
 
 
-class ContextsLRU:
-    """(seq_ids, offsets, values) of contexts shards, at most `capacity` held at once."""
-
-    def __init__(self, store: RunStore, capacity: int = 4):
-        self.store, self.capacity = store, capacity
-        self.cache: OrderedDict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = OrderedDict()
-
-    def get(self, shard: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        if shard in self.cache:
-            self.cache.move_to_end(shard)
-            return self.cache[shard]
-        t = self.store.read_committed_part(shard, contexts_key(shard), ["seq_id", "token_ids"])
-        tok = t["token_ids"].combine_chunks()
-        offsets = tok.offsets.to_numpy().astype(np.int64)
-        values = tok.values.to_numpy()[offsets[0]:offsets[-1]] if len(tok) else np.zeros(0, np.int32)
-        offsets = offsets - offsets[0]
-        seq = t["seq_id"].to_numpy()
-        if not np.all(seq[1:] > seq[:-1]):  # rows in seq_id order (the writer's order; checked)
-            order = np.argsort(seq)
-            lens = np.diff(offsets)[order]
-            starts = offsets[:-1][order]
-            values = np.concatenate([values[s:s + n] for s, n in zip(starts, lens)]) if len(lens) else values
-            seq, offsets = seq[order], np.concatenate([[0], np.cumsum(lens)])
-        self.cache[shard] = (seq, offsets, values)
-        while len(self.cache) > self.capacity:
-            self.cache.popitem(last=False)
-        return self.cache[shard]
-
-
 def quantile_ranks(n: np.ndarray, cfg: PostprocessConfig):
     """Per latent: descending ranks of the two order statistics of each quantile, and np.quantile's gamma."""
     probs = np.linspace(0, 1, cfg.n_quantiles + 1)
@@ -319,8 +287,7 @@ def _reduce(store, hook, bucket, lo, hi, spill_keys, committed, shard_size, cfg,
     ends = first + na
 
     # 3. the sorted stream -> by_latent, keeping the needed rows (a batch overlaps a range of latents' rows).
-    reader = con.sql("SELECT latent_id, seq_id, pos, act, bin FROM pairs ORDER BY latent_id, act DESC, seq_id, pos") \
-        .to_arrow_reader(1 << 20)
+    reader = sorted_pairs(con, paths, int(n.sum()), lo, n_lat, cfg)
     from pipeline.outputs.layout import MANIFEST_KEY, by_latent_schema, run_acts_dtype
 
     BY_LATENT_SCHEMA = by_latent_schema(run_acts_dtype(store.read_json(MANIFEST_KEY)))  # the run's acts dtype
@@ -339,12 +306,18 @@ def _reduce(store, hook, bucket, lo, hi, spill_keys, committed, shard_size, cfg,
                 np.bincount(cell, minlength=(lat[-1] - lat[0] + 1) * cfg.hist_bins)
             end = offset + batch.num_rows
             r0, r1 = np.searchsorted(ends, offset, side="right"), np.searchsorted(first, end, side="left")
-            sub = need[r0:r1]
-            inside = (sub >= offset) & (sub < end)
-            idx = sub[inside] - offset
-            got_seq[r0:r1][inside] = batch.column("seq_id").to_numpy()[idx]
-            got_pos[r0:r1][inside] = batch.column("pos").to_numpy()[idx]
-            got_act[r0:r1][inside] = act.to_numpy()[idx]
+            b_seq, b_pos, b_act = batch.column("seq_id").to_numpy(), batch.column("pos").to_numpy(), act.to_numpy()
+            # latents wholly inside the batch: every needed row is in it (a plain gather); the (at most
+            # two) latents across the batch's edges: a mask
+            i0 = r0 + int(r0 < r1 and first[r0] < offset)
+            i1 = max(i0, r1 - int(r1 > r0 and ends[r1 - 1] > end))
+            idx = need[i0:i1] - offset
+            got_seq[i0:i1], got_pos[i0:i1], got_act[i0:i1] = b_seq[idx], b_pos[idx], b_act[idx]
+            for r in {r0, r1 - 1} - set(range(i0, i1)) if r1 > r0 else ():
+                row = need[r]
+                inside = (row >= offset) & (row < end)
+                got_seq[r][inside], got_pos[r][inside] = b_seq[row[inside] - offset], b_pos[row[inside] - offset]
+                got_act[r][inside] = b_act[row[inside] - offset]
             offset = end
         if offset == 0:
             writer.write_table(BY_LATENT_SCHEMA.empty_table())
@@ -363,26 +336,73 @@ def _reduce(store, hook, bucket, lo, hi, spill_keys, committed, shard_size, cfg,
     # order, so one stable sort by latent gives (latent, kind, rank) order.
     q_valid = q_valid.reshape(len(active), q_valid.shape[1] * q_valid.shape[2])
     q_rank = np.broadcast_to(np.arange(q_valid.shape[1], dtype=np.int32), q_valid.shape)[q_valid]
-    contexts = ContextsLRU(store)
     lap("select")
-    r_lat, r_rank, r_seq, r_pos = random_examples(con, store, contexts, hook, bucket, active + lo, committed, shard_size, cfg)
+    r_lat, r_rank, r_seq, r_pos = random_examples(con, store, hook, bucket, active + lo, committed, shard_size, cfg)
     lat_rows = np.broadcast_to((active + lo)[:, None], need.shape)
     ex_lat = np.concatenate([lat_rows[:, cols["top"]][top_valid], lat_rows[:, cols["pick"]][q_valid], r_lat])
     ex_kind = np.repeat(np.array([0, 1, 2], np.int8), [int(top_valid.sum()), int(q_valid.sum()), len(r_lat)])
     ex_rank = np.concatenate([np.broadcast_to(top, top_valid.shape)[top_valid], q_rank, r_rank]).astype(np.int32)
     ex_seq = np.concatenate([got_seq[:, cols["top"]][top_valid], got_seq[:, cols["pick"]][q_valid], r_seq])
     ex_pos = np.concatenate([got_pos[:, cols["top"]][top_valid], got_pos[:, cols["pick"]][q_valid], r_pos])
+    ex_act = np.concatenate([got_act[:, cols["top"]][top_valid], got_act[:, cols["pick"]][q_valid],
+                             np.zeros(len(r_lat), np.float32)])
     lap("random")
     del need, got_seq, got_pos, got_act, lat_rows, r_lat, r_rank, r_seq, r_pos
-    order = np.argsort(ex_lat, kind="stable")
-    ex_lat, ex_kind, ex_rank, ex_seq, ex_pos = ex_lat[order], ex_kind[order], ex_rank[order], ex_seq[order], ex_pos[order]
-    del order
-    pa.default_memory_pool().release_unused()  # the sorted stream's batches: memory for the examples
-    write_examples(con, store, contexts, examples_key, scratch, ex_lat, ex_kind, ex_rank, ex_seq, ex_pos,
-                   shard_size, cfg, lap, act_dtype=BY_LATENT_SCHEMA.field("act").type.to_pandas_dtype())
+    # radix (the latent's offset in the bucket fits 16 bits): the three lists merged by latent
+    order = np.argsort((ex_lat - lo).astype(np.uint16 if n_lat <= 1 << 16 else np.int64), kind="stable")
+    write_examples(store, examples_key, scratch, ex_lat[order], ex_kind[order], ex_rank[order], ex_seq[order],
+                   ex_pos[order], ex_act[order], cfg)
     con.close()
     lap("examples")
     return int(n.sum()), stats, timings
+
+
+SORTED_BATCH_ROWS = 1 << 20  # rows of the sorted stream per record batch
+BYTES_PER_SORTED_PAIR = 80  # the in-memory sort's peak per pair: the spill columns, the sorted copies, 3 index arrays
+
+
+def sorted_pairs(con, paths: list[str], n_pairs: int, lo: int, n_lat: int, cfg: PostprocessConfig) -> Iterator[pa.RecordBatch]:
+    """The bucket's pairs as record batches in (latent_id, act desc, seq_id, pos) order.
+
+    A bucket whose sort fits `task_memory_mb` (n_pairs * BYTES_PER_SORTED_PAIR) and whose acts are
+    float16 (and bucket_size <= 2^16) is sorted in numpy: the spill parts read in shard order, put in (seq_id, pos) order
+    (they already are when the latents parts are: then no sort), then two stable 16-bit radix
+    passes, on the act's bits inverted (positive float16s order as their bit patterns) and on the
+    latent's offset in the bucket. Stable LSD passes give exactly DuckDB's ORDER BY, whose total
+    order has no ties (a latent appears once per position), so both give the same rows. Larger
+    buckets (or float32 acts) sort in DuckDB, out of core within `task_memory_mb`."""
+    if not paths or n_pairs * BYTES_PER_SORTED_PAIR > cfg.task_memory_mb << 20 or n_lat > 1 << 16:
+        yield from _duckdb_sorted(con)
+        return
+    t = pa.concat_tables([pq.read_table(p) for p in paths])
+    if t.schema.field("act").type != pa.float16() or t.num_rows != n_pairs:
+        del t
+        yield from _duckdb_sorted(con)
+        return
+    cols = {name: t[name].to_numpy() for name in ("latent_id", "seq_id", "pos", "act", "bin")}
+    del t
+    where = (cols["seq_id"].astype(np.int64) << POS_BITS) | cols["pos"]
+    order = None if np.all(where[1:] > where[:-1]) else np.argsort(where, kind="stable")
+    del where
+    act = cols["act"] if order is None else cols["act"][order]
+    by_act = np.argsort(np.uint16(0xFFFF) - act.view(np.uint16), kind="stable")  # radix: act descending
+    del act
+    if order is not None:
+        by_act = order[by_act]
+        del order
+    local = (cols["latent_id"][by_act] - lo).astype(np.uint16)
+    final = by_act[np.argsort(local, kind="stable")]  # radix: latent ascending, act order kept within
+    del by_act, local
+    for name in cols:
+        cols[name] = cols[name][final]
+    del final
+    for b0 in range(0, n_pairs, SORTED_BATCH_ROWS):
+        yield pa.RecordBatch.from_arrays([pa.array(cols[c][b0:b0 + SORTED_BATCH_ROWS]) for c in cols], names=list(cols))
+
+
+def _duckdb_sorted(con) -> Iterator[pa.RecordBatch]:
+    yield from con.sql("SELECT latent_id, seq_id, pos, act, bin FROM pairs ORDER BY latent_id, act DESC, seq_id, pos") \
+        .to_arrow_reader(SORTED_BATCH_ROWS)
 
 
 def _stats_table(lo, hi, n, max_act, sum_act, sum_sq, quantiles, hist) -> pa.Table:
@@ -396,7 +416,7 @@ def _stats_table(lo, hi, n, max_act, sum_act, sum_sq, quantiles, hist) -> pa.Tab
                      "quantiles": quant.cast(pa.list_(pa.float32())), "histogram": histogram.cast(pa.list_(pa.int64()))})
 
 
-def random_examples(con, store: RunStore, contexts: ContextsLRU, hook: str, bucket: int, latents: np.ndarray,
+def random_examples(con, store: RunStore, hook: str, bucket: int, latents: np.ndarray,
                     committed: np.ndarray, shard_size: int, cfg: PostprocessConfig):
     """(latent, rank, seq_id, pos) of random windows where the latent is active nowhere (module doc)."""
     empty = (np.zeros(0, np.int64), np.zeros(0, np.int32), np.zeros(0, np.int64), np.zeros(0, np.int64))
@@ -405,8 +425,9 @@ def random_examples(con, store: RunStore, contexts: ContextsLRU, hook: str, buck
     salt = mix64(np.uint64(cfg.seed) ^ np.uint64(bucket))
     pool = np.sort(committed[np.argsort(mix64(salt ^ committed.astype(np.uint64)), kind="stable")[:cfg.random_pool_shards]])
     seqs, poss, lens = [], [], []
-    for shard in pool.tolist():
-        seq, offsets, _ = contexts.get(shard)
+    for shard in pool.tolist():  # each pool shard read once (only its row lengths are used)
+        ctx = ContextShard.read(store, shard)
+        seq, offsets = ctx.seq, ctx.offsets
         ln = np.diff(offsets)
         seqs.append(np.repeat(seq, ln))
         poss.append(np.arange(ln.sum()) - np.repeat(offsets[:-1], ln))
@@ -448,114 +469,17 @@ def random_examples(con, store: RunStore, contexts: ContextsLRU, hook: str, buck
     return tuple(np.concatenate(x) for x in out)
 
 
-def window_start(pos, length, window: int):
-    return np.clip(np.asarray(pos) - window // 2, 0, np.maximum(np.asarray(length) - window, 0))
-
-
-def cut_windows(store: RunStore, contexts: ContextsLRU, seq: np.ndarray, pos: np.ndarray, shard_size: int,
-                W: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(start, wlen, widx, windows): each example's window start and length, and its row in `windows`
-    [U, W] int32, the distinct (seq_id, start) windows' tokens (past wlen: padding). One pass over
-    the contexts shards the examples refer to, in shard order; each distinct window is cut once, as
-    one row gather from a sliding-window view (no per-token index arrays)."""
-    m = len(seq)
-    start, wlen, widx = np.zeros(m, np.int32), np.zeros(m, np.int32), np.zeros(m, np.int64)
-    # at most m distinct windows: rows past the last one written are never touched (never resident)
-    windows = np.empty((max(m, 1), W), np.int32)
-    order = np.argsort(seq, kind="stable")
-    shards, cuts = np.unique(seq[order] // shard_size, return_index=True)
-    n_win = 0
-    for shard, members in zip(shards.tolist(), np.split(order, cuts[1:])):
-        cseq, offsets, values = contexts.get(shard)
-        row = np.searchsorted(cseq, seq[members])
-        if np.any(row >= len(cseq)) or np.any(cseq[np.minimum(row, len(cseq) - 1)] != seq[members]):
-            raise OSError(f"{store.path(contexts_key(shard))} lacks a context that latents refer to")
-        length = offsets[row + 1] - offsets[row]
-        st = window_start(pos[members], length, W)
-        start[members], wlen[members] = st, np.minimum(W, length)
-        key, inv = np.unique((row.astype(np.int64) << 32) | st, return_inverse=True)
-        widx[members] = n_win + inv.reshape(-1)
-        padded = np.concatenate([values, np.zeros(W, values.dtype)])  # windows past the end read padding
-        view = np.lib.stride_tricks.sliding_window_view(padded, W)
-        windows[n_win:n_win + len(key)] = view[offsets[key >> 32] + (key & 0xFFFFFFFF)]
-        n_win += len(key)
-    windows = windows[:n_win]
-    return start, wlen, widx, windows
-
-
-def window_acts(con, lat, kind, seq, start, wlen, W: int, act_dtype=np.float16) -> tuple[np.ndarray, np.ndarray]:
-    """(acts [non-random examples, W] in the run's act dtype, their indices): each example's latent's activations in
-    its window (the pairs' own dtype, exact), from one unordered DuckDB join restricted to these
-    examples' latent range, scattered (no sort of the hits). Random windows have none by construction."""
-    nr = np.flatnonzero(kind != 2)
-    win_acts = np.zeros((len(nr), W), act_dtype)
-    if not len(nr):
-        return win_acts, nr
-    con.register("ex", pa.table({"ex": np.arange(len(nr), dtype=np.int32), "latent_id": lat[nr].astype(np.int32),
-                                 "seq_id": seq[nr], "lo": start[nr].astype(np.int32),
-                                 "hi": (start[nr] + wlen[nr]).astype(np.int32)}))
-    hits = con.sql(f"""SELECT e.ex, p.pos - e.lo AS off, p.act FROM ex e JOIN
-                         (SELECT latent_id, seq_id, pos, act FROM pairs
-                          WHERE latent_id BETWEEN {int(lat[nr[0]])} AND {int(lat[nr[-1]])}) p
-                       ON p.latent_id = e.latent_id AND p.seq_id = e.seq_id AND p.pos >= e.lo AND p.pos < e.hi""")
-    for b in hits.to_arrow_reader(1 << 20):
-        cell = (b.column("ex").to_numpy(), b.column("off").to_numpy())
-        act = np.maximum(win_acts[cell], b.column("act").to_numpy().astype(act_dtype))
-        win_acts[cell] = act
-        lost = win_acts[cell] < act  # a latent twice at one position (never from a top-k): the max
-        if lost.any():
-            np.maximum.at(win_acts, (cell[0][lost], cell[1][lost]), act[lost])
-    con.unregister("ex")
-    return win_acts, nr
-
-
-def write_examples(con, store: RunStore, contexts: ContextsLRU, key: str, scratch: str, lat, kind, rank, seq, pos,
-                   shard_size: int, cfg: PostprocessConfig, lap=lambda name: None, chunk: int = 1 << 16,
-                   act_dtype=np.float16) -> None:
-    """Token windows and this latent's activations in them, `per_pass` examples (a latent range) at
-    a time, so memory does not follow the example count: the distinct windows are cut once
-    (cut_windows), activations come from one unordered DuckDB join over that latent range, and the
-    part is written in chunks of examples."""
-    from pipeline.outputs.layout import EXAMPLES_SCHEMA
-
-    W, m, per_pass = cfg.window, len(lat), EXAMPLES_PER_PASS
-    kinds = pa.array(list(KIND_CODES), pa.string())
-    in_window = np.arange(W)[None, :]
-    with local_output(store, key, scratch) as path, \
-            pq.ParquetWriter(path, EXAMPLES_SCHEMA, compression=store.cfg.compression,
-                             compression_level=store.cfg.compression_level,
-                             use_dictionary=["latent_id", "kind"],  # token lists: dictionaries cost, save little
-                             write_statistics=["latent_id", "kind", "rank", "seq_id", "pos"]) as writer:
-        for g0 in range(0, m, per_pass):
-            g = slice(g0, min(m, g0 + per_pass))
-            start, wlen, widx, windows = cut_windows(store, contexts, seq[g], pos[g], shard_size, W)
-            lap("windows")
-            win_acts, nr = window_acts(con, lat[g], kind[g], seq[g], start, wlen, W, act_dtype)
-            lap("acts")
-            full = bool(np.all(wlen == W))  # contexts at least a window long: every list is W long, no mask
-            for c0 in range(0, len(start), chunk):
-                c1 = min(len(start), c0 + chunk)
-                a, b = np.searchsorted(nr, [c0, c1])
-                acts = np.zeros((c1 - c0, W), np.float32)
-                acts[nr[a:b] - c0] = win_acts[a:b]
-                wl = wlen[c0:c1]
-                tokens = windows[widx[c0:c1]]
-                if full:
-                    out_off = np.arange(c1 - c0 + 1, dtype=np.int32) * W
-                    tokens, acts = tokens.reshape(-1), acts.reshape(-1)
-                else:
-                    out_off = np.concatenate([[0], np.cumsum(wl)]).astype(np.int32)
-                    mask = in_window < wl[:, None]
-                    tokens, acts = tokens[mask], acts[mask]
-                off32 = pa.array(out_off)
-                e0, e1 = g0 + c0, g0 + c1
-                writer.write_table(pa.Table.from_arrays([
-                    pa.array(lat[e0:e1].astype(np.int32)), kinds.take(pa.array(kind[e0:e1])),
-                    pa.array(rank[e0:e1], pa.int32()), pa.array(seq[e0:e1].astype(np.int64)),
-                    pa.array(pos[e0:e1].astype(np.int32)),
-                    pa.ListArray.from_arrays(off32, pa.array(tokens)).cast(pa.list_(pa.int32())),
-                    pa.ListArray.from_arrays(off32, pa.array(acts)).cast(pa.list_(pa.float32()))], schema=EXAMPLES_SCHEMA))
-            del start, wlen, widx, windows, win_acts, nr
-            lap("examples")
-        if m == 0:
-            writer.write_table(EXAMPLES_SCHEMA.empty_table())
+def write_examples(store: RunStore, key: str, scratch: str, lat, kind, rank, seq, pos, act,
+                   cfg: PostprocessConfig) -> None:
+    """The examples part, by reference (layout.EXAMPLES_SCHEMA): one row per chosen activation,
+    in (latent, kind, rank) order, the window rule in the schema metadata (windows.py cuts the
+    windows where they are read). About 25 bytes per example in memory, ~90 per live latent."""
+    schema = EXAMPLES_SCHEMA.with_metadata(window_metadata(cfg.window))
+    kinds = pa.DictionaryArray.from_arrays(pa.array(np.asarray(kind, np.int8)), pa.array(list(KIND_CODES)))
+    table = pa.Table.from_arrays([
+        pa.array(np.asarray(lat, np.int32)), kinds.cast(pa.string()),
+        pa.array(np.asarray(rank, np.int32)), pa.array(np.asarray(seq, np.int64)),
+        pa.array(np.asarray(pos, np.int32)), pa.array(np.asarray(act, np.float32))], schema=schema)
+    with local_output(store, key, scratch) as path:
+        pq.write_table(table, path, compression=store.cfg.compression, compression_level=store.cfg.compression_level,
+                       row_group_size=1 << 20)  # dictionaries for all: the fastest and smallest here

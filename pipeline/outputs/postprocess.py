@@ -25,11 +25,14 @@ each latent's decoder-norm share per input, joined bucket by bucket (pipeline/ou
 Output is deterministic: a total sort order, exact
 integer sums, and example selection by rank and hash (post_engine's docstring has the spec).
 
-Example windows: `token_ids` are context tokens [start, start + window) with
-start = clamp(pos - window // 2, 0, len - window); `acts` are this latent's activations at
-those positions (0 where it is not active). kind=quantile: the latent's activations (descending)
-are cut into n_quantiles equal-count groups, rank = group * per_quantile + j (group 0 = highest).
-kind=random: windows where the latent is active nowhere.
+Examples are stored by reference (issue 23): `examples/.../bucket=B/part-0.parquet` holds
+(latent_id, kind, rank, seq_id, pos, act) per chosen activation; the window rule (window,
+before = window // 2, after = window - window // 2 - 1, start = clamp(pos - before, 0,
+max(len - window, 0))) is in the part's schema metadata, and pipeline/outputs/windows.py
+(`read_windows`) cuts the token windows and their per-token acts from contexts/ and latents/
+where they are read. kind=quantile: the latent's activations (descending) are cut into
+n_quantiles equal-count groups, rank = group * per_quantile + j (group 0 = highest).
+kind=random: windows where the latent is active nowhere (act 0).
 """
 from __future__ import annotations
 
@@ -66,7 +69,6 @@ from pipeline.outputs.layout import (
 )
 from pipeline.outputs.logit_effects import write_logit_effects
 from pipeline.outputs.post_engine import (
-    ContextsLRU,
     expand_ranges,
     reduce_bucket,
     spill_settings,
@@ -74,16 +76,12 @@ from pipeline.outputs.post_engine import (
     write_spill,
 )
 from pipeline.outputs.sink import RunStore, with_retries
+from pipeline.outputs.windows import window_start  # noqa: F401 - re-exported: the examples' window rule
 
 log = logging.getLogger(__name__)
 
 
 KINDS = ("top", "quantile", "random")
-POS_BITS = 24  # (seq_id, pos) packed into one int64 key: seq_id << POS_BITS | pos
-
-
-def window_start(pos: np.ndarray | int, length: np.ndarray | int, window: int):
-    return np.clip(np.asarray(pos) - window // 2, 0, np.maximum(np.asarray(length) - window, 0))
 
 
 def to_ranges(ids: list[int]) -> list[list[int]]:
@@ -103,18 +101,6 @@ def read_json_or_none(store: RunStore, key: str) -> dict | None:
         return store.read_json(key)
     except FileNotFoundError:
         return None
-
-
-class Contexts:
-    """Token ids by seq_id, reading contexts shards as needed and keeping at most `capacity` of them."""
-
-    def __init__(self, store: RunStore, shard_size: int, capacity: int = 4):
-        self.lru, self.shard_size = ContextsLRU(store, capacity), shard_size
-
-    def tokens(self, seq_id: int) -> np.ndarray:
-        seq, offsets, values = self.lru.get(int(seq_id) // self.shard_size)
-        row = int(np.searchsorted(seq, seq_id))
-        return values[offsets[row]:offsets[row + 1]]
 
 
 # -- pass 1: scatter -------------------------------------------------------------------------
