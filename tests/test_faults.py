@@ -233,7 +233,9 @@ def test_worker_killed_from_outside_while_holding_the_poison_shard(clean_run, tm
     finally:
         stop.set()
         thread.join(5)
-    assert len(killed) == 2, killed  # once with others queued (nobody charged), once alone
+    # Killed once alone (charged), after at most one kill with others on its worker (nobody charged):
+    # whether shards were queued beside it the first time depends on how fast the plan was made.
+    assert 1 <= len(killed) <= 2, killed
     assert failed.value.summary.charged == {2: 1}
     root = tmp_path / "out" / "same"
     assert committed_ids(root) == all_shard_ids(reference) - {2}

@@ -56,7 +56,7 @@ def test_only_the_poison_shard_is_charged_and_named(ray_local, n_actors, depth):
     done = drain(pool, list(range(10)))
     assert sorted(done) == [s for s in range(10) if s != 3], "a good shard was lost or done twice"
     assert [p.task.shard_id for p in pool.poisoned] == [3]
-    assert pool.poisoned[0].attempts == 2 and "exit" in pool.poisoned[0].cause.lower(), pool.poisoned[0].cause
+    assert pool.poisoned[0].attempts == 2 and pool.poisoned[0].cause.startswith("ActorDiedError"), pool.poisoned[0].cause
     assert pool.charged == {3: 2}, "a shard queued with the poison one was charged its death"
 
 
