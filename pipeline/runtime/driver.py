@@ -33,7 +33,7 @@ from pipeline.runtime.ledger import FileRecord, Ledger
 from pipeline.runtime.manifest import close_run, open_run
 from pipeline.runtime.preflight import prepare
 from pipeline.runtime.staging import clear_staging
-from pipeline.runtime.summary import Progress, RunSummary, rerun_command
+from pipeline.runtime.summary import Progress, RunSummary, describe_poison, rerun_command
 from pipeline.runtime.worker import ShardTask
 
 log = logging.getLogger(__name__)
@@ -165,12 +165,6 @@ def poison_record(store: RunStore, poison: PoisonShard) -> dict:
     return {"shard": task.shard_id, "seq_ids": [task.seq_start, task.seq_start + n - 1], "file": source,
             "documents": docs[:100], "n_documents": len(docs), "attempts": poison.attempts,
             "reason": f"killed its worker {poison.attempts} time(s), alone on it; last: {poison.cause}"}
-
-
-def describe_poison(rec: dict) -> str:
-    docs = ", ".join(rec["documents"][:5]) + (f", ... ({rec['n_documents']} in all)" if rec["n_documents"] > 5 else "")
-    return (f"shard {rec['shard']} (seq_id {rec['seq_ids'][0]}-{rec['seq_ids'][1]}, {rec['file'] or 'in memory'}, "
-            f"documents {docs}) {rec['reason']}")
 
 
 # A batch of planned files is made durable in one ledger write before any of its shards is

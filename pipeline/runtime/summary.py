@@ -83,8 +83,7 @@ class RunSummary:
                if self.acts_overflow else "")
             + (f"; shards quarantined for killing their workers: {self.shards_quarantined}"
                if self.shards_quarantined else "") + "\n"
-            + "".join(f"poison shard {p['shard']} (seq_id {p['seq_ids'][0]}-{p['seq_ids'][1]}, {p['file']}): "
-                      f"{p['reason']}\n" for p in self.poison_shards)
+            + "".join(f"poison {describe_poison(p)}\n" for p in self.poison_shards)
             + "".join(f"FVU check {hook}: FVU {s['fvu']:.4f}, dead in sample {s['dead_fraction']:.4f} "
                       f"({s['tokens']:,} sampled tokens, {s['shards']} shards)\n" for hook, s in self.fvu.items())
             + f"output: {self.output}"
@@ -162,6 +161,13 @@ def write_run_summary(store: RunStore, record: dict, *, always: bool = False) ->
     store.write_json(key, record)
     store.write_json(SUMMARY_KEY, record)
     return key
+
+
+def describe_poison(rec: dict) -> str:
+    """One line for a poison shard record (driver.poison_record): where it is and why it was set aside."""
+    docs = ", ".join(rec["documents"][:5]) + (f", ... ({rec['n_documents']} in all)" if rec["n_documents"] > 5 else "")
+    return (f"shard {rec['shard']} (seq_id {rec['seq_ids'][0]}-{rec['seq_ids'][1]}, {rec['file'] or 'in memory'}, "
+            f"documents {docs}) {rec['reason']}")
 
 
 def rerun_command(cfg, extra: str = "") -> str:
