@@ -58,17 +58,24 @@ $(VENV)/.installed: $(VENV)/.installed-run pyproject.toml $(LOCK)
 demo: setup-run
 	$(PY) -m pipeline experiment=demo
 
-test: setup
-	$(PY) -m pytest -q
+# The suite runs in TEST_JOBS processes at once (pytest-xdist; at most 4, each with a local Ray of
+# its own), a module at a time per process (--dist loadscope: a module's runs and fixtures are made
+# once). Most of a test's time is starting processes and importing torch, which overlap well.
+TEST_JOBS ?= $(shell n=$$(nproc 2>/dev/null || echo 2); echo $$(( n < 4 ? n : 4 )))
+PYTEST_ARGS = -q -n $(TEST_JOBS) --dist loadscope
 
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The inner loop (< 2 min): no real-component end-to-end runs (the `slow` marker).
 test-fast: setup
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest $(PYTEST_ARGS) -m "not slow"
 
 # The newest versions the registry serves today, in a venv of their own; writes nothing.
 test-latest:
 	rm -rf .venv-latest
 	$(MAKE) setup VENV=.venv-latest LOCK=
-	SAE_HARVEST_UNLOCKED=1 .venv-latest/bin/python -m pytest -q
+	SAE_HARVEST_UNLOCKED=1 .venv-latest/bin/python -m pytest $(PYTEST_ARGS)
 
 # Re-resolve the newest versions (torch stays at TORCH_SPEC), install them in a venv of their own, run
 # the whole suite there, and only then replace requirements.lock. Review `git diff requirements.lock`.
@@ -76,7 +83,7 @@ lock:
 	rm -rf .venv-lock
 	python3 infra/lock.py --torch "$(TORCH_SPEC)" --no-deps $(NO_DEPS) --pinned "$(REFERENCE_LIBS)" --out requirements.lock.new
 	$(MAKE) setup VENV=.venv-lock LOCK=requirements.lock.new
-	.venv-lock/bin/python -m pytest -q
+	.venv-lock/bin/python -m pytest $(PYTEST_ARGS)
 	mv requirements.lock.new requirements.lock
 	@echo "requirements.lock rewritten; the suite passed with it (.venv-lock). make test reinstalls .venv from it."
 

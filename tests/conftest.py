@@ -105,7 +105,12 @@ def tiny_sae_dir(tmp_path_factory) -> Path:
 def ray_local():
     import ray
 
+    from pipeline.runtime.dispatch import local_ray_system_config
+
+    # The product's local settings (warm task processes kept while actors hold the CPUs): a test's
+    # run reuses the processes, and their imports, that the tests before it started.
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+             _system_config=local_ray_system_config(2),
              runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}})
     yield ray
     ray.shutdown()

@@ -233,3 +233,52 @@ def process_alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+WARM_PROCESSES = """
+import json, os, sys, time
+import ray
+from pipeline.config import ClusterConfig, RunConfig
+from pipeline.runtime.dispatch import start_ray
+
+start_ray(RunConfig(cluster=ClusterConfig(num_workers=2, cpus_per_worker=1, torch_threads=1)))
+
+@ray.remote(num_cpus=1)
+class Harvester:  # stands for the harvest actors: a process each, holding the CPUs
+    def __init__(self):
+        import torch  # noqa: F401  (as a harvest actor does, which takes a moment)
+
+    def pid(self):
+        return os.getpid()
+
+@ray.remote(num_cpus=0)
+def task_pid():  # stands for a tokenize task
+    import torch  # noqa: F401  (what a new process would import again)
+    return os.getpid()
+
+first = ray.get([task_pid.remote() for _ in range(2)])  # the first files, tokenized as the actors start
+actors = [Harvester.remote() for _ in range(2)]
+ray.get([a.pid.remote() for a in actors])
+# Longer than Ray's idle-worker kill threshold (1 s) and its check interval: what is fixed here
+# is whether an idle process is killed once it has been idle that long, so the wait is the test.
+time.sleep(3)
+second = ray.get([task_pid.remote() for _ in range(2)])
+print(json.dumps({"first": first, "second": second}))
+"""
+
+
+@pytest.mark.slow
+def test_local_ray_keeps_warm_task_processes_beside_the_harvest_actors(tmp_path):
+    """A local run's Ray (start_ray) keeps idle task processes, and the torch / transformers they
+    imported, while the harvest actors hold the CPUs. With Ray's default worker limit every idle
+    tokenize process was ended after a second, and each later file, post-processing task or run in
+    the same driver paid ~3 s of imports in a new one. Fails without `local_ray_system_config` (seen)."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    out = subprocess.run([sys.executable, "-c", WARM_PROCESSES], cwd=tmp_path, env=env, capture_output=True,
+                         text=True, timeout=120, check=False)
+    assert out.returncode == 0, out.stderr[-3000:]
+    pids = json.loads(out.stdout.strip().splitlines()[-1])
+    assert set(pids["first"]) & set(pids["second"]), f"every task process was replaced after 3 s idle: {pids}"

@@ -308,7 +308,6 @@ def test_incremental_run_processes_only_new_files(clean_run, tmp_path, tiny_corp
     assert new_rec["first_shard"] > max(f["last_shard"] for f in manifest["files"] if f is not new_rec)
     assert_exactly_once(root)
     assert run(nightly).shards_done == 0  # unchanged corpus: no work
-    time.sleep(0.01)
     (corpus / "b.txt").write_text("this file was edited after it was processed")
     with pytest.raises(CorpusError, match="b.txt changed"):
         run(nightly)
@@ -365,7 +364,14 @@ def test_replaced_worker_is_killed_not_left_to_finish_its_retries(tmp_path, ray_
     while pool.pending():
         done += pool.completed(block=True)
     assert done == [7] and pool.retries == 1 and pool.charged == {7: 1}
-    time.sleep(2)  # give Ray's restart of the dead actor time to begin (if the kill has not stopped it)
+    # The event: Ray's record of the replaced worker says DEAD (for good). Without the pool's kill
+    # it says RESTARTING for the 60 s its restart sleeps, then ALIVE.
+    from ray._private.state import actors as actor_record
+
+    deadline = time.monotonic() + 30
+    while (state := actor_record(handles[0]._actor_id.hex())["State"]) != "DEAD":
+        assert time.monotonic() < deadline, f"the replaced worker is {state}, 30 s after the pool replaced it"
+        time.sleep(0.1)
     roles = [line.split() for line in (tmp_path / "pids").read_text().splitlines()]
     # The dead worker's restart, if Ray began one, is gone within seconds of the kill, before close.
     wait_dead([int(pid) for role, pid in roles if role == "restart"], "the replaced worker's restart")

@@ -125,6 +125,16 @@ def open_split_sae(cfg: RunConfig, path: str, hook: str, with_decoder: bool):
                       max_restarts=cfg.sae.split_max_restarts, name=f"{owner}/{hook}")
 
 
+def local_ray_system_config(num_cpus: int) -> dict:
+    """Ray settings for a local instance of our own: keep one idle task process per CPU. With Ray's
+    default (`num_workers_soft_limit=-1`), once the harvest actors hold the CPUs every idle tokenize
+    or post-processing process is ended within about a second (seen with Ray 2.60:
+    tests/test_driver_tokenize.py), and the next file, post-processing task or run in this driver
+    (a sweep's members, a notebook, the tests) paid for a new process and its torch/transformers
+    imports again, ~3 s of CPU each. An explicit limit keeps that many warm processes."""
+    return {"num_workers_soft_limit": int(num_cpus)}
+
+
 def start_ray(cfg: RunConfig) -> None:
     import ray
 
@@ -148,12 +158,13 @@ def start_ray(cfg: RunConfig) -> None:
         ray.init(address=cfg.cluster.address, runtime_env={"env_vars": env}, log_to_driver=True)
     else:
         # Locally every worker also needs its latent-split parts' CPU slots (sae.latent_splits).
-        split = len(cfg.sae.hookpoints) * cfg.sae.latent_splits * cfg.sae.split_cpus if cfg.sae.latent_splits > 1 else 0
-        per_worker = cfg.cluster.cpus_per_worker + split
+        parts = len(cfg.sae.hookpoints) * cfg.sae.latent_splits if cfg.sae.latent_splits > 1 else 0
+        per_worker = cfg.cluster.cpus_per_worker + parts * cfg.sae.split_cpus
+        num_cpus = max(os.cpu_count() or 1, math.ceil(per_worker * cfg.cluster.num_workers))
         # address="local": a Ray of our own even when `ray start --head` (or RAY_ADDRESS) offers one to
         # join, since cluster.address=null says so and a joined cluster refuses num_cpus.
-        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, math.ceil(per_worker * cfg.cluster.num_workers)),
-                 include_dashboard=False, runtime_env={"env_vars": env}, log_to_driver=True)
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, runtime_env={"env_vars": env},
+                 log_to_driver=True, _system_config=local_ray_system_config(num_cpus))
 
 
 def ray_dispatcher(cfg: RunConfig, sae_by_hook: dict[str, str]) -> RayDispatcher:
