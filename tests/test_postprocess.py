@@ -284,3 +284,14 @@ def test_corrupt_committed_part_is_an_error_naming_the_file(tmp_path, ray_local)
     part.unlink()  # missing part of a committed shard
     with pytest.raises(OSError, match=str(part)):
         store.read_committed("latents", HOOK)
+
+
+def test_postprocess_tasks_do_not_import_torch():
+    """The scatter and bucket tasks run this module in Ray worker processes: importing it must not
+    pull in torch (~1 s of CPU per new process), only the logit-effects step (driver) needs it."""
+    import subprocess
+    import sys
+
+    probe = "import sys, pipeline.outputs.postprocess; print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr

@@ -99,7 +99,7 @@ def user_env(home: Path) -> dict:
     return env
 
 
-@pytest.fixture()
+@pytest.fixture(scope="module")  # one head for the module: each start costs ~15 s
 def ray_head(tmp_path_factory):
     gcs, dash, client, agent_http, agent_grpc, metrics, rt_env = free_ports(7)
     temp_dir = tempfile.mkdtemp(prefix="rjob", dir="/tmp")  # short: Ray's socket paths have a length limit

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
-import torch
 
 from pipeline.outputs.layout import DEC_NORM_FRAC
 
@@ -43,6 +42,8 @@ class DecNormFractions:
 
     def rows(self, latent_ids: np.ndarray) -> np.ndarray:
         """[n, m] float32 fractions for `latent_ids` (sorted, one bucket's)."""
+        import torch  # here, not at the top: post-processing tasks of an SAE never need torch
+
         if len(latent_ids) == 0:
             return np.zeros((0, len(self.inputs)), np.float32)
         lo, hi = int(latent_ids[0]), int(latent_ids[-1]) + 1

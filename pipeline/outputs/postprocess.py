@@ -67,7 +67,6 @@ from pipeline.outputs.layout import (
     stats_schema,
     stats_state_key,
 )
-from pipeline.outputs.logit_effects import write_logit_effects
 from pipeline.outputs.post_engine import (
     expand_ranges,
     reduce_bucket,
@@ -318,7 +317,10 @@ def postprocess(store: RunStore, cfg: PostprocessConfig) -> dict:
                                      "spill": spill_settings(cfg)})
         log.info(f"[{store.run_id}] post-processed {hook}: {scattered} shard(s) scattered, "
                  f"{run} of {n_buckets} bucket(s) rebuilt, {total_tokens:,} tokens")
-    summary["logit_effects"] = write_logit_effects(store, cfg)  # pipeline/outputs/logit_effects.py
+    # Imported here: it needs torch, which the scatter and bucket tasks (this module) never do.
+    from pipeline.outputs.logit_effects import write_logit_effects
+
+    summary["logit_effects"] = write_logit_effects(store, cfg)
     return summary
 
 
