@@ -151,6 +151,11 @@ class ClusterConfig:
     # ...each task reserving this many CPUs (0: they share the CPUs the harvest actors hold, so a
     # pool that takes every CPU slot never starves them).
     tokenize_cpus: float = 0.0
+    # Keep the harvest workers (model and dictionaries loaded) when the run ends, for the next run in
+    # this driver that loads the same (a sweep's members, a notebook, the tests): it takes them instead
+    # of starting new ones. They hold their CPU/GPU slots until then; a run that loads something else,
+    # post-processing in this driver, or `dispatch.release_kept_workers()` ends them.
+    reuse_workers: bool = False
 
 
 @dataclass

@@ -101,6 +101,21 @@ def tiny_sae_dir(tmp_path_factory) -> Path:
     return folder
 
 
+@pytest.fixture(autouse=True)
+def end_kept_workers():
+    """Harvest workers a test's runs kept (cluster.reuse_workers, which `make_cfg` turns on) end
+    with the test: they hold the session Ray's CPUs, which the next test may need for other work."""
+    import sys
+
+    yield
+    dispatch = sys.modules.get("pipeline.runtime.dispatch")
+    if dispatch is not None:
+        import ray
+
+        if ray.is_initialized():
+            dispatch.release_kept_workers()
+
+
 @pytest.fixture(scope="session")
 def ray_local():
     import ray

@@ -33,8 +33,10 @@ def make_cfg(model_dir, corpus_dir, sae_dir, out_dir, run_id="r1", shard_size=3,
         corpus=CorpusConfig(name="tiny", paths=[str(corpus_dir)], ctx_len=16, shard_size=shard_size,
                             **corpus_overrides),
         sink=SinkConfig(root=str(out_dir)),
+        # reuse_workers: a test's later runs take the workers its first run started (conftest ends
+        # them after the test); a run that loads something else starts its own.
         cluster=ClusterConfig(**{"num_workers": 2, "cpus_per_worker": 1, "torch_threads": 1, "max_in_flight": 1,
-                                 **(cluster or {})}),
+                                 "reuse_workers": True, **(cluster or {})}),
     )
 
 
@@ -187,3 +189,49 @@ def test_uncommitted_parts_are_ignored_by_readers(first_run):
         assert set(got.column("shard").to_pylist()) == {f"{s:06d}" for s in range(summary.shards_done)}
     finally:
         shutil.rmtree(stray)
+
+
+def harvest_actors() -> dict[str, str]:
+    """Every harvest actor this Ray has had, by id: its state in Ray's own record (the GCS)."""
+    from ray._private.state import actors
+
+    return {a["ActorID"]: a["State"] for a in actors().values() if a["ActorClassName"] == "HarvestActor"}
+
+
+def test_a_later_run_takes_the_workers_an_earlier_one_kept(tiny_model_dir, tiny_corpus, tiny_sae_dir, tmp_path,
+                                                           ray_local):
+    """cluster.reuse_workers (on in `make_cfg`): the next run in this driver that loads the same
+    model and dictionaries binds the kept workers to itself instead of starting new ones, and writes
+    exactly what new workers write; post-processing in this driver ends them first, since they hold
+    the CPUs its tasks need (without that it waits for ever: hence the thread)."""
+    import threading
+
+    from pipeline.config import PostprocessConfig
+    from pipeline.outputs.postprocess import postprocess
+    from pipeline.outputs.sink import RunStore
+    from pipeline.runtime.driver import run
+
+    before = set(harvest_actors())
+    run(make_cfg(tiny_model_dir, tiny_corpus, tiny_sae_dir, tmp_path / "a", "first"))
+    started = set(harvest_actors()) - before
+    assert len(started) == 2
+    second = make_cfg(tiny_model_dir, tiny_corpus, tiny_sae_dir, tmp_path / "b", "second")
+    assert run(second).shards_done > 0
+    now = harvest_actors()
+    assert set(now) - before == started and all(now[a] == "ALIVE" for a in started), "new workers were started"
+
+    done = threading.Event()
+    threading.Thread(target=lambda: (postprocess(RunStore(second.sink, "second"),
+                                                 PostprocessConfig(run_id="second", sink=second.sink, bucket_size=32)),
+                                     done.set()), daemon=True).start()
+    assert done.wait(timeout=180), "post-processing never got the CPUs the kept workers hold"
+    assert all(harvest_actors()[a] == "DEAD" for a in started)
+
+    fresh = make_cfg(tiny_model_dir, tiny_corpus, tiny_sae_dir, tmp_path / "c", "second", cluster={"reuse_workers": False})
+    run(fresh)
+    for sub in ["contexts"] + [f"latents/hookpoint={h}" for h in HOOKS]:
+        kept_parts = sorted((tmp_path / "b" / "second" / sub).rglob("*.parquet"))
+        new_parts = sorted((tmp_path / "c" / "second" / sub).rglob("*.parquet"))
+        assert len(kept_parts) == len(new_parts) > 0, sub
+        for a, b in zip(kept_parts, new_parts):
+            assert pq.read_table(a).equals(pq.read_table(b)), a

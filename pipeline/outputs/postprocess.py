@@ -209,12 +209,18 @@ def _remote(fn, num_cpus: float):
     its own, never whichever cluster was last started on the machine (plain `ray.init()` joins
     that one: another user's, or a test's)."""
     import os
+    import sys
 
     import ray
 
     task = ray.remote(num_cpus=num_cpus, max_retries=3)(fn)
 
     def submit(*args):
+        # Harvest workers a run in this driver kept (cluster.reuse_workers) hold CPU slots these
+        # tasks need: end them first. Nothing to do unless the harvest side was imported.
+        dispatch = sys.modules.get("pipeline.runtime.dispatch")
+        if dispatch is not None:
+            dispatch.release_kept_workers()
         if not ray.is_initialized():
             ray.init(address=os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False, log_to_driver=True)
         return task.remote(*args)

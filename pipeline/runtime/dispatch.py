@@ -9,6 +9,7 @@ driver benchmark uses it with a no-op worker to measure the driver's own cost.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -41,7 +42,6 @@ class HarvestActor:
         import torch
 
         from pipeline.model.loader import load_model
-        from pipeline.runtime.worker import ShardWorker
         from pipeline.sae.formats import load_sae
 
         setup_logging(quiet)  # a worker process has no Hydra logging config of its own
@@ -61,11 +61,19 @@ class HarvestActor:
                 sae.backend = cfg.sae.backend
             sae.k = cfg.sae.k or sae.k
             saes[hook] = sae
-        store = RunStore(cfg.sink, cfg.run_id)
+        self.loaded = (model, saes, device, load_checkpoints(cfg, saes, model, device))
+        self.bind(cfg)
+
+    def bind(self, cfg: RunConfig) -> None:
+        """Serve run `cfg` (its output, faults, acts dtype) with what this worker loaded: a kept
+        worker (cluster.reuse_workers) is bound to the next run whose `worker_key` is the same."""
+        from pipeline.runtime.worker import ShardWorker
+
+        model, saes, device, checkpoints = self.loaded
         self.run_id = cfg.run_id
-        self.worker = ShardWorker(model, saes, store, cfg.model.batch_size, device, cfg.faults,
-                                  fvu_sample=cfg.sae.fvu_sample, acts_dtype=cfg.output.acts_dtype,
-                                  checkpoints=load_checkpoints(cfg, saes, model, device))
+        self.worker = ShardWorker(model, saes, RunStore(cfg.sink, cfg.run_id), cfg.model.batch_size, device,
+                                  cfg.faults, fvu_sample=cfg.sae.fvu_sample, acts_dtype=cfg.output.acts_dtype,
+                                  checkpoints=checkpoints)
 
     def close(self) -> None:
         """Remove the latent-split parts and their placement groups (Ray keeps a placement group
@@ -167,17 +175,77 @@ def start_ray(cfg: RunConfig) -> None:
                  log_to_driver=True, _system_config=local_ray_system_config(num_cpus))
 
 
+# Harvest workers kept by runs with cluster.reuse_workers, by `worker_key`: (actor, name, hookpoints).
+_kept: dict[str, list[tuple]] = {}
+
+
+def worker_key(cfg: RunConfig, sae_by_hook: dict[str, str], quiet: bool) -> str:
+    """What a harvest worker loads and holds: runs that agree on it can share workers."""
+    c = cfg.cluster
+    return json.dumps([dataclasses.asdict(cfg.model), dataclasses.asdict(cfg.sae), sae_by_hook, c.cpus_per_worker,
+                       c.gpus_per_worker, c.worker_resources, c.torch_threads, quiet], sort_keys=True, default=str)
+
+
+def _end_worker(actor, name: str | None, hooks) -> None:
+    """Kill a harvest actor and remove its latent-split placement groups (`<name>/<hookpoint>`): a
+    placement group made by an actor lives as long as the driver, so a dead worker's would hold its
+    GPUs/CPUs for the rest of the run and its replacement might never be scheduled."""
+    import ray
+    from ray.util.placement_group import get_placement_group, remove_placement_group
+
+    ray.kill(actor, no_restart=True)
+    for hook in hooks if name else ():
+        try:
+            remove_placement_group(get_placement_group(f"{name}/{hook}"))
+        except Exception:  # noqa: BLE001  never made, or removed by the actor's own close()
+            pass
+
+
+def release_kept_workers(except_key: str | None = None) -> int:
+    """End the workers kept by cluster.reuse_workers (all, or all but `except_key`'s): they hold
+    their CPU/GPU slots, which other work in this driver may need. Returns how many."""
+    import ray
+
+    gone = [k for k in _kept if k != except_key]
+    ended = 0
+    for key in gone:
+        workers = _kept.pop(key)
+        try:
+            ray.get([a.close.remote() for a, _, _ in workers], timeout=60)
+        except Exception as err:  # noqa: BLE001  a dead worker has nothing left to free
+            log.debug(f"[dispatch] closing kept workers: {err}")
+        for actor, name, hooks in workers:
+            _end_worker(actor, name, hooks)
+        ended += len(workers)
+    return ended
+
+
 def ray_dispatcher(cfg: RunConfig, sae_by_hook: dict[str, str]) -> RayDispatcher:
-    """Start Ray (or join cfg.cluster.address) and a pool of `cluster.num_workers` harvest actors."""
+    """Start Ray (or join cfg.cluster.address) and a pool of `cluster.num_workers` harvest actors
+    (with cluster.reuse_workers, first those an earlier run in this driver kept, if they loaded the same)."""
     import ray
 
     start_ray(cfg)
     actor_cls = ray.remote(**HARVEST_ACTOR_OPTIONS)(HarvestActor)
     quiet = not log.isEnabledFor(logging.INFO)
+    key = worker_key(cfg, sae_by_hook, quiet)
+    release_kept_workers(except_key=key if cfg.cluster.reuse_workers else None)  # their slots are needed now
+    kept = _kept.pop(key, [])
+    hooks = list(sae_by_hook)
 
     names: dict[int, str] = {}  # id(actor handle) -> actor name
 
     def make_actor(i: int):
+        while kept:
+            actor, name, _ = kept.pop()
+            try:  # alive, and bound to this run before any shard is sent (actor calls run in order)
+                ray.get(actor.bind.remote(cfg), timeout=120)
+            except Exception as err:  # noqa: BLE001  gone since (killed, node lost): start a new one
+                log.info(f"[{cfg.run_id}] a kept harvest worker is gone ({type(err).__name__}); starting a new one")
+                _end_worker(actor, name, hooks)
+                continue
+            names[id(actor)] = name
+            return actor
         name = f"harvest-{cfg.run_id}-{i}-{time.time_ns() % 10**9}"
         actor = actor_cls.options(
             name=name, num_cpus=cfg.cluster.cpus_per_worker,
@@ -187,22 +255,27 @@ def ray_dispatcher(cfg: RunConfig, sae_by_hook: dict[str, str]) -> RayDispatcher
         return actor
 
     def release(actor) -> None:
-        """Remove a gone worker's latent-split placement groups (`<actor name>/<hookpoint>`): a
-        placement group made by an actor lives as long as the driver, so a dead worker's would hold
-        its GPUs/CPUs for the rest of the run and its replacement might never be scheduled."""
+        """A gone worker's latent-split placement groups (see `_end_worker`)."""
         from ray.util.placement_group import get_placement_group, remove_placement_group
 
         name = names.pop(id(actor), None)
         if name is None or cfg.sae.latent_splits <= 1:
             return
-        for hook in sae_by_hook:
+        for hook in hooks:
             try:
                 remove_placement_group(get_placement_group(f"{name}/{hook}"))
             except Exception:  # noqa: BLE001  never made, or removed by the actor's own close()
                 pass
 
+    def keep(actor) -> bool:
+        """At the end of the run: an idle, live worker is kept for the next run (cluster.reuse_workers)."""
+        if not cfg.cluster.reuse_workers or id(actor) not in names:
+            return False
+        _kept.setdefault(key, []).append((actor, names.pop(id(actor)), hooks))
+        return True
+
     return RayDispatcher(make_actor, cfg.cluster.num_workers, 1 + max(0, cfg.cluster.max_in_flight),
-                         cfg.cluster.max_shard_attempts, release=release)
+                         cfg.cluster.max_shard_attempts, release=release, keep=keep)
 
 
 class ShardFailed(RuntimeError):
@@ -351,9 +424,11 @@ class RayDispatcher:
     while every other shard goes on (the driver applies `cluster.on_poison_shard`)."""
 
     def __init__(self, make_actor: Callable[[int], object], n_actors: int, depth: int, max_attempts: int,
-                 release: Callable[[object], None] = lambda actor: None):
+                 release: Callable[[object], None] = lambda actor: None,
+                 keep: Callable[[object], bool] = lambda actor: False):
         self.make_actor = make_actor
         self.release = release  # frees what a killed actor held outside itself
+        self.keep = keep  # at close: takes an idle live worker for a later run (True) or not
         self.slots = [WorkerSlot(make_actor(i)) for i in range(n_actors)]
         self.depth = depth
         self.max_attempts = max_attempts
@@ -461,11 +536,13 @@ class RayDispatcher:
     def close(self) -> None:
         import ray
 
+        busy = {i for i, _ in self.inflight.values()}  # a worker with work left is never kept
+        ending = [s for i, s in enumerate(self.slots) if i in busy or not self.keep(s.actor)]
         try:  # free what the actors hold outside themselves (latent-split placement groups)
-            ray.get([s.actor.close.remote() for s in self.slots if hasattr(s.actor, "close")], timeout=60)
+            ray.get([s.actor.close.remote() for s in ending if hasattr(s.actor, "close")], timeout=60)
         except Exception as err:  # a dead actor has nothing left to free; killing it below is enough
             log.debug(f"[dispatch] closing workers: {err}")
-        for slot in self.slots:
+        for slot in ending:
             ray.kill(slot.actor, no_restart=True)
             self.release(slot.actor)
         # `ray.kill` returns before the processes are gone. Return only once every task given to
