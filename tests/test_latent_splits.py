@@ -124,8 +124,12 @@ def test_split_part_killed_mid_shard_loses_and_duplicates_nothing(unsplit_run, t
     run(cfg)
     assert marker.exists(), "no part died: the fault was not exercised"
     # A placement group made by an actor lives as long as the driver: the dead worker's must be
-    # removed, or its CPUs/GPUs stay reserved and a later worker may never be scheduled.
+    # removed, or its CPUs/GPUs stay reserved and a later worker may never be scheduled. The live
+    # workers the run kept (cluster.reuse_workers) hold theirs until they are ended: end them first.
     from ray.util.placement_group import placement_group_table
+
+    from pipeline.runtime.dispatch import release_kept_workers
+    release_kept_workers()
     left = [pg["name"] for pg in placement_group_table().values() if pg["state"] != "REMOVED"]
     assert left == [], f"placement groups outlived their workers: {left}"
     root = tmp_path / "out" / "same"
