@@ -202,7 +202,7 @@ def test_a_later_run_takes_the_workers_an_earlier_one_kept(tiny_model_dir, tiny_
                                                            ray_local):
     """cluster.reuse_workers (on in `make_cfg`): the next run in this driver that loads the same
     model and dictionaries binds the kept workers to itself instead of starting new ones, and writes
-    exactly what new workers write; post-processing in this driver ends them first, since they hold
+    exactly what new workers wrote; post-processing in this driver ends them first, since they hold
     the CPUs its tasks need (without that it waits for ever: hence the thread)."""
     import threading
 
@@ -227,11 +227,11 @@ def test_a_later_run_takes_the_workers_an_earlier_one_kept(tiny_model_dir, tiny_
     assert done.wait(timeout=180), "post-processing never got the CPUs the kept workers hold"
     assert all(harvest_actors()[a] == "DEAD" for a in started)
 
-    fresh = make_cfg(tiny_model_dir, tiny_corpus, tiny_sae_dir, tmp_path / "c", "second", cluster={"reuse_workers": False})
-    run(fresh)
+    # What the kept workers wrote for "second" is what new ones wrote for "first" (the run id is not
+    # in the data: test_same_config_twice_gives_identical_latents).
     for sub in ["contexts"] + [f"latents/hookpoint={h}" for h in HOOKS]:
         kept_parts = sorted((tmp_path / "b" / "second" / sub).rglob("*.parquet"))
-        new_parts = sorted((tmp_path / "c" / "second" / sub).rglob("*.parquet"))
+        new_parts = sorted((tmp_path / "a" / "first" / sub).rglob("*.parquet"))
         assert len(kept_parts) == len(new_parts) > 0, sub
         for a, b in zip(kept_parts, new_parts):
             assert pq.read_table(a).equals(pq.read_table(b)), a
