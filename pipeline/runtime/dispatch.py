@@ -191,9 +191,15 @@ def _end_worker(actor, name: str | None, hooks) -> None:
     placement group made by an actor lives as long as the driver, so a dead worker's would hold its
     GPUs/CPUs for the rest of the run and its replacement might never be scheduled."""
     import ray
-    from ray.util.placement_group import get_placement_group, remove_placement_group
 
     ray.kill(actor, no_restart=True)
+    _remove_split_groups(name, hooks)
+
+
+def _remove_split_groups(name: str | None, hooks) -> None:
+    """Remove a harvest actor's latent-split placement groups, `<actor name>/<hookpoint>`."""
+    from ray.util.placement_group import get_placement_group, remove_placement_group
+
     for hook in hooks if name else ():
         try:
             remove_placement_group(get_placement_group(f"{name}/{hook}"))
@@ -256,16 +262,9 @@ def ray_dispatcher(cfg: RunConfig, sae_by_hook: dict[str, str]) -> RayDispatcher
 
     def release(actor) -> None:
         """A gone worker's latent-split placement groups (see `_end_worker`)."""
-        from ray.util.placement_group import get_placement_group, remove_placement_group
-
         name = names.pop(id(actor), None)
-        if name is None or cfg.sae.latent_splits <= 1:
-            return
-        for hook in hooks:
-            try:
-                remove_placement_group(get_placement_group(f"{name}/{hook}"))
-            except Exception:  # noqa: BLE001  never made, or removed by the actor's own close()
-                pass
+        if cfg.sae.latent_splits > 1:
+            _remove_split_groups(name, hooks)
 
     def keep(actor) -> bool:
         """At the end of the run: an idle, live worker is kept for the next run (cluster.reuse_workers)."""
