@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -101,19 +102,35 @@ def tiny_sae_dir(tmp_path_factory) -> Path:
     return folder
 
 
-@pytest.fixture(autouse=True)
-def end_kept_workers():
-    """Harvest workers a test's runs kept (cluster.reuse_workers, which `make_cfg` turns on) end
-    with the test: they hold the session Ray's CPUs, which the next test may need for other work."""
-    import sys
-
-    yield
+def _end_kept_workers() -> None:
     dispatch = sys.modules.get("pipeline.runtime.dispatch")
     if dispatch is not None:
         import ray
 
         if ray.is_initialized():
             dispatch.release_kept_workers()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def end_kept_workers_with_the_module():
+    """Harvest workers kept by a module's runs (cluster.reuse_workers, which `make_cfg` turns on)
+    serve its later tests with the same model and dictionaries (what a sweep or a notebook gets),
+    and end with the module: they hold the session Ray's CPUs, which other modules need for work
+    of their own (placement groups, tasks with CPUs)."""
+    yield
+    _end_kept_workers()
+
+
+@pytest.fixture(autouse=True)
+def end_kept_workers(request):
+    """`@pytest.mark.own_workers`: the test starts with no kept worker and leaves none, for tests
+    that count the actors they start or need every CPU of the session Ray."""
+    own = request.node.get_closest_marker("own_workers") is not None
+    if own:
+        _end_kept_workers()
+    yield
+    if own:
+        _end_kept_workers()
 
 
 @pytest.fixture(scope="session")

@@ -210,7 +210,8 @@ def test_cancelled_running_tokenize_task_takes_its_worker_process_with_it(tmp_pa
         time.sleep(120)
 
     pid_file = tmp_path / "pid"
-    ref = ray_local.remote(max_retries=0)(record_pid_and_wait).remote(str(pid_file))
+    # No CPU, as a tokenize task (cluster.tokenize_cpus=0): it starts beside harvest workers that hold them.
+    ref = ray_local.remote(max_retries=0, num_cpus=0)(record_pid_and_wait).remote(str(pid_file))
     deadline = time.monotonic() + 60
     while not pid_file.exists() or not pid_file.read_text():
         assert time.monotonic() < deadline, "the task never started"

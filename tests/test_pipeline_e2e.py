@@ -198,6 +198,7 @@ def harvest_actors() -> dict[str, str]:
     return {a["ActorID"]: a["State"] for a in actors().values() if a["ActorClassName"] == "HarvestActor"}
 
 
+@pytest.mark.own_workers  # counts the actors it starts
 def test_a_later_run_takes_the_workers_an_earlier_one_kept(tiny_model_dir, tiny_corpus, tiny_sae_dir, tmp_path,
                                                            ray_local):
     """cluster.reuse_workers (on in `make_cfg`): the next run in this driver that loads the same

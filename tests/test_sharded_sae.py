@@ -171,6 +171,7 @@ def test_split_sae_has_the_sae_interface(split_sae):
 
 
 @pytest.mark.slow
+@pytest.mark.own_workers  # its placement group needs the CPUs kept workers would hold
 def test_from_path_gives_each_actor_only_its_slice_and_close_frees_it(tmp_path, ray_local):
     from ray.util.placement_group import placement_group_table
 
