@@ -12,8 +12,13 @@ import time
 from pathlib import Path
 
 
+def cache_root() -> Path:
+    """Where sae-harvest keeps what it can rebuild: $SAE_HARVEST_CACHE, else ~/.cache/sae-harvest."""
+    return Path(os.environ.get("SAE_HARVEST_CACHE", "~/.cache/sae-harvest")).expanduser()
+
+
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("SAE_HARVEST_CACHE", "~/.cache/sae-harvest")).expanduser() / "remote"
+    return cache_root() / "remote"
 
 
 # A digest is trusted from the cache only when the file is older than this when it was hashed:
@@ -24,7 +29,7 @@ RACY_NS = 1_000_000_000
 
 
 def hash_cache_dir() -> Path:
-    return Path(os.environ.get("SAE_HARVEST_CACHE", "~/.cache/sae-harvest")).expanduser() / "hashes"
+    return cache_root() / "hashes"
 
 
 def _stat_key(paths: list[Path]) -> list[list]:

@@ -20,6 +20,22 @@ from pipeline.sae.sae import random_sae  # noqa: E402
 torch.set_num_threads(1)
 
 
+# `make test` runs modules in parallel (xdist --dist loadscope), handing whole modules to the
+# workers in collection order. The longest go first, so the run does not end with one of them
+# alone on one worker while the other has nothing left to do (seconds per module on 2 cores:
+# bench/results/tests-2026-12-07.txt). Only the order changes; unlisted modules keep theirs, after.
+LONGEST_MODULES_FIRST = [
+    "test_readme_commands.py", "test_faults.py", "test_ray_job.py", "test_latent_splits.py",
+    "test_newcomer_output.py", "test_sharded_sae.py", "test_crosscoders.py", "test_kernels_triton.py",
+    "test_multinode.py", "test_sae_scale.py", "test_verify.py", "test_redact.py",
+]
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_MODULES_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each module's own order kept
+
+
 def require(component: str, available: bool, why: str = "") -> None:
     """Skip a test whose real component (Chromium, moto_server, sae-lens, ...) is missing, except
     under CI=true, where a missing component fails the run: CI must exercise every real component."""

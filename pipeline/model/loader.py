@@ -12,17 +12,25 @@
     s3://bucket/prefix    any fsspec URL: the prefix is copied to a local cache (sha256-checked,
                           pipeline.remote.fetch_to_cache) and loaded from there
 Nothing is ever fetched from a hub: HF_HUB_OFFLINE is set before transformers loads (pipeline/__init__.py).
+
+A GGUF model is de-quantized once and kept as safetensors (`dequantized_copy`, `model.cache_dequantized`):
+every later load in any process (the workers, the demo SAE's fit, post-processing's logit effects)
+maps those tensors instead of de-quantizing again.
 """
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
+import shutil
 from pathlib import Path
 
 import torch
 
 from pipeline.config import ModelConfig
-from pipeline.remote import fetch_to_cache, is_remote, sha256_of_files
+from pipeline.remote import cache_root, fetch_to_cache, is_remote, sha256_of_files
+
+log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -164,8 +172,64 @@ def load_model(cfg: ModelConfig, device: str | torch.device = "cpu") -> torch.nn
     hf_logging.disable_progress_bar()
     dtype = DTYPES[resolve_model_dtype(cfg.dtype, device)]
     folder, kwargs = from_pretrained_args(cfg)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs)
+    if kwargs.get("gguf_file") and cfg.cache_dequantized:
+        model = _load_gguf_via_copy(Path(folder), kwargs["gguf_file"], dtype)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs)
     return model.to(device).eval()
+
+
+def dequantized_copy(gguf: Path, dtype: torch.dtype) -> Path:
+    """Where a GGUF file's de-quantized weights are kept: by the file's sha256 (stat-cached, so a
+    stat per load), the dtype, and the transformers version that de-quantized and mapped them (a
+    new version may name or de-quantize tensors differently, so it makes its own copy)."""
+    import transformers
+
+    digest = sha256_of_files([gguf])
+    return cache_root() / "models" / f"{digest[:32]}-{str(dtype).removeprefix('torch.')}-transformers{transformers.__version__}"
+
+
+def _load_gguf_via_copy(folder: Path, gguf_file: str, dtype: torch.dtype) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    copy = dequantized_copy(folder / gguf_file, dtype)
+    damaged = False
+    if (copy / "config.json").is_file():
+        try:
+            return AutoModelForCausalLM.from_pretrained(str(copy), dtype=dtype)
+        except Exception as err:  # noqa: BLE001  any damage (cut short, bad header): de-quantize again, replace it
+            log.warning(f"{copy}: unreadable de-quantized copy of {gguf_file} ({err}); de-quantizing again")
+            damaged = True
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, gguf_file=gguf_file)
+    _save_copy(model, copy, replace=damaged)
+    return model
+
+
+def _save_copy(model: torch.nn.Module, copy: Path, replace: bool) -> None:
+    """Written beside, then renamed into place: processes loading at the same time each write
+    their own and the first rename wins; a reader never sees a half-written copy. Best effort: a
+    read-only or full cache costs a de-quantization next time, nothing else."""
+    import copy as copying
+
+    from safetensors.torch import save_model
+
+    tmp = copy.parent / f".{copy.name}.{os.getpid()}.tmp"
+    try:
+        tmp.mkdir(parents=True)
+        # transformers marks a GGUF-loaded model as quantized ("gguf") and will not save it, but its
+        # tensors are plain de-quantized ones: they and the config without that mark are the model.
+        config = copying.deepcopy(model.config)
+        del config.quantization_config
+        config.save_pretrained(str(tmp))
+        save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})  # tied tensors once
+        if replace:
+            shutil.rmtree(copy, ignore_errors=True)
+        os.rename(tmp, copy)
+    except OSError as err:
+        if not (copy / "config.json").is_file():  # else another process's copy is in place
+            log.warning(f"could not keep the de-quantized model at {copy} ({err}); the next load de-quantizes again")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def eos_token_id(tokenizer) -> int | None:
