@@ -150,8 +150,11 @@ class ClusterConfig:
     # label that pins workers to a node group.
     worker_resources: dict[str, float] = field(default_factory=dict)
     # Corpus files are tokenized by Ray tasks (pipeline/runtime/staging.py), never by the driver:
-    # at most this many files are being tokenized ahead of the shards being harvested...
+    # at most this many tasks are tokenizing ahead of the shards being harvested...
     tokenize_ahead: int = 4
+    # ...each taking consecutive files up to this many MB together (a larger file alone): a new task
+    # process pays ~3 s of CPU for its imports and tokenizer, more than a few small files cost.
+    tokenize_group_mb: float = 8.0
     # ...each task reserving this many CPUs (0: they share the CPUs the harvest actors hold, so a
     # pool that takes every CPU slot never starves them).
     tokenize_cpus: float = 0.0

@@ -64,9 +64,11 @@ def _expected(cfg: RunConfig, files, first_shard: int):
     return flat, [dataclasses.asdict(q) for q in quarantined]
 
 
+@pytest.mark.parametrize("group_mb", [8.0, 0.0], ids=["files-grouped", "a-task-per-file"])
 @pytest.mark.parametrize("max_tokens", [None, 150, 10_000])
-def test_plan_from_tokenize_metadata_equals_plan_shards(tiny_model_dir, corpus, tmp_path, max_tokens):
+def test_plan_from_tokenize_metadata_equals_plan_shards(tiny_model_dir, corpus, tmp_path, max_tokens, group_mb):
     cfg = _cfg(tiny_model_dir, corpus, tmp_path, max_tokens=max_tokens)
+    cfg = dataclasses.replace(cfg, cluster=dataclasses.replace(cfg.cluster, tokenize_group_mb=group_mb))
     files = resolve_corpus(cfg.corpus)
     store = RunStore(cfg.sink, cfg.run_id)
     ledger = Ledger(store)
@@ -111,6 +113,43 @@ def test_plan_from_tokenize_metadata_equals_plan_shards(tiny_model_dir, corpus, 
         extra = list(plan_run(more, files, Ledger(store), done, lambda: inline_tokenize_pool(more, None),
                               RunSummary(cfg.run_id, store.url)))
         assert extra and min(t.shard_id for t in extra) > max(done)
+
+
+def test_small_consecutive_files_share_a_tokenize_task_and_fail_alone():
+    """TokenizePool: consecutive files of at most `group_bytes` together are one task (a new task
+    process costs its imports, ~3 s of CPU, more than a few small files); a larger file has its own.
+    A file's error is raised when its own result is taken; its neighbours' results stand."""
+    from pipeline.data.corpus import CorpusError, CorpusFile
+    from pipeline.runtime.dispatch import TokenizePool
+
+    mb = 2**20
+    sizes = [1 * mb, 2 * mb, 20 * mb, 3 * mb, 5 * mb, 1 * mb]
+    files = [CorpusFile(url=f"file:///c/{i}.txt", format="text", size=n, fingerprint=str(i))
+             for i, n in enumerate(sizes)]
+    started, cancelled = [], []
+
+    def names(jobs) -> list[str]:
+        return [f.url.rsplit("/", 1)[1][0] for f, _ in jobs]
+
+    def start(jobs):  # the handle is the task's jobs, as in inline_tokenize_pool
+        started.append(names(jobs))
+        return jobs
+
+    def get(jobs):  # a task's list: each file's metadata, or the error it raised
+        return [CorpusError(f"{f.url}: unreadable") if f.url.endswith("1.txt") else {"url": f.url, "cap": cap}
+                for f, cap in jobs]
+
+    pool = TokenizePool(start, get, lambda jobs: True, lambda handles: cancelled.extend(map(names, handles)),
+                        window=2, group_bytes=8 * mb)
+    jobs = [pool.add(f, 100) for f in files]
+    assert pool.result(jobs[0]) == {"url": files[0].url, "cap": 100}
+    assert started == [["0", "1"], ["2"]]  # two tasks ahead (window), the first with both small files
+    with pytest.raises(CorpusError, match="1.txt: unreadable"):
+        pool.result(jobs[1])
+    assert pool.result(jobs[2])["url"] == files[2].url
+    assert started == [["0", "1"], ["2"], ["3", "4"], ["5"]]  # 3 + 5 MB fit, + 1 MB would not
+    pool.close()  # tasks not taken are cancelled, and only those
+    assert cancelled == [["3", "4"], ["5"]]
 
 
 def test_a_batch_of_new_files_is_one_durable_write_before_its_shards(tiny_model_dir, tmp_path):

@@ -282,19 +282,25 @@ class ShardFailed(RuntimeError):
 
 
 class TokenizePool:
-    """Tokenize tasks (`pipeline.runtime.staging.stage_file`) for the files the driver will need,
-    at most `window` ahead, results taken in file order.
+    """Tokenize tasks (`pipeline.runtime.staging.stage_files`) for the files the driver will need,
+    at most `window` tasks ahead, results taken in file order. Consecutive files of at most
+    `group_bytes` together share a task (a larger file has one of its own): a task in a new process
+    pays its imports and tokenizer load (~3 s of CPU) once for the group.
 
-    `start(file, cap)` returns a handle, `get(handle)` the task's metadata, `ready(handle)` whether
-    `get` would return at once, `cancel(handles)` gives up on the rest. The Ray pool
-    (`ray_tokenize_pool`) runs plain CPU tasks on any node; `inline_tokenize_pool` tokenizes in
-    this process (bench/driver.py only: it measures the driver with the work taken out)."""
+    `start(jobs)` starts a task for [(file, cap), ...] and returns a handle, `get(handle)` its list
+    (each file's metadata, or the error that file raised), `ready(handle)` whether `get` would return
+    at once, `cancel(handles)` gives up on the rest. The Ray pool (`ray_tokenize_pool`) runs plain
+    CPU tasks on any node; `inline_tokenize_pool` tokenizes in this process (bench/driver.py and
+    tests: the driver with the work taken out)."""
 
-    def __init__(self, start: Callable, get: Callable, ready: Callable, cancel: Callable, window: int):
+    def __init__(self, start: Callable, get: Callable, ready: Callable, cancel: Callable, window: int,
+                 group_bytes: int = 0):
         self._start, self._get, self._ready, self._cancel = start, get, ready, cancel
         self.window = max(1, window)
+        self.group_bytes = group_bytes
         self.jobs: list[tuple[CorpusFile, int | None]] = []  # every file the plan may need, in order
-        self.handles: dict[int, object] = {}  # job index -> handle, for the window ahead
+        self.where: dict[int, tuple[int, int]] = {}  # job index -> (its task's first job, position in it)
+        self.tasks: dict[int, list] = {}  # first job -> [handle, results or None, files not taken yet]
         self.next = 0  # next job index to start
 
     def add(self, file: CorpusFile, cap: int | None) -> int:
@@ -302,46 +308,69 @@ class TokenizePool:
         return len(self.jobs) - 1
 
     def _fill(self, upto: int) -> None:
-        while self.next < len(self.jobs) and (self.next <= upto or len(self.handles) < self.window):
-            self.handles[self.next] = self._start(*self.jobs[self.next])
-            self.next += 1
+        while self.next < len(self.jobs) and (self.next <= upto or len(self.tasks) < self.window):
+            first, size = self.next, self.jobs[self.next][0].size
+            end = first + 1
+            while end < len(self.jobs) and size + self.jobs[end][0].size <= self.group_bytes:
+                size += self.jobs[end][0].size
+                end += 1
+            self.tasks[first] = [self._start(self.jobs[first:end]), None, end - first]
+            self.where.update({j: (first, j - first) for j in range(first, end)})
+            self.next = end
 
     def ready(self, i: int) -> bool:
         self._fill(i)
-        return self._ready(self.handles[i])
+        task = self.tasks[self.where[i][0]]
+        return task[1] is not None or self._ready(task[0])
 
     def result(self, i: int) -> dict:
         self._fill(i)
-        meta = self._get(self.handles.pop(i))
+        first, pos = self.where.pop(i)
+        task = self.tasks[first]
+        if task[1] is None:
+            task[1] = self._get(task[0])
+        task[2] -= 1
+        if not task[2]:
+            del self.tasks[first]
         self._fill(i)
+        meta = task[1][pos]
+        if isinstance(meta, Exception):
+            raise meta
         return meta
 
     def close(self) -> None:
         """Stop the tasks not taken (a `corpus.max_tokens` plan ends before them) and wait for them,
         so none writes to the staging area after the run removed it."""
-        if self.handles:
-            self._cancel(list(self.handles.values()))
-        self.handles.clear()
+        running = [task[0] for task in self.tasks.values() if task[1] is None]
+        if running:
+            self._cancel(running)
+        self.tasks.clear()
+        self.where.clear()
 
 
 def ray_tokenize_pool(cfg: RunConfig, storage_options: dict | None) -> TokenizePool:
     import ray
 
-    from pipeline.runtime.staging import stage_file
+    from pipeline.runtime.staging import stage_files
 
     start_ray(cfg)
     # max_retries: a worker lost mid-task (node gone) runs it again; staging is idempotent (the .json
     # marker is written last), so a retry is safe.
-    task = ray.remote(max_retries=2)(stage_file).options(num_cpus=cfg.cluster.tokenize_cpus)
+    task = ray.remote(max_retries=2)(stage_files).options(num_cpus=cfg.cluster.tokenize_cpus)
 
     def get(ref):
         try:
             return ray.get(ref)
-        except ray.exceptions.RayTaskError as err:  # the task's own error (bad file, bad setting), as it was
+        except ray.exceptions.RayTaskError as err:  # the task's own error (bad setting), as it was
             raise (err.cause if isinstance(err.cause, Exception) else err) from None
 
-    return TokenizePool(lambda f, cap: task.remote(cfg, f, cap, storage_options), get,
-                        lambda ref: bool(ray.wait([ref], timeout=0)[0]), cancel_tasks, cfg.cluster.tokenize_ahead)
+    return TokenizePool(lambda jobs: task.remote(cfg, jobs, storage_options), get,
+                        lambda ref: bool(ray.wait([ref], timeout=0)[0]), cancel_tasks, cfg.cluster.tokenize_ahead,
+                        group_bytes(cfg))
+
+
+def group_bytes(cfg: RunConfig) -> int:
+    return int(cfg.cluster.tokenize_group_mb * 2**20)
 
 
 def cancel_tasks(refs: list) -> None:
@@ -362,10 +391,10 @@ def cancel_tasks(refs: list) -> None:
 
 
 def inline_tokenize_pool(cfg: RunConfig, storage_options: dict | None) -> TokenizePool:
-    from pipeline.runtime.staging import stage_file
+    from pipeline.runtime.staging import stage_files
 
-    return TokenizePool(lambda f, cap: (f, cap), lambda job: stage_file(cfg, job[0], job[1], storage_options),
-                        lambda job: True, lambda jobs: None, 1)
+    return TokenizePool(lambda jobs: jobs, lambda jobs: stage_files(cfg, jobs, storage_options),
+                        lambda jobs: True, lambda handles: None, 1, group_bytes(cfg))
 
 
 class InlineDispatcher:

@@ -1,7 +1,7 @@
 """Tokenize tasks: a corpus file -> packed contexts staged on the run's sink; the driver never tokenizes.
 
-`stage_file` runs as a plain Ray task (`pipeline.runtime.dispatch.TokenizePool`), one per corpus
-file, on any node. It loads the tokenizer (once per worker process), reads and packs the file
+`stage_files` runs as a plain Ray task (`pipeline.runtime.dispatch.TokenizePool`), one per corpus
+file or group of small consecutive files (`cluster.tokenize_group_mb`), on any node. It loads the tokenizer (once per worker process), reads and packs the file
 exactly as `pipeline.data.packing.plan_shards` does (through the per-file token cache of
 `pipeline/data/token_cache.py` when `corpus.token_cache` is set, which then lives with the
 workers), and writes the contexts to the run's token staging area:
@@ -28,6 +28,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+import pickle
 import tempfile
 
 import numpy as np
@@ -64,6 +65,29 @@ def tokenizer_info(tokenizer) -> dict:
 def usable(meta: dict | None, cap: int | None) -> bool:
     """A staged (or cached) entry serves a plan that needs at most `cap` tokens of the file."""
     return meta is not None and (meta["complete"] or (cap is not None and meta["tokens"] >= cap))
+
+
+def stage_files(cfg: RunConfig, jobs: list[tuple[CorpusFile, int | None]], storage_options: dict | None) -> list:
+    """`stage_file` for each (file, cap) in order, in one task (TokenizePool groups small files):
+    each file's metadata, or the error it raised, so a bad file fails when the driver takes its
+    result and its neighbours' results stand."""
+    out: list = []
+    for file, cap in jobs:
+        try:
+            out.append(stage_file(cfg, file, cap, storage_options))
+        except Exception as err:  # noqa: BLE001  raised again by the pool, for this file only
+            out.append(_portable(err))
+    return out
+
+
+def _portable(err: Exception) -> Exception:
+    """`err` if it survives the trip to the driver (a pickle round trip), else a RuntimeError with
+    its type and message: an exception whose __init__ does not take its own args cannot be rebuilt."""
+    try:
+        pickle.loads(pickle.dumps(err))
+        return err
+    except Exception:  # noqa: BLE001
+        return RuntimeError(f"{type(err).__name__}: {err}")
 
 
 def stage_file(cfg: RunConfig, file: CorpusFile, cap: int | None, storage_options: dict | None) -> dict:
