@@ -151,6 +151,16 @@ def test_small_consecutive_files_share_a_tokenize_task_and_fail_alone():
     pool.close()  # tasks not taken are cancelled, and only those
     assert cancelled == [["3", "4"], ["5"]]
 
+    # Empty files (or sizes a listing did not give) still make tasks of at most GROUP_FILES.
+    from pipeline.runtime.dispatch import GROUP_FILES
+
+    started.clear()
+    pool = TokenizePool(start, get, lambda jobs: True, lambda handles: None, window=1, group_bytes=8 * mb)
+    empty = [pool.add(CorpusFile(url=f"file:///c/e{i}.txt", format="text", size=0, fingerprint=""), None)
+             for i in range(GROUP_FILES + 3)]
+    pool.result(empty[0])
+    assert [len(names) for names in started] == [GROUP_FILES]
+
 
 def test_a_batch_of_new_files_is_one_durable_write_before_its_shards(tiny_model_dir, tmp_path):
     corpus = tmp_path / "many"

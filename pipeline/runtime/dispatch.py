@@ -281,11 +281,21 @@ class ShardFailed(RuntimeError):
     pass
 
 
+GROUP_FILES = 64  # files per tokenize task at most: empty or tiny files do not make one task of a corpus
+
+
+@dataclass
+class TokenizeTask:
+    handle: object
+    results: list | None = None  # each file's metadata or error, once fetched
+    left: int = 0  # its files whose result the driver has not taken yet
+
+
 class TokenizePool:
     """Tokenize tasks (`pipeline.runtime.staging.stage_files`) for the files the driver will need,
     at most `window` tasks ahead, results taken in file order. Consecutive files of at most
-    `group_bytes` together share a task (a larger file has one of its own): a task in a new process
-    pays its imports and tokenizer load (~3 s of CPU) once for the group.
+    `group_bytes` together (and at most GROUP_FILES) share a task; a larger file has one of its
+    own: a task in a new process pays its imports and tokenizer load (~3 s of CPU) once for the group.
 
     `start(jobs)` starts a task for [(file, cap), ...] and returns a handle, `get(handle)` its list
     (each file's metadata, or the error that file raised), `ready(handle)` whether `get` would return
@@ -300,7 +310,7 @@ class TokenizePool:
         self.group_bytes = group_bytes
         self.jobs: list[tuple[CorpusFile, int | None]] = []  # every file the plan may need, in order
         self.where: dict[int, tuple[int, int]] = {}  # job index -> (its task's first job, position in it)
-        self.tasks: dict[int, list] = {}  # first job -> [handle, results or None, files not taken yet]
+        self.tasks: dict[int, TokenizeTask] = {}  # by its first job, until every result is taken
         self.next = 0  # next job index to start
 
     def add(self, file: CorpusFile, cap: int | None) -> int:
@@ -311,29 +321,30 @@ class TokenizePool:
         while self.next < len(self.jobs) and (self.next <= upto or len(self.tasks) < self.window):
             first, size = self.next, self.jobs[self.next][0].size
             end = first + 1
-            while end < len(self.jobs) and size + self.jobs[end][0].size <= self.group_bytes:
+            while (end < len(self.jobs) and end - first < GROUP_FILES
+                   and size + self.jobs[end][0].size <= self.group_bytes):
                 size += self.jobs[end][0].size
                 end += 1
-            self.tasks[first] = [self._start(self.jobs[first:end]), None, end - first]
+            self.tasks[first] = TokenizeTask(self._start(self.jobs[first:end]), left=end - first)
             self.where.update({j: (first, j - first) for j in range(first, end)})
             self.next = end
 
     def ready(self, i: int) -> bool:
         self._fill(i)
         task = self.tasks[self.where[i][0]]
-        return task[1] is not None or self._ready(task[0])
+        return task.results is not None or self._ready(task.handle)
 
     def result(self, i: int) -> dict:
         self._fill(i)
         first, pos = self.where.pop(i)
         task = self.tasks[first]
-        if task[1] is None:
-            task[1] = self._get(task[0])
-        task[2] -= 1
-        if not task[2]:
+        if task.results is None:
+            task.results = self._get(task.handle)
+        task.left -= 1
+        if not task.left:
             del self.tasks[first]
         self._fill(i)
-        meta = task[1][pos]
+        meta = task.results[pos]
         if isinstance(meta, Exception):
             raise meta
         return meta
@@ -341,7 +352,7 @@ class TokenizePool:
     def close(self) -> None:
         """Stop the tasks not taken (a `corpus.max_tokens` plan ends before them) and wait for them,
         so none writes to the staging area after the run removed it."""
-        running = [task[0] for task in self.tasks.values() if task[1] is None]
+        running = [task.handle for task in self.tasks.values() if task.results is None]
         if running:
             self._cancel(running)
         self.tasks.clear()
