@@ -17,8 +17,11 @@ import psutil
 import ray
 from ray.cluster_utils import Cluster
 
+import pipeline.runtime.driver as driver_module
 from pipeline.config import ClusterConfig, CorpusConfig, ModelConfig, RunConfig, SAEConfig, SinkConfig
+from pipeline.outputs.sink import RunStore
 from pipeline.runtime.driver import run
+from pipeline.runtime.ledger import Ledger
 
 
 def main(model_dir: str, corpus_dir: str, sae_dir: str, out_dir: str) -> None:
@@ -37,6 +40,11 @@ def main(model_dir: str, corpus_dir: str, sae_dir: str, out_dir: str) -> None:
                               max_in_flight=1, worker_resources={"slot": 1}),
     )
     result = {}
+    # The driver's harvest pool, seen as it is (the real one, only recorded): which shards are in
+    # flight on which worker is the event the freeze below waits for.
+    pools = []
+    make_pool = driver_module.ray_dispatcher
+    driver_module.ray_dispatcher = lambda *args, **kw: pools.append(make_pool(*args, **kw)) or pools[-1]
 
     def driver() -> None:
         result["summary"] = run(cfg)
@@ -59,12 +67,10 @@ def main(model_dir: str, corpus_dir: str, sae_dir: str, out_dir: str) -> None:
               if p.name().startswith("ray::") or any("default_worker.py" in a for a in p.cmdline())]
     for p in frozen:
         p.send_signal(signal.SIGSTOP)
-    seen, quiet_since = committed(), time.time()
-    while thread.is_alive() and time.time() - quiet_since < 5 and time.time() < deadline:
-        time.sleep(0.1)
-        now = committed()
-        if now != seen:
-            seen, quiet_since = now, time.time()
+    n_files = len([f for f in Path(corpus_dir).iterdir() if f.is_file()])
+    while thread.is_alive() and not node0_holds_the_rest(pools, cfg, n_files, committed(), workers[0].node_id):
+        assert time.time() < deadline, "node 1 never finished what node 0 does not hold"
+        time.sleep(0.05)
     if not thread.is_alive():
         raise SystemExit("the run finished before node 0 could be removed with a shard in flight")
     removed_with = committed()
@@ -92,6 +98,27 @@ def main(model_dir: str, corpus_dir: str, sae_dir: str, out_dir: str) -> None:
     }))
     ray.shutdown()
     cluster.shutdown()
+
+
+def node0_holds_the_rest(pools: list, cfg: RunConfig, n_files: int, committed: set[int], node0: str) -> bool:
+    """Every file is planned (the ledger is durable before its shards go out), and the shards not
+    committed are exactly those in flight on node 0's worker: node 1 has nothing left to do. (A
+    shard node 0 committed just before its reply froze is in flight there but committed.)"""
+    from ray._private.state import actors
+
+    if not pools:
+        return False
+    try:
+        records = Ledger(RunStore(cfg.sink, cfg.run_id)).records.values()
+    except FileNotFoundError:  # a log file compacted away between listing and reading: look again
+        return False
+    if len(records) < n_files or any(r.last_shard is None for r in records):
+        return False
+    planned = {s for r in records for s in range(r.first_shard, r.last_shard + 1)}
+    pool = pools[0]
+    held = {payload.shard_id for i, payload in list(pool.inflight.values())
+            if actors(pool.slots[i].actor._actor_id.hex())["Address"]["NodeID"] == node0}
+    return bool(held) and planned - committed == held - committed
 
 
 if __name__ == "__main__":
