@@ -5,8 +5,9 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 LOCK ?= requirements.lock
-# Every install goes through the lock (LOCK= installs unconstrained: what `make test-latest` does).
-PIP_INSTALL = $(PY) -m pip install -q $(if $(LOCK),-c $(LOCK))
+# Every install is constrained by the lock (`make test-latest` passes LOCK=/dev/null, an empty one:
+# the newest versions).
+PIP_INSTALL = $(PY) -m pip install -q -c $(LOCK)
 # torch is kept at this version by `make lock` (its CPU build lies on this machine's disk; a newer one
 # is a GB-sized CUDA download). Here pip's config (find-links) supplies the CPU build; a machine with
 # plain pip gets PyPI's CUDA build (it runs on CPU too; the lock pins the triton and CUDA libraries it
@@ -74,7 +75,7 @@ test-fast: setup
 # The newest versions the registry serves today, in a venv of their own; writes nothing.
 test-latest:
 	rm -rf .venv-latest
-	$(MAKE) setup VENV=.venv-latest LOCK=
+	$(MAKE) setup VENV=.venv-latest LOCK=/dev/null
 	SAE_HARVEST_UNLOCKED=1 .venv-latest/bin/python -m pytest $(PYTEST_ARGS)
 
 # Re-resolve the newest versions (torch stays at TORCH_SPEC), install them in a venv of their own, run
