@@ -51,17 +51,17 @@ import pyarrow.parquet as pq
 from pipeline.config import PostprocessConfig
 from pipeline.outputs.layout import EXAMPLES_SCHEMA
 from pipeline.outputs.sink import RunStore, with_retries
-from pipeline.outputs.windows import ContextShard, window_metadata, window_start
+from pipeline.outputs.windows import ContextShard, ragged_index, window_metadata, window_start
 
 
 def spill_schema(act_type: pa.DataType | None = None) -> pa.Schema:
     """A spill part keeps the latents' act type (float16, or float32 for output.acts_dtype=float32)."""
     return pa.schema([("latent_id", pa.int32()), ("seq_id", pa.int64()), ("pos", pa.int32()),
-                      ("act", act_type or pa.float16()), ("bin", pa.uint8())])
+                      ("act", act_type or pa.float16())])
 
 
 SPILL_SCHEMA = spill_schema()
-SPILL_VERSION = 2
+SPILL_VERSION = 3  # 3: no histogram bin column (the reduce bins the sorted acts)
 POS_BITS = 24
 SCALE = 2.0 ** 24  # float16 values are integer multiples of 2^-24
 KIND_CODES = ("top", "quantile", "random")
@@ -115,34 +115,46 @@ def _hist_lut(log2_min: float, log2_max: float, bins: int) -> np.ndarray:
 
 
 # -- map ------------------------------------------------------------------------------------------
+def active_mask(acts: np.ndarray) -> np.ndarray:
+    """acts > 0 (NaN excluded), read from float16's bits: numpy's float16 compare converts every value."""
+    if acts.dtype == np.float16:  # positive, +inf included: bit patterns 0x0001..0x7C00 (above: NaN; sign bit: < 0)
+        return acts.view(np.uint16) - np.uint16(1) < np.uint16(0x7C00)  # 0 wraps to 0xFFFF
+    return acts > 0
+
+
 def split_pairs(latents: pa.Table, cfg: PostprocessConfig) -> tuple[int, Iterator[tuple[int, pa.Table]]]:
-    """(active pairs, (bucket, spill table) per touched bucket) of one shard's latents part."""
-    if cfg.hist_bins > 256:
+    """(active pairs, (bucket, spill table) per touched bucket) of one shard's latents part.
+
+    Pairs keep the part's row order within a bucket (one stable radix pass on the bucket number),
+    so a part written in (seq_id, pos) order gives spill parts in that order too."""
+    if cfg.hist_bins > 256:  # the reduce bins into uint8
         raise ValueError(f"hist_bins={cfg.hist_bins}: at most 256")
     ids_col, acts_col = latents["latent_ids"].combine_chunks(), latents["acts"].combine_chunks()
     schema = spill_schema(acts_col.type.value_type)
     k = ids_col.type.list_size
     ids = ids_col.flatten().to_numpy()
     acts = acts_col.flatten().to_numpy(zero_copy_only=False)
-    keep = np.flatnonzero(acts > 0)  # top-k keeps k values even where ReLU made them 0
+    keep = np.flatnonzero(active_mask(acts))  # top-k keeps k values even where ReLU made them 0
+    shift = cfg.bucket_size.bit_length() - 1
+    bucket = ids[keep] >> shift if cfg.bucket_size == 1 << shift else ids[keep] // cfg.bucket_size
+    counts = np.bincount(bucket) if bucket.size else np.zeros(0, np.int64)
+    if len(counts) <= 1 << 16:
+        keep = keep[np.argsort(bucket.astype(np.uint16), kind="stable")]  # radix sort on uint16
+    else:
+        keep = keep[np.argsort(bucket, kind="stable")]
+    del bucket
     row = keep // k
     ids, acts = ids[keep].astype(np.int32, copy=False), acts[keep]
     seq = latents["seq_id"].to_numpy()[row]
     pos = latents["pos"].to_numpy()[row].astype(np.int32, copy=False)
-    bucket = ids // cfg.bucket_size
-    small = bucket.astype(np.uint16) if bucket.size == 0 or bucket.max() < 1 << 16 else bucket
-    order = np.argsort(small, kind="stable")  # radix sort on uint16
-    bucket = bucket[order]
-    touched, starts = np.unique(bucket, return_index=True) if bucket.size else (np.zeros(0, np.int32), np.zeros(0, np.int64))
-    ends = np.append(starts[1:], len(bucket))
-    ids, seq, pos, acts = ids[order], seq[order], pos[order], acts[order]
-    bins = hist_bin(acts, cfg)
+    touched = np.flatnonzero(counts)
+    ends = np.cumsum(counts)[touched]
+    starts = ends - counts[touched]
 
     def parts() -> Iterator[tuple[int, pa.Table]]:
         for b, s, e in zip(touched.tolist(), starts.tolist(), ends.tolist()):
             yield b, pa.Table.from_arrays([pa.array(ids[s:e]), pa.array(seq[s:e]), pa.array(pos[s:e]),
-                                           pa.array(acts[s:e], schema.field("act").type), pa.array(bins[s:e])],
-                                          schema=schema)
+                                           pa.array(acts[s:e], schema.field("act").type)], schema=schema)
 
     return len(ids), parts()
 
@@ -245,7 +257,10 @@ def _reduce(store, hook, bucket, lo, hi, spill_keys, committed, shard_size, cfg,
 
     con = duckdb_connect(scratch, cfg.task_memory_mb, int(max(1, cfg.num_cpus)))
     paths = _spill_paths(store, spill_keys, scratch)
-    if paths:
+    held = InMemoryPairs.load(paths, n_lat, cfg)
+    if held is not None:  # DuckDB reads no Arrow float16: it gets the acts as float32 (exact)
+        con.register("pairs", held.for_duckdb())
+    elif paths:
         con.read_parquet(paths).create_view("pairs")
     else:
         # no pairs (a bucket no shard touched): DuckDB has no Arrow float16; it reads the spill's as FLOAT
@@ -271,6 +286,9 @@ def _reduce(store, hook, bucket, lo, hi, spill_keys, committed, shard_size, cfg,
     # 2. the ranks whose rows we need from the sorted stream, one row of columns per active latent:
     # the quantiles' two order statistics, top_n, the quantile picks (missing ones: rank 0, ignored).
     active = np.flatnonzero(n)
+    # random examples first: their window hits read the pairs in token order, which the sort consumes
+    r_lat, r_rank, r_seq, r_pos = random_examples(con, held, store, hook, bucket, active + lo, committed, shard_size, cfg)
+    lap("random")
     na = n[active]
     first = (np.cumsum(n) - n)[active]  # global index of each active latent's first pair
     q_hi, q_lo, gamma = quantile_ranks(na, cfg)  # [active, Q+1]; desc ranks of the two order statistics
@@ -287,7 +305,9 @@ def _reduce(store, hook, bucket, lo, hi, spill_keys, committed, shard_size, cfg,
     ends = first + na
 
     # 3. the sorted stream -> by_latent, keeping the needed rows (a batch overlaps a range of latents' rows).
-    reader = sorted_pairs(con, paths, int(n.sum()), lo, n_lat, cfg)
+    if held is not None:
+        con.unregister("pairs")  # frees the float32 acts DuckDB read
+    reader = held.sorted_batches(lo) if held is not None else _duckdb_sorted(con)
     from pipeline.outputs.layout import MANIFEST_KEY, by_latent_schema, run_acts_dtype
 
     BY_LATENT_SCHEMA = by_latent_schema(run_acts_dtype(store.read_json(MANIFEST_KEY)))  # the run's acts dtype
@@ -301,7 +321,7 @@ def _reduce(store, hook, bucket, lo, hi, spill_keys, committed, shard_size, cfg,
                 [batch.column("latent_id"), batch.column("seq_id"), batch.column("pos"), act.cast(BY_LATENT_SCHEMA.field("act").type)],
                 schema=BY_LATENT_SCHEMA))
             lat = batch.column("latent_id").to_numpy().astype(np.int64) - lo  # sorted: a short latent range
-            cell = (lat - lat[0]) * cfg.hist_bins + batch.column("bin").to_numpy()
+            cell = (lat - lat[0]) * cfg.hist_bins + hist_bin(act.to_numpy(zero_copy_only=False), cfg)
             hist.reshape(-1)[lat[0] * cfg.hist_bins:(lat[-1] + 1) * cfg.hist_bins] += \
                 np.bincount(cell, minlength=(lat[-1] - lat[0] + 1) * cfg.hist_bins)
             end = offset + batch.num_rows
@@ -337,19 +357,17 @@ def _reduce(store, hook, bucket, lo, hi, spill_keys, committed, shard_size, cfg,
     q_valid = q_valid.reshape(len(active), q_valid.shape[1] * q_valid.shape[2])
     q_rank = np.broadcast_to(np.arange(q_valid.shape[1], dtype=np.int32), q_valid.shape)[q_valid]
     lap("select")
-    r_lat, r_rank, r_seq, r_pos = random_examples(con, store, hook, bucket, active + lo, committed, shard_size, cfg)
-    lat_rows = np.broadcast_to((active + lo)[:, None], need.shape)
-    ex_lat = np.concatenate([lat_rows[:, cols["top"]][top_valid], lat_rows[:, cols["pick"]][q_valid], r_lat])
+    lat_rows = np.broadcast_to((active + lo).astype(np.int32)[:, None], need.shape)  # final dtypes: no copies later
+    ex_lat = np.concatenate([lat_rows[:, cols["top"]][top_valid], lat_rows[:, cols["pick"]][q_valid], r_lat.astype(np.int32)])
     ex_kind = np.repeat(np.array([0, 1, 2], np.int8), [int(top_valid.sum()), int(q_valid.sum()), len(r_lat)])
-    ex_rank = np.concatenate([np.broadcast_to(top, top_valid.shape)[top_valid], q_rank, r_rank]).astype(np.int32)
+    ex_rank = np.concatenate([np.broadcast_to(top.astype(np.int32), top_valid.shape)[top_valid], q_rank, r_rank])
     ex_seq = np.concatenate([got_seq[:, cols["top"]][top_valid], got_seq[:, cols["pick"]][q_valid], r_seq])
-    ex_pos = np.concatenate([got_pos[:, cols["top"]][top_valid], got_pos[:, cols["pick"]][q_valid], r_pos])
+    ex_pos = np.concatenate([got_pos[:, cols["top"]][top_valid], got_pos[:, cols["pick"]][q_valid], r_pos.astype(np.int32)])
     ex_act = np.concatenate([got_act[:, cols["top"]][top_valid], got_act[:, cols["pick"]][q_valid],
                              np.zeros(len(r_lat), np.float32)])
-    lap("random")
     del need, got_seq, got_pos, got_act, lat_rows, r_lat, r_rank, r_seq, r_pos
     # radix (the latent's offset in the bucket fits 16 bits): the three lists merged by latent
-    order = np.argsort((ex_lat - lo).astype(np.uint16 if n_lat <= 1 << 16 else np.int64), kind="stable")
+    order = np.argsort((ex_lat - lo).astype(np.uint16 if n_lat <= 1 << 16 else np.int32), kind="stable")
     write_examples(store, examples_key, scratch, ex_lat[order], ex_kind[order], ex_rank[order], ex_seq[order],
                    ex_pos[order], ex_act[order], cfg)
     con.close()
@@ -358,50 +376,95 @@ def _reduce(store, hook, bucket, lo, hi, spill_keys, committed, shard_size, cfg,
 
 
 SORTED_BATCH_ROWS = 1 << 20  # rows of the sorted stream per record batch
-BYTES_PER_SORTED_PAIR = 80  # the in-memory sort's peak per pair: the spill columns, the sorted copies, 3 index arrays
+# The in-memory path's need per pair: held latent_id + act + where (14 bytes), the sort key (8,
+# built a chunk at a time) and DuckDB's float32 copy of the acts for the statistics (4). Measured
+# (bench/postprocess.py's hottest bucket, 14.9M pairs, in-memory): 806 MB peak RSS, against 1,075
+# MB for the same bucket sorted by DuckDB at the default 512 MB memory_limit.
+BYTES_PER_SORTED_PAIR = 32
 
 
-def sorted_pairs(con, paths: list[str], n_pairs: int, lo: int, n_lat: int, cfg: PostprocessConfig) -> Iterator[pa.RecordBatch]:
-    """The bucket's pairs as record batches in (latent_id, act desc, seq_id, pos) order.
+class InMemoryPairs:
+    """A bucket's pairs held in numpy, in token order, when they fit `task_memory_mb` (n_pairs *
+    BYTES_PER_SORTED_PAIR), their acts are float16 and bucket_size <= 2^16: read once (14 bytes a
+    pair: latent_id, act, and where = seq_id << POS_BITS | pos) and used by the statistics, the
+    sort and the random examples' window hits. Larger buckets (or float32 acts) are DuckDB's, out
+    of core within `task_memory_mb`."""
 
-    A bucket whose sort fits `task_memory_mb` (n_pairs * BYTES_PER_SORTED_PAIR) and whose acts are
-    float16 (and bucket_size <= 2^16) is sorted in numpy: the spill parts read in shard order, put in (seq_id, pos) order
-    (they already are when the latents parts are: then no sort), then two stable 16-bit radix
-    passes, on the act's bits inverted (positive float16s order as their bit patterns) and on the
-    latent's offset in the bucket. Stable LSD passes give exactly DuckDB's ORDER BY, whose total
-    order has no ties (a latent appears once per position), so both give the same rows. Larger
-    buckets (or float32 acts) sort in DuckDB, out of core within `task_memory_mb`."""
-    if not paths or n_pairs * BYTES_PER_SORTED_PAIR > cfg.task_memory_mb << 20 or n_lat > 1 << 16:
-        yield from _duckdb_sorted(con)
-        return
-    t = pa.concat_tables([pq.read_table(p) for p in paths])
-    if t.schema.field("act").type != pa.float16() or t.num_rows != n_pairs:
-        del t
-        yield from _duckdb_sorted(con)
-        return
-    cols = {name: t[name].to_numpy() for name in ("latent_id", "seq_id", "pos", "act", "bin")}
-    del t
-    where = (cols["seq_id"].astype(np.int64) << POS_BITS) | cols["pos"]
-    order = None if np.all(where[1:] > where[:-1]) else np.argsort(where, kind="stable")
-    del where
-    act = cols["act"] if order is None else cols["act"][order]
-    by_act = np.argsort(np.uint16(0xFFFF) - act.view(np.uint16), kind="stable")  # radix: act descending
-    del act
-    if order is not None:
-        by_act = order[by_act]
-        del order
-    local = (cols["latent_id"][by_act] - lo).astype(np.uint16)
-    final = by_act[np.argsort(local, kind="stable")]  # radix: latent ascending, act order kept within
-    del by_act, local
-    for name in cols:
-        cols[name] = cols[name][final]
-    del final
-    for b0 in range(0, n_pairs, SORTED_BATCH_ROWS):
-        yield pa.RecordBatch.from_arrays([pa.array(cols[c][b0:b0 + SORTED_BATCH_ROWS]) for c in cols], names=list(cols))
+    def __init__(self, latent_id: np.ndarray, act: np.ndarray, where: np.ndarray):
+        self.latent_id, self.act, self.where = latent_id, act, where
+
+    @classmethod
+    def load(cls, paths: list[str], n_lat: int, cfg: PostprocessConfig) -> InMemoryPairs | None:
+        if not paths or n_lat > 1 << 16:
+            return None
+        files = [pq.ParquetFile(p) for p in paths]
+        n_pairs = sum(f.metadata.num_rows for f in files)
+        if n_pairs * BYTES_PER_SORTED_PAIR > cfg.task_memory_mb << 20 or files[0].schema_arrow.field("act").type != pa.float16():
+            return None
+        latent_id, act, where = np.empty(n_pairs, np.int32), np.empty(n_pairs, np.float16), np.empty(n_pairs, np.int64)
+        at = 0
+        for f in files:  # one spill part at a time into the preallocated arrays: no concatenated copy
+            t = f.read()
+            end = at + t.num_rows
+            latent_id[at:end] = t["latent_id"].to_numpy()
+            act[at:end] = t["act"].to_numpy()
+            np.left_shift(t["seq_id"].to_numpy(), POS_BITS, out=where[at:end])
+            where[at:end] |= t["pos"].to_numpy()
+            at = end
+            del t
+        # spill parts keep the latents parts' row order, usually token order (a token's several
+        # latents in this bucket share a key: ties are fine, the sort breaks them by latent)
+        if not np.all(where[1:] >= where[:-1]):
+            order = np.argsort(where, kind="stable")
+            latent_id, act, where = latent_id[order], act[order], where[order]
+        return cls(latent_id, act, where)
+
+    def for_duckdb(self) -> pa.Table:
+        """What the statistics query reads: DuckDB reads no Arrow float16, so the acts as float32 (exact)."""
+        return pa.table({"latent_id": self.latent_id, "act": self.act.astype(np.float32)})
+
+    def window_hits(self, seq: np.ndarray, start: np.ndarray, stop: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Distinct (latent_id, candidate) with the latent active at a position of candidate c's
+        window [start, stop) of context seq: DuckDB's range join, as two binary searches."""
+        key = seq.astype(np.int64) << POS_BITS
+        a = np.searchsorted(self.where, key | start)
+        b = np.searchsorted(self.where, key | stop)
+        idx = ragged_index(a, b - a)
+        cand = np.repeat(np.arange(len(a), dtype=np.int64), b - a)
+        pair = np.unique(self.latent_id[idx].astype(np.int64) * max(len(a), 1) + cand)
+        return pair // max(len(a), 1), pair % max(len(a), 1)
+
+    def sorted_batches(self, lo: int) -> Iterator[pa.RecordBatch]:
+        """Record batches in (latent_id, act desc, seq_id, pos) order: one sort of a unique uint64
+        key per pair, (latent's offset in the bucket) << 48 | (act's bits inverted) << 32 | (index
+        in token order): positive float16s order as their bit patterns, and the token index breaks
+        ties exactly as DuckDB's ORDER BY does (a latent appears once per position, so the order is
+        total). numpy sorts uint64 with a vectorised quicksort (no stability needed: keys are
+        unique); latent and act are read back from the sorted key, only seq_id and pos gathered."""
+        where, n = self.where, len(self.where)
+        assert n < 1 << 32
+        key = np.empty(n, np.uint64)
+        for c0 in range(0, n, SORTED_BATCH_ROWS):  # a chunk at a time: temporaries stay small
+            c1 = min(c0 + SORTED_BATCH_ROWS, n)
+            k = key[c0:c1]
+            np.subtract(self.latent_id[c0:c1], lo, out=k, dtype=np.uint64, casting="unsafe")
+            k <<= np.uint64(48)
+            k |= (np.uint16(0xFFFF) - self.act[c0:c1].view(np.uint16)).astype(np.uint64) << np.uint64(32)
+            k |= np.arange(c0, c1, dtype=np.uint64)
+        self.latent_id = self.act = self.where = None  # the sort consumes the held arrays
+        key.sort()
+        for b0 in range(0, n, SORTED_BATCH_ROWS):
+            k = key[b0:b0 + SORTED_BATCH_ROWS]
+            w = where[(k & np.uint64(0xFFFFFFFF)).astype(np.int64)]
+            latent = (k >> np.uint64(48)).astype(np.int32) + np.int32(lo)
+            act = (np.uint16(0xFFFF) - (k >> np.uint64(32)).astype(np.uint16)).view(np.float16)
+            yield pa.RecordBatch.from_arrays([pa.array(latent), pa.array(w >> POS_BITS),
+                                              pa.array((w & ((1 << POS_BITS) - 1)).astype(np.int32)), pa.array(act)],
+                                             names=["latent_id", "seq_id", "pos", "act"])
 
 
 def _duckdb_sorted(con) -> Iterator[pa.RecordBatch]:
-    yield from con.sql("SELECT latent_id, seq_id, pos, act, bin FROM pairs ORDER BY latent_id, act DESC, seq_id, pos") \
+    yield from con.sql("SELECT latent_id, seq_id, pos, act FROM pairs ORDER BY latent_id, act DESC, seq_id, pos") \
         .to_arrow_reader(SORTED_BATCH_ROWS)
 
 
@@ -416,7 +479,7 @@ def _stats_table(lo, hi, n, max_act, sum_act, sum_sq, quantiles, hist) -> pa.Tab
                      "quantiles": quant.cast(pa.list_(pa.float32())), "histogram": histogram.cast(pa.list_(pa.int64()))})
 
 
-def random_examples(con, store: RunStore, hook: str, bucket: int, latents: np.ndarray,
+def random_examples(con, held: InMemoryPairs | None, store: RunStore, hook: str, bucket: int, latents: np.ndarray,
                     committed: np.ndarray, shard_size: int, cfg: PostprocessConfig):
     """(latent, rank, seq_id, pos) of random windows where the latent is active nowhere (module doc)."""
     empty = (np.zeros(0, np.int64), np.zeros(0, np.int32), np.zeros(0, np.int64), np.zeros(0, np.int64))
@@ -442,19 +505,23 @@ def random_examples(con, store: RunStore, hook: str, bucket: int, latents: np.nd
     _, uniq = np.unique((seq << POS_BITS) | start, return_index=True)  # distinct windows; smallest hash kept
     uniq = np.sort(uniq)
     seq, pos, start, stop, h = seq[uniq], pos[uniq], start[uniq], np.minimum(start[uniq] + cfg.window, ln[uniq]), h[uniq]
-    cands = pa.table({"cand": np.arange(len(seq)), "seq_id": seq, "lo": start, "hi": stop})
-    con.register("cands", cands)
-    hits = con.execute("""SELECT DISTINCT p.latent_id, c.cand FROM pairs p JOIN cands c
-                          ON p.seq_id = c.seq_id AND p.pos >= c.lo AND p.pos < c.hi""").fetchnumpy()
-    con.unregister("cands")
-    lat_index = np.searchsorted(latents, hits["latent_id"].astype(np.int64))
+    if held is not None:
+        hit_lat, hit_cand = held.window_hits(seq, start, stop)
+    else:
+        cands = pa.table({"cand": np.arange(len(seq)), "seq_id": seq, "lo": start, "hi": stop})
+        con.register("cands", cands)
+        hits = con.execute("""SELECT DISTINCT p.latent_id, c.cand FROM pairs p JOIN cands c
+                              ON p.seq_id = c.seq_id AND p.pos >= c.lo AND p.pos < c.hi""").fetchnumpy()
+        con.unregister("cands")
+        hit_lat, hit_cand = hits["latent_id"].astype(np.int64), hits["cand"]
+    lat_index = np.searchsorted(latents, hit_lat)
     out = ([], [], [], [])
     for c0 in range(0, len(latents), 4096):  # chunks of latents bound the [latents, candidates] matrix
         lat = latents[c0:c0 + 4096]
         key = mix64(h[None, :] ^ lat.astype(np.uint64)[:, None])
         blocked = np.zeros(key.shape, bool)
         sel = (lat_index >= c0) & (lat_index < c0 + len(lat))
-        blocked[lat_index[sel] - c0, hits["cand"][sel]] = True
+        blocked[lat_index[sel] - c0, hit_cand[sel]] = True
         key[blocked] = np.iinfo(np.uint64).max
         order = np.arange(key.shape[1])[None, :].repeat(len(lat), 0)
         if key.shape[1] > cfg.n_random:  # the n_random smallest, then sorted: the first of a stable argsort
@@ -473,13 +540,18 @@ def write_examples(store: RunStore, key: str, scratch: str, lat, kind, rank, seq
                    cfg: PostprocessConfig) -> None:
     """The examples part, by reference (layout.EXAMPLES_SCHEMA): one row per chosen activation,
     in (latent, kind, rank) order, the window rule in the schema metadata (windows.py cuts the
-    windows where they are read). About 25 bytes per example in memory, ~90 per live latent."""
-    schema = EXAMPLES_SCHEMA.with_metadata(window_metadata(cfg.window))
+    windows where they are read). About 25 bytes per example in memory, ~90 per live latent.
+
+    `kind` goes to Parquet as the int8 codes of a dictionary (Parquet stores strings as a
+    dictionary anyway), not as a string per row; the file carries no Arrow schema, so readers see
+    the plain string column of EXAMPLES_SCHEMA and its metadata as key-value metadata."""
     kinds = pa.DictionaryArray.from_arrays(pa.array(np.asarray(kind, np.int8)), pa.array(list(KIND_CODES)))
     table = pa.Table.from_arrays([
-        pa.array(np.asarray(lat, np.int32)), kinds.cast(pa.string()),
+        pa.array(np.asarray(lat, np.int32)), kinds,
         pa.array(np.asarray(rank, np.int32)), pa.array(np.asarray(seq, np.int64)),
-        pa.array(np.asarray(pos, np.int32)), pa.array(np.asarray(act, np.float32))], schema=schema)
-    with local_output(store, key, scratch) as path:
-        pq.write_table(table, path, compression=store.cfg.compression, compression_level=store.cfg.compression_level,
-                       row_group_size=1 << 20)  # dictionaries for all: the fastest and smallest here
+        pa.array(np.asarray(pos, np.int32)), pa.array(np.asarray(act, np.float32))], names=EXAMPLES_SCHEMA.names)
+    with local_output(store, key, scratch) as path, \
+            pq.ParquetWriter(path, table.schema, compression=store.cfg.compression,
+                             compression_level=store.cfg.compression_level, store_schema=False) as writer:
+        writer.write_table(table, row_group_size=1 << 20)  # dictionaries for all: the fastest and smallest here
+        writer.add_key_value_metadata(window_metadata(cfg.window))
