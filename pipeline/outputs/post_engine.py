@@ -1,20 +1,22 @@
 """The post-processing engine: a vectorised map per shard and a DuckDB reduce per latent bucket.
 
-map (one committed shard): arrow -> numpy, drop zero activations, compute each pair's bucket
-    and histogram bin, split by bucket with one stable radix argsort, write one spill part per
-    touched bucket. No per-row Python; memory is one shard.
-reduce (one latent bucket): DuckDB over that bucket's spill parts, with `memory_limit` and a
-    `temp_directory`, so sorts and aggregates go out of core: memory is bounded whatever the
-    corpus size (a Zipf-hot latent with 1e8 pairs only costs disk).
-    1. one GROUP BY latent: counts, exact sums (activations are float16, so act * 2^24 is an
+map (one committed shard): arrow -> numpy, drop zero activations, compute each pair's bucket,
+    split by bucket with one stable radix argsort (offsets from a bincount), write one spill part
+    per touched bucket. No per-row Python; memory is one shard.
+reduce (one latent bucket). A bucket that fits `task_memory_mb` is read once into numpy
+    (InMemoryPairs) and everything below runs over those arrays; a larger one is DuckDB's, over
+    its spill parts with `memory_limit` and a `temp_directory`, so sorts and aggregates go out of
+    core: memory is bounded whatever the corpus size (a Zipf-hot latent with 1e8 pairs only costs disk).
+    1. one DuckDB GROUP BY latent: counts, exact sums (activations are float16, so act * 2^24 is an
        integer and the sums are int128: order-independent and deterministic; a float32 run's acts
        are rounded to 2^-24 for the sums only), max;
-    2. one ORDER BY (latent, act desc, seq, pos) streamed in record batches: written straight to
-       by_latent, histogram bins counted (np.bincount per batch), and the few rows at precomputed
-       ranks (top-n, quantile picks, the order statistics of the quantiles: one [latents, columns]
+    2. the random examples' window hits: the (latent, candidate window) pairs that rule out random
+       examples (binary searches over the held pairs in token order, or DuckDB's range join);
+    3. the pairs in (latent, act desc, seq, pos) order (one uint64 key sort in numpy, or DuckDB's
+       ORDER BY; the same rows) streamed in record batches: written straight to by_latent,
+       histogram bins counted (np.bincount per batch), and the few rows at precomputed ranks
+       (top-n, quantile picks, the order statistics of the quantiles: one [latents, columns]
        matrix, no search) kept as they pass;
-    3. one hash join against a small table: the (latent, candidate window) hits that rule out
-       random examples;
     4. the examples part, by reference: (latent_id, kind, rank, seq_id, pos, act) per chosen
        activation, the window rule in its metadata. Nothing is cut from the contexts here:
        pipeline/outputs/windows.py cuts windows where they are read (issue 23: storing each
@@ -430,9 +432,10 @@ class InMemoryPairs:
         a = np.searchsorted(self.where, key | start)
         b = np.searchsorted(self.where, key | stop)
         idx = ragged_index(a, b - a)
+        n_cand = max(len(a), 1)
         cand = np.repeat(np.arange(len(a), dtype=np.int64), b - a)
-        pair = np.unique(self.latent_id[idx].astype(np.int64) * max(len(a), 1) + cand)
-        return pair // max(len(a), 1), pair % max(len(a), 1)
+        pair = np.unique(self.latent_id[idx].astype(np.int64) * n_cand + cand)
+        return pair // n_cand, pair % n_cand
 
     def sorted_batches(self, lo: int) -> Iterator[pa.RecordBatch]:
         """Record batches in (latent_id, act desc, seq_id, pos) order: one sort of a unique uint64
