@@ -241,9 +241,10 @@ def test_windows_in_several_passes_are_identical(processed, monkeypatch):
 
 
 def test_in_memory_sort_gives_duckdbs_rows(tmp_path, monkeypatch):
-    """A bucket that fits task_memory_mb is sorted in numpy (two stable radix passes), a larger one
-    by DuckDB's ORDER BY: the same by_latent, examples and statistics, also when a spill part's
-    rows are not in (seq_id, pos) order (the latents part's row order is the writer's)."""
+    """A bucket that fits task_memory_mb is sorted in numpy (one uint64 key sort), a larger one in
+    latent ranges that each fit, one whose hottest latent alone is over the budget by DuckDB's
+    ORDER BY: the same by_latent, examples and statistics, also when a spill part's rows are not
+    in (seq_id, pos) order (the latents part's row order is the writer's)."""
     from pipeline.outputs import post_engine
     from pipeline.outputs.layout import bucket_marker_key, bucket_stats_key, by_latent_key, examples_key, spill_key
     from pipeline.outputs.postprocess import process_bucket, scatter_shard
@@ -259,8 +260,17 @@ def test_in_memory_sort_gives_duckdbs_rows(tmp_path, monkeypatch):
     monkeypatch.setattr(post_engine, "_duckdb_sorted", lambda con: calls.append(1) or real(con))
     outs = []
     default = post_engine.BYTES_PER_SORTED_PAIR
-    # numpy, DuckDB, numpy in batches of 7 rows (needed rows picked across batch edges)
-    for per_pair, rows in ((default, 1 << 20), (1 << 40, 1 << 20), (default, 7)):
+    # a budget of about a quarter of the bucket's pairs (and at least its hottest latent's): ranges
+    spills = [str(tmp_path / "sorts" / spill_key(HOOK, 1, s)) for s in range(3)]
+    ids = np.concatenate([pq.read_table(p)["latent_id"].to_numpy() for p in spills])
+    per_quarter = (CFG.task_memory_mb << 20) // max(len(ids) // 4, int(np.bincount(ids).max()))
+    monkeypatch.setattr(post_engine, "BYTES_PER_SORTED_PAIR", per_quarter)
+    lo = 1 * CFG.bucket_size
+    ranges = post_engine.held_ranges(spills, lo, lo + CFG.bucket_size, CFG)
+    assert len(ranges) >= 3 and sum(r[2] for r in ranges) == len(ids)
+    # numpy, DuckDB (one latent over the budget), numpy in batches of 7 rows (needed rows picked
+    # across batch edges), numpy in latent ranges
+    for per_pair, rows in ((default, 1 << 20), (1 << 40, 1 << 20), (default, 7), (per_quarter, 7)):
         monkeypatch.setattr(post_engine, "BYTES_PER_SORTED_PAIR", per_pair)
         monkeypatch.setattr(post_engine, "SORTED_BATCH_ROWS", rows)
         process_bucket(store, HOOK, 1, [0, 1, 2], N_LATENTS, [0, 1, 2], SHARD_SIZE, CFG)

@@ -3,10 +3,12 @@
 map (one committed shard): arrow -> numpy, drop zero activations, compute each pair's bucket,
     split by bucket with one stable radix argsort (offsets from a bincount), write one spill part
     per touched bucket. No per-row Python; memory is one shard.
-reduce (one latent bucket). A bucket that fits `task_memory_mb` is read once into numpy
-    (InMemoryPairs) and everything below runs over those arrays; a larger one is DuckDB's, over
-    its spill parts with `memory_limit` and a `temp_directory`, so sorts and aggregates go out of
-    core: memory is bounded whatever the corpus size (a Zipf-hot latent with 1e8 pairs only costs disk).
+reduce (one latent bucket), in ascending latent ranges whose pairs each fit `task_memory_mb`
+    (held_ranges; a bucket that fits is one range): each range is read into numpy
+    (InMemoryPairs) and everything below runs over those arrays, so memory is one range's,
+    whatever the corpus size. Where one latent alone is over the budget (a Zipf-hot latent with
+    1e8 pairs), or acts are float32, the bucket is DuckDB's, over its spill parts with
+    `memory_limit` and a `temp_directory`: sorts and aggregates go out of core and cost disk.
     1. one DuckDB GROUP BY latent: counts, exact sums (activations are float16, so act * 2^24 is an
        integer and the sums are int128: order-independent and deterministic; a float32 run's acts
        are rounded to 2^-24 for the sums only), max;
@@ -21,7 +23,7 @@ reduce (one latent bucket). A bucket that fits `task_memory_mb` is read once int
        activation, the window rule in its metadata. Nothing is cut from the contexts here:
        pipeline/outputs/windows.py cuts windows where they are read (issue 23: storing each
        example's window and acts was ~65% of the reduce's time and duplicated the corpus).
-    Memory beyond DuckDB's limit is per example (about 25 bytes), bounded by bucket_size * ~90,
+    Memory beyond the range's budget is per example (about 25 bytes), bounded by bucket_size * ~90,
     not by the corpus.
 
 Example selection is by rank and by a deterministic hash (splitmix64 of the seed and ids), so
@@ -248,7 +250,6 @@ def _spill_paths(store: RunStore, keys: list[str], scratch: str) -> list[str]:
 
 
 def _reduce(store, hook, bucket, lo, hi, spill_keys, committed, shard_size, cfg, by_latent_key, examples_key, scratch):
-    n_lat = hi - lo
     clock = [time.perf_counter()]
     timings: dict[str, float] = {}
 
@@ -259,16 +260,45 @@ def _reduce(store, hook, bucket, lo, hi, spill_keys, committed, shard_size, cfg,
 
     con = duckdb_connect(scratch, cfg.task_memory_mb, int(max(1, cfg.num_cpus)))
     paths = _spill_paths(store, spill_keys, scratch)
-    held = InMemoryPairs.load(paths, n_lat, cfg)
-    if held is not None:  # DuckDB reads no Arrow float16: it gets the acts as float32 (exact)
-        con.register("pairs", held.for_duckdb())
-    elif paths:
+    ranges = held_ranges(paths, lo, hi, cfg)
+    if ranges is None and paths:
         con.read_parquet(paths).create_view("pairs")
-    else:
+    elif not paths:
         # no pairs (a bucket no shard touched): DuckDB has no Arrow float16; it reads the spill's as FLOAT
         con.register("pairs", SPILL_SCHEMA.set(3, pa.field("act", pa.float32())).empty_table())
+    candidates = random_candidates(store, bucket, committed, cfg)  # the same windows for every range
     lap("fetch")
+    from pipeline.outputs.layout import MANIFEST_KEY, by_latent_schema, run_acts_dtype
 
+    by_latent = by_latent_schema(run_acts_dtype(store.read_json(MANIFEST_KEY)))  # the run's acts dtype
+    stats, examples = [], []
+    with local_output(store, by_latent_key, scratch) as path, \
+            pq.ParquetWriter(path, by_latent, compression=store.cfg.compression,
+                             compression_level=store.cfg.compression_level) as writer:
+        for r_lo, r_hi, n_pairs in ranges or [(lo, hi, None)]:  # ascending latent ranges: by_latent stays sorted
+            held = None
+            if ranges is not None:
+                held = InMemoryPairs.load(paths, r_lo, r_hi, n_pairs, whole=len(ranges) == 1)
+                con.register("pairs", held.for_duckdb())  # DuckDB reads no Arrow float16: float32 (exact)
+            lap("fetch")
+            part_stats, part_examples = _reduce_range(con, held, r_lo, r_hi, candidates, writer, by_latent, cfg, lap)
+            stats.append(part_stats)
+            examples.append(part_examples)
+        stats = pa.concat_tables(stats)
+        pairs = int(np.sum(stats["n_active"].to_numpy()))
+        if pairs == 0:
+            writer.write_table(by_latent.empty_table())
+    con.close()
+    ex = [np.concatenate(col) for col in zip(*examples)]  # ranges ascend, each in (latent, kind, rank) order
+    write_examples(store, examples_key, scratch, *ex, cfg)
+    lap("examples")
+    return pairs, stats, timings
+
+
+def _reduce_range(con, held, lo, hi, candidates, writer, by_latent, cfg, lap):
+    """Statistics, by_latent rows and examples of latents [lo, hi), whose pairs are `held` (numpy)
+    or DuckDB's view `pairs`; returns (stats table, example columns in (latent, kind, rank) order)."""
+    n_lat = hi - lo
     # 1. statistics: one scan grouped by latent; exact int128 sums. The histogram is counted in 3.
     # v * v as DOUBLE is exact (v = a float16's 11-bit significand * 2^j: its square has <= 22 bits),
     # and far cheaper than an int128 multiply per row; only the sum needs int128.
@@ -289,10 +319,10 @@ def _reduce(store, hook, bucket, lo, hi, spill_keys, committed, shard_size, cfg,
     # the quantiles' two order statistics, top_n, the quantile picks (missing ones: rank 0, ignored).
     active = np.flatnonzero(n)
     # random examples first: their window hits read the pairs in token order, which the sort consumes
-    r_lat, r_rank, r_seq, r_pos = random_examples(con, held, store, hook, bucket, active + lo, committed, shard_size, cfg)
+    r_lat, r_rank, r_seq, r_pos = random_examples(con, held, candidates, active + lo, cfg)
     lap("random")
     na = n[active]
-    first = (np.cumsum(n) - n)[active]  # global index of each active latent's first pair
+    first = (np.cumsum(n) - n)[active]  # index of each active latent's first pair in the sorted stream
     q_hi, q_lo, gamma = quantile_ranks(na, cfg)  # [active, Q+1]; desc ranks of the two order statistics
     top = np.arange(cfg.top_n)[None, :]
     top_valid = top < na[:, None]
@@ -310,40 +340,31 @@ def _reduce(store, hook, bucket, lo, hi, spill_keys, committed, shard_size, cfg,
     if held is not None:
         con.unregister("pairs")  # frees the float32 acts DuckDB read
     reader = held.sorted_batches(lo) if held is not None else _duckdb_sorted(con)
-    from pipeline.outputs.layout import MANIFEST_KEY, by_latent_schema, run_acts_dtype
-
-    BY_LATENT_SCHEMA = by_latent_schema(run_acts_dtype(store.read_json(MANIFEST_KEY)))  # the run's acts dtype
     offset = 0
-    with local_output(store, by_latent_key, scratch) as path, \
-            pq.ParquetWriter(path, BY_LATENT_SCHEMA, compression=store.cfg.compression,
-                             compression_level=store.cfg.compression_level) as writer:
-        for batch in reader:
-            act = batch.column("act")
-            writer.write_table(pa.Table.from_arrays(
-                [batch.column("latent_id"), batch.column("seq_id"), batch.column("pos"), act.cast(BY_LATENT_SCHEMA.field("act").type)],
-                schema=BY_LATENT_SCHEMA))
-            lat = batch.column("latent_id").to_numpy().astype(np.int64) - lo  # sorted: a short latent range
-            cell = (lat - lat[0]) * cfg.hist_bins + hist_bin(act.to_numpy(zero_copy_only=False), cfg)
-            hist.reshape(-1)[lat[0] * cfg.hist_bins:(lat[-1] + 1) * cfg.hist_bins] += \
-                np.bincount(cell, minlength=(lat[-1] - lat[0] + 1) * cfg.hist_bins)
-            end = offset + batch.num_rows
-            r0, r1 = np.searchsorted(ends, offset, side="right"), np.searchsorted(first, end, side="left")
-            b_seq, b_pos, b_act = batch.column("seq_id").to_numpy(), batch.column("pos").to_numpy(), act.to_numpy()
-            # latents wholly inside the batch: every needed row is in it (a plain gather); the (at most
-            # two) latents across the batch's edges: a mask
-            i0 = r0 + int(r0 < r1 and first[r0] < offset)
-            i1 = max(i0, r1 - int(r1 > r0 and ends[r1 - 1] > end))
-            idx = need[i0:i1] - offset
-            got_seq[i0:i1], got_pos[i0:i1], got_act[i0:i1] = b_seq[idx], b_pos[idx], b_act[idx]
-            for r in {r0, r1 - 1} - set(range(i0, i1)) if r1 > r0 else ():
-                row = need[r]
-                inside = (row >= offset) & (row < end)
-                got_seq[r][inside], got_pos[r][inside] = b_seq[row[inside] - offset], b_pos[row[inside] - offset]
-                got_act[r][inside] = b_act[row[inside] - offset]
-            offset = end
-        if offset == 0:
-            writer.write_table(BY_LATENT_SCHEMA.empty_table())
-
+    for batch in reader:
+        act = batch.column("act")
+        writer.write_table(pa.Table.from_arrays(
+            [batch.column("latent_id"), batch.column("seq_id"), batch.column("pos"), act.cast(by_latent.field("act").type)],
+            schema=by_latent))
+        lat = batch.column("latent_id").to_numpy().astype(np.int64) - lo  # sorted: a short latent range
+        cell = (lat - lat[0]) * cfg.hist_bins + hist_bin(act.to_numpy(zero_copy_only=False), cfg)
+        hist.reshape(-1)[lat[0] * cfg.hist_bins:(lat[-1] + 1) * cfg.hist_bins] += \
+            np.bincount(cell, minlength=(lat[-1] - lat[0] + 1) * cfg.hist_bins)
+        end = offset + batch.num_rows
+        r0, r1 = np.searchsorted(ends, offset, side="right"), np.searchsorted(first, end, side="left")
+        b_seq, b_pos, b_act = batch.column("seq_id").to_numpy(), batch.column("pos").to_numpy(), act.to_numpy()
+        # latents wholly inside the batch: every needed row is in it (a plain gather); the (at most
+        # two) latents across the batch's edges: a mask
+        i0 = r0 + int(r0 < r1 and first[r0] < offset)
+        i1 = max(i0, r1 - int(r1 > r0 and ends[r1 - 1] > end))
+        idx = need[i0:i1] - offset
+        got_seq[i0:i1], got_pos[i0:i1], got_act[i0:i1] = b_seq[idx], b_pos[idx], b_act[idx]
+        for r in {r0, r1 - 1} - set(range(i0, i1)) if r1 > r0 else ():
+            row = need[r]
+            inside = (row >= offset) & (row < end)
+            got_seq[r][inside], got_pos[r][inside] = b_seq[row[inside] - offset], b_pos[row[inside] - offset]
+            got_act[r][inside] = b_act[row[inside] - offset]
+        offset = end
     lap("sort")
 
     # quantiles exactly as np.quantile(acts, linspace(0, 1, Q + 1)) ('linear') computes them
@@ -358,7 +379,6 @@ def _reduce(store, hook, bucket, lo, hi, spill_keys, committed, shard_size, cfg,
     # order, so one stable sort by latent gives (latent, kind, rank) order.
     q_valid = q_valid.reshape(len(active), q_valid.shape[1] * q_valid.shape[2])
     q_rank = np.broadcast_to(np.arange(q_valid.shape[1], dtype=np.int32), q_valid.shape)[q_valid]
-    lap("select")
     lat_rows = np.broadcast_to((active + lo).astype(np.int32)[:, None], need.shape)  # final dtypes: no copies later
     ex_lat = np.concatenate([lat_rows[:, cols["top"]][top_valid], lat_rows[:, cols["pick"]][q_valid], r_lat.astype(np.int32)])
     ex_kind = np.repeat(np.array([0, 1, 2], np.int8), [int(top_valid.sum()), int(q_valid.sum()), len(r_lat)])
@@ -367,14 +387,10 @@ def _reduce(store, hook, bucket, lo, hi, spill_keys, committed, shard_size, cfg,
     ex_pos = np.concatenate([got_pos[:, cols["top"]][top_valid], got_pos[:, cols["pick"]][q_valid], r_pos.astype(np.int32)])
     ex_act = np.concatenate([got_act[:, cols["top"]][top_valid], got_act[:, cols["pick"]][q_valid],
                              np.zeros(len(r_lat), np.float32)])
-    del need, got_seq, got_pos, got_act, lat_rows, r_lat, r_rank, r_seq, r_pos
-    # radix (the latent's offset in the bucket fits 16 bits): the three lists merged by latent
+    # radix (the latent's offset in the range fits 16 bits): the three lists merged by latent
     order = np.argsort((ex_lat - lo).astype(np.uint16 if n_lat <= 1 << 16 else np.int32), kind="stable")
-    write_examples(store, examples_key, scratch, ex_lat[order], ex_kind[order], ex_rank[order], ex_seq[order],
-                   ex_pos[order], ex_act[order], cfg)
-    con.close()
-    lap("examples")
-    return int(n.sum()), stats, timings
+    lap("select")
+    return stats, tuple(x[order] for x in (ex_lat, ex_kind, ex_rank, ex_seq, ex_pos, ex_act))
 
 
 SORTED_BATCH_ROWS = 1 << 20  # rows of the sorted stream per record batch
@@ -385,35 +401,62 @@ SORTED_BATCH_ROWS = 1 << 20  # rows of the sorted stream per record batch
 BYTES_PER_SORTED_PAIR = 32
 
 
+def held_ranges(paths: list[str], lo: int, hi: int, cfg: PostprocessConfig) -> list[tuple[int, int, int]] | None:
+    """The bucket's latents cut into ascending ranges [r_lo, r_hi) whose pairs each fit
+    `task_memory_mb` (n_pairs * BYTES_PER_SORTED_PAIR), as (r_lo, r_hi, n_pairs); None where the
+    bucket is DuckDB's: float32 acts, bucket_size > 2^16, or one latent alone over the budget.
+    A bucket that fits is one range, known from the parts' metadata; a larger one costs a read of
+    its latent_id column (per-latent counts: one bincount per part) and one read per range later,
+    so a bucket 4x the budget is read ~5 times from local disk instead of sorted out of core."""
+    if not paths or hi - lo > 1 << 16:
+        return None
+    files = [pq.ParquetFile(p) for p in paths]
+    if files[0].schema_arrow.field("act").type != pa.float16():
+        return None
+    cap = (cfg.task_memory_mb << 20) // BYTES_PER_SORTED_PAIR  # pairs per range
+    n_pairs = sum(f.metadata.num_rows for f in files)
+    if n_pairs <= cap:
+        return [(lo, hi, n_pairs)]
+    count = np.zeros(hi - lo, np.int64)
+    for f in files:
+        count += np.bincount(f.read(columns=["latent_id"])["latent_id"].to_numpy() - lo, minlength=hi - lo)
+    if count.max() > cap:
+        return None
+    cum = np.concatenate([[0], np.cumsum(count)])
+    ranges, r_lo = [], 0
+    while r_lo < hi - lo:  # one step per range (a few), not per latent
+        r_hi = int(np.searchsorted(cum, cum[r_lo] + cap, side="right")) - 1
+        ranges.append((lo + r_lo, lo + r_hi, int(cum[r_hi] - cum[r_lo])))
+        r_lo = r_hi
+    return ranges
+
+
 class InMemoryPairs:
-    """A bucket's pairs held in numpy, in token order, when they fit `task_memory_mb` (n_pairs *
-    BYTES_PER_SORTED_PAIR), their acts are float16 and bucket_size <= 2^16: read once (14 bytes a
+    """The pairs of latents [lo, hi) of a bucket held in numpy, in token order (held_ranges says
+    when: they fit `task_memory_mb`, acts are float16, bucket_size <= 2^16): read once (14 bytes a
     pair: latent_id, act, and where = seq_id << POS_BITS | pos) and used by the statistics, the
-    sort and the random examples' window hits. Larger buckets (or float32 acts) are DuckDB's, out
-    of core within `task_memory_mb`."""
+    sort and the random examples' window hits."""
 
     def __init__(self, latent_id: np.ndarray, act: np.ndarray, where: np.ndarray):
         self.latent_id, self.act, self.where = latent_id, act, where
 
     @classmethod
-    def load(cls, paths: list[str], n_lat: int, cfg: PostprocessConfig) -> InMemoryPairs | None:
-        if not paths or n_lat > 1 << 16:
-            return None
-        files = [pq.ParquetFile(p) for p in paths]
-        n_pairs = sum(f.metadata.num_rows for f in files)
-        if n_pairs * BYTES_PER_SORTED_PAIR > cfg.task_memory_mb << 20 or files[0].schema_arrow.field("act").type != pa.float16():
-            return None
+    def load(cls, paths: list[str], lo: int, hi: int, n_pairs: int, whole: bool) -> InMemoryPairs:
+        """The n_pairs pairs of latents [lo, hi) from the spill parts (`whole`: all their rows)."""
         latent_id, act, where = np.empty(n_pairs, np.int32), np.empty(n_pairs, np.float16), np.empty(n_pairs, np.int64)
         at = 0
-        for f in files:  # one spill part at a time into the preallocated arrays: no concatenated copy
-            t = f.read()
-            end = at + t.num_rows
-            latent_id[at:end] = t["latent_id"].to_numpy()
-            act[at:end] = t["act"].to_numpy()
-            np.left_shift(t["seq_id"].to_numpy(), POS_BITS, out=where[at:end])
-            where[at:end] |= t["pos"].to_numpy()
+        for p in paths:  # one spill part at a time into the preallocated arrays: no concatenated copy
+            t = pq.read_table(p)
+            lid = t["latent_id"].to_numpy()
+            keep = slice(None) if whole else np.flatnonzero((lid >= lo) & (lid < hi))
+            end = at + (t.num_rows if whole else len(keep))
+            latent_id[at:end] = lid[keep]
+            act[at:end] = t["act"].to_numpy()[keep]
+            np.left_shift(t["seq_id"].to_numpy()[keep], POS_BITS, out=where[at:end])
+            where[at:end] |= t["pos"].to_numpy()[keep]
             at = end
-            del t
+            del t, lid
+        assert at == n_pairs, (at, n_pairs)
         # spill parts keep the latents parts' row order, usually token order (a token's several
         # latents in this bucket share a key: ties are fine, the sort breaks them by latent)
         if not np.all(where[1:] >= where[:-1]):
@@ -482,12 +525,10 @@ def _stats_table(lo, hi, n, max_act, sum_act, sum_sq, quantiles, hist) -> pa.Tab
                      "quantiles": quant.cast(pa.list_(pa.float32())), "histogram": histogram.cast(pa.list_(pa.int64()))})
 
 
-def random_examples(con, held: InMemoryPairs | None, store: RunStore, hook: str, bucket: int, latents: np.ndarray,
-                    committed: np.ndarray, shard_size: int, cfg: PostprocessConfig):
-    """(latent, rank, seq_id, pos) of random windows where the latent is active nowhere (module doc)."""
-    empty = (np.zeros(0, np.int64), np.zeros(0, np.int32), np.zeros(0, np.int64), np.zeros(0, np.int64))
-    if not len(committed) or not len(latents) or cfg.n_random <= 0:
-        return empty
+def random_candidates(store: RunStore, bucket: int, committed: np.ndarray, cfg: PostprocessConfig):
+    """The bucket's candidate random windows (seq, pos, start, stop, hash), or None (module doc)."""
+    if not len(committed) or cfg.n_random <= 0:
+        return None
     salt = mix64(np.uint64(cfg.seed) ^ np.uint64(bucket))
     pool = np.sort(committed[np.argsort(mix64(salt ^ committed.astype(np.uint64)), kind="stable")[:cfg.random_pool_shards]])
     seqs, poss, lens = [], [], []
@@ -500,14 +541,24 @@ def random_examples(con, held: InMemoryPairs | None, store: RunStore, hook: str,
         lens.append(np.repeat(ln, ln))
     seq, pos, ln = np.concatenate(seqs), np.concatenate(poss), np.concatenate(lens)
     if not len(seq):
-        return empty
+        return None
     h = mix64(salt ^ ((seq.astype(np.uint64) << np.uint64(POS_BITS)) | pos.astype(np.uint64)))
     take = np.argsort(h, kind="stable")[: 10 * cfg.n_random]
     seq, pos, ln, h = seq[take], pos[take], ln[take], h[take]
     start = window_start(pos, ln, cfg.window)
     _, uniq = np.unique((seq << POS_BITS) | start, return_index=True)  # distinct windows; smallest hash kept
     uniq = np.sort(uniq)
-    seq, pos, start, stop, h = seq[uniq], pos[uniq], start[uniq], np.minimum(start[uniq] + cfg.window, ln[uniq]), h[uniq]
+    return seq[uniq], pos[uniq], start[uniq], np.minimum(start[uniq] + cfg.window, ln[uniq]), h[uniq]
+
+
+def random_examples(con, held: InMemoryPairs | None, candidates, latents: np.ndarray, cfg: PostprocessConfig):
+    """(latent, rank, seq_id, pos) of random windows where the latent is active nowhere (module
+    doc): each latent's choice depends only on the candidates and its own pairs, so a bucket
+    reduced in latent ranges gets the same rows as in one piece."""
+    empty = (np.zeros(0, np.int64), np.zeros(0, np.int32), np.zeros(0, np.int64), np.zeros(0, np.int64))
+    if candidates is None or not len(latents):
+        return empty
+    seq, pos, start, stop, h = candidates
     if held is not None:
         hit_lat, hit_cand = held.window_hits(seq, start, stop)
     else:
