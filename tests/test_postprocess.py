@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -242,9 +243,9 @@ def test_windows_in_several_passes_are_identical(processed, monkeypatch):
 
 def test_in_memory_sort_gives_duckdbs_rows(tmp_path, monkeypatch):
     """A bucket that fits task_memory_mb is sorted in numpy (one uint64 key sort), a larger one in
-    latent ranges that each fit, one whose hottest latent alone is over the budget by DuckDB's
-    ORDER BY: the same by_latent, examples and statistics, also when a spill part's rows are not
-    in (seq_id, pos) order (the latents part's row order is the writer's)."""
+    latent ranges that each fit, a latent alone over the budget in act ranges: the same by_latent,
+    examples and statistics as DuckDB's ORDER BY and GROUP BY, also when a spill part's rows are
+    not in (seq_id, pos) order (the latents part's row order is the writer's)."""
     from pipeline.outputs import post_engine
     from pipeline.outputs.layout import bucket_marker_key, bucket_stats_key, by_latent_key, examples_key, spill_key
     from pipeline.outputs.postprocess import process_bucket, scatter_shard
@@ -252,32 +253,40 @@ def test_in_memory_sort_gives_duckdbs_rows(tmp_path, monkeypatch):
     store = make_run(tmp_path, "sorts", n_shards=3)
     for s in range(3):
         scatter_shard(store, HOOK, s, CFG.bucket_size, CFG)
-    spill = tmp_path / "sorts" / spill_key(HOOK, 1, 1)
-    t = pq.read_table(spill)
-    pq.write_table(t.take(np.random.default_rng(0).permutation(t.num_rows)), spill)
-    calls = []
-    real = post_engine._duckdb_sorted
-    monkeypatch.setattr(post_engine, "_duckdb_sorted", lambda con: calls.append(1) or real(con))
+    spills = [str(tmp_path / "sorts" / spill_key(HOOK, 1, s)) for s in range(3)]
+    for s, path in enumerate(spills):  # acts rounded to quarters: many ties, the order's hardest case
+        t = pq.read_table(path)
+        act = np.maximum(np.round(t["act"].to_numpy().astype(np.float32) * 4) / 4, 0.25).astype(np.float16)
+        t = t.set_column(t.schema.get_field_index("act"), t.schema.field("act"), pa.array(act))
+        if s == 1:  # a part out of token order
+            t = t.take(np.random.default_rng(0).permutation(t.num_rows))
+        pq.write_table(t, path)
     outs = []
     default = post_engine.BYTES_PER_SORTED_PAIR
-    # a budget of about a quarter of the bucket's pairs (and at least its hottest latent's): ranges
-    spills = [str(tmp_path / "sorts" / spill_key(HOOK, 1, s)) for s in range(3)]
     ids = np.concatenate([pq.read_table(p)["latent_id"].to_numpy() for p in spills])
-    per_quarter = (CFG.task_memory_mb << 20) // max(len(ids) // 4, int(np.bincount(ids).max()))
-    monkeypatch.setattr(post_engine, "BYTES_PER_SORTED_PAIR", per_quarter)
+    hottest = int(np.bincount(ids).max())
+    budget = CFG.task_memory_mb << 20
+    quarter = budget // max(len(ids) // 4, hottest)  # ranges of about a quarter of the pairs
+    hot = budget // (hottest // 3)  # the hottest latents over the budget: reduced in act ranges
     lo = 1 * CFG.bucket_size
-    ranges = post_engine.held_ranges(spills, lo, lo + CFG.bucket_size, CFG)
-    assert len(ranges) >= 3 and sum(r[2] for r in ranges) == len(ids)
-    # numpy, DuckDB (one latent over the budget), numpy in batches of 7 rows (needed rows picked
-    # across batch edges), numpy in latent ranges
-    for per_pair, rows in ((default, 1 << 20), (1 << 40, 1 << 20), (default, 7), (per_quarter, 7)):
+    for per_pair, check in ((quarter, lambda rs: len(rs) >= 3 and not any(r.hot for r in rs)),
+                            (hot, lambda rs: sum(r.hot for r in rs) >= 2)):
+        monkeypatch.setattr(post_engine, "BYTES_PER_SORTED_PAIR", per_pair)
+        ranges = post_engine.held_ranges(spills, lo, lo + CFG.bucket_size, CFG)
+        assert check(ranges) and sum(r.n_pairs for r in ranges) == len(ids), ranges
+    planned = post_engine.held_ranges
+    # numpy in one range, DuckDB, numpy in batches of 7 rows (needed rows picked across batch
+    # edges), numpy in latent ranges, numpy with hot latents in act ranges
+    for per_pair, rows, by_duckdb in ((default, 1 << 20, False), (default, 1 << 20, True), (default, 7, False),
+                                      (quarter, 7, False), (hot, 7, False)):
         monkeypatch.setattr(post_engine, "BYTES_PER_SORTED_PAIR", per_pair)
         monkeypatch.setattr(post_engine, "SORTED_BATCH_ROWS", rows)
+        monkeypatch.setattr(post_engine, "held_ranges", (lambda *a: None) if by_duckdb else planned)
         process_bucket(store, HOOK, 1, [0, 1, 2], N_LATENTS, [0, 1, 2], SHARD_SIZE, CFG)
         store.fs.rm(store.path(bucket_marker_key(HOOK, 1)))
         outs.append([pq.read_table(store.path(k)) for k in (by_latent_key(HOOK, 1), examples_key(HOOK, 1),
                                                              bucket_stats_key(HOOK, 1))])
-    assert len(calls) == 1 and outs[0][0].num_rows > 100
+    assert outs[0][0].num_rows > 100
     for other in outs[1:]:
         for a, b in zip(outs[0], other):
             assert a.equals(b)
@@ -305,3 +314,19 @@ def test_postprocess_tasks_do_not_import_torch():
     probe = "import sys, pipeline.outputs.postprocess; print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_budget_cuts_keep_each_act_range_within_the_budget():
+    """A hot latent's descending acts are cut into ranges of at most the budget's pairs (a single
+    act value over it alone): what bounds the memory of a latent with more pairs than the budget."""
+    from pipeline.outputs.post_engine import budget_cuts
+
+    rng = np.random.default_rng(0)
+    for counts, cap in [(rng.integers(1, 50, 1000), 200), (np.array([5, 500, 5, 5]), 20), (np.ones(7, int), 7),
+                        (np.array([3]), 1)]:
+        cuts = budget_cuts(counts, cap)
+        assert cuts[0] == 0 and cuts[-1] == len(counts) and np.all(np.diff(cuts) > 0)
+        sums = np.add.reduceat(counts, cuts[:-1])
+        assert np.all((sums <= cap) | (np.diff(cuts) == 1))
+        # greedy: no chunk could have taken the next entry too
+        assert all(sums[i] + counts[cuts[i + 1]] > cap for i in range(len(sums) - 1))

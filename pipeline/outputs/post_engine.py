@@ -47,6 +47,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Iterator
+from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -275,13 +276,15 @@ def _reduce(store, hook, bucket, lo, hi, spill_keys, committed, shard_size, cfg,
     with local_output(store, by_latent_key, scratch) as path, \
             pq.ParquetWriter(path, by_latent, compression=store.cfg.compression,
                              compression_level=store.cfg.compression_level) as writer:
-        for r_lo, r_hi, n_pairs in ranges or [(lo, hi, None)]:  # ascending latent ranges: by_latent stays sorted
-            held = None
-            if ranges is not None:
-                held = InMemoryPairs.load(paths, r_lo, r_hi, n_pairs, whole=len(ranges) == 1)
-                con.register("pairs", held.for_duckdb())  # DuckDB reads no Arrow float16: float32 (exact)
-            lap("fetch")
-            part_stats, part_examples = _reduce_range(con, held, r_lo, r_hi, candidates, writer, by_latent, cfg, lap)
+        for r in ranges or [LatentRange(lo, hi, -1)]:  # ascending latent ranges: by_latent stays sorted
+            if ranges is None:
+                source = _duckdb_source(con, r, candidates, cfg)
+            elif r.hot:
+                source = _hot_latent_source(con, paths, r, candidates, cfg)
+            else:
+                source = _held_source(con, paths, r, candidates, len(ranges) == 1, cfg)
+            lap("stats")
+            part_stats, part_examples = _index_and_examples(r, *source, candidates, writer, by_latent, cfg, lap)
             stats.append(part_stats)
             examples.append(part_examples)
         stats = pa.concat_tables(stats)
@@ -295,32 +298,123 @@ def _reduce(store, hook, bucket, lo, hi, spill_keys, committed, shard_size, cfg,
     return pairs, stats, timings
 
 
-def _reduce_range(con, held, lo, hi, candidates, writer, by_latent, cfg, lap):
-    """Statistics, by_latent rows and examples of latents [lo, hi), whose pairs are `held` (numpy)
-    or DuckDB's view `pairs`; returns (stats table, example columns in (latent, kind, rank) order)."""
-    n_lat = hi - lo
-    # 1. statistics: one scan grouped by latent; exact int128 sums. The histogram is counted in 3.
-    # v * v as DOUBLE is exact (v = a float16's 11-bit significand * 2^j: its square has <= 22 bits),
-    # and far cheaper than an int128 multiply per row; only the sum needs int128.
-    g = con.sql(f"""
-        SELECT latent_id, count(*) AS n, CAST(sum(v) AS DOUBLE) AS s,
-               CAST(sum(CAST(CAST(v AS DOUBLE) * v AS HUGEINT)) AS DOUBLE) AS sq, max(act) AS mx
-        FROM (SELECT latent_id, act, CAST(act * {SCALE} AS BIGINT) AS v FROM pairs) GROUP BY latent_id""").to_arrow_table()
-    local = g["latent_id"].to_numpy().astype(np.int64) - lo
-    n = np.zeros(n_lat, np.int64)
+class LatentRange(NamedTuple):
+    """Latents [lo, hi) of a bucket reduced together; n_pairs of them (-1: not counted); hot: one
+    latent alone over the budget, reduced in act ranges."""
+    lo: int
+    hi: int
+    n_pairs: int
+    hot: bool = False
+
+
+# 1. statistics: one scan grouped by latent; exact int128 sums. The histogram is counted in 3.
+# v * v as DOUBLE is exact (v = a float16's 11-bit significand * 2^j: its square has <= 22 bits),
+# and far cheaper than an int128 multiply per row; only the sum needs int128. A hot latent's
+# table has one row per distinct act with `times`, the pairs it stands for: the same sums.
+STATS_SQL = """
+    SELECT latent_id, CAST({n} AS BIGINT) AS n, CAST(sum({s}) AS DOUBLE) AS s, CAST(sum({sq}) AS DOUBLE) AS sq, max(act) AS mx
+    FROM (SELECT *, CAST(act * {scale} AS BIGINT) AS v FROM {table}) GROUP BY latent_id"""
+PAIR_TERMS = dict(n="count(*)", s="v", sq="CAST(CAST(v AS DOUBLE) * v AS HUGEINT)")
+TALLY_TERMS = dict(n="sum(times)", s="CAST(v AS HUGEINT) * times", sq="CAST(CAST(v AS DOUBLE) * v AS HUGEINT) * times")
+
+
+def _latent_stats(con, r: LatentRange, table: str, terms: dict = PAIR_TERMS) -> tuple[np.ndarray, ...]:
+    """(n, sum, sum of squares, max) per latent of the range, by STATS_SQL over a DuckDB table."""
+    g = con.sql(STATS_SQL.format(**terms, scale=SCALE, table=table)).to_arrow_table()
+    local = g["latent_id"].to_numpy().astype(np.int64) - r.lo
+    n, sum_act, sum_sq, max_act = (np.zeros(r.hi - r.lo, t) for t in (np.int64, np.float64, np.float64, np.float32))
     n[local] = g["n"].to_numpy()
-    sum_act, sum_sq, max_act = np.zeros(n_lat), np.zeros(n_lat), np.zeros(n_lat, np.float32)
     sum_act[local] = g["s"].to_numpy() / SCALE
     sum_sq[local] = g["sq"].to_numpy() / (SCALE * SCALE)
     max_act[local] = g["mx"].to_numpy()
+    return n, sum_act, sum_sq, max_act
+
+
+# A source gives a range's statistics, its pairs as a sorted stream of record batches, and its
+# random examples' window hits (called once the stream is consumed): the same from all three.
+
+def _held_source(con, paths, r: LatentRange, candidates, whole: bool, cfg: PostprocessConfig):
+    """A range that fits the budget: read into numpy once; DuckDB aggregates a float32 copy of its
+    acts (DuckDB reads no Arrow float16; exact), hits are binary searches, the sort one key sort."""
+    lid_ok = None if whole else (lambda lid, act: (lid >= r.lo) & (lid < r.hi))
+    held = InMemoryPairs.load(paths, r.n_pairs, lid_ok)
+    con.register("pairs", held.for_duckdb())
+    stats = _latent_stats(con, r, "pairs")
+    con.unregister("pairs")  # frees the float32 acts
+    hits = held.window_hits(candidates.seq, candidates.start, candidates.stop) if candidates is not None else None  # before the sort consumes held
+    return stats, held.sorted_batches(r.lo), lambda: hits
+
+
+def _duckdb_source(con, r: LatentRange, candidates, cfg: PostprocessConfig):
+    """The whole bucket by DuckDB over its spill parts (float32 acts, bucket_size > 2^16): out of core."""
+    hits = None
+    if candidates is not None:
+        con.register("cands", pa.table({"cand": np.arange(len(candidates.seq)), "seq_id": candidates.seq,
+                                        "lo": candidates.start, "hi": candidates.stop}))
+        got = con.execute("""SELECT DISTINCT p.latent_id, c.cand FROM pairs p JOIN cands c
+                             ON p.seq_id = c.seq_id AND p.pos >= c.lo AND p.pos < c.hi""").fetchnumpy()
+        con.unregister("cands")
+        hits = got["latent_id"].astype(np.int64), got["cand"].astype(np.int64)
+    return _latent_stats(con, r, "pairs"), _duckdb_sorted(con), lambda: hits
+
+
+def _hot_latent_source(con, paths, r: LatentRange, candidates, cfg: PostprocessConfig):
+    """One latent whose pairs alone are over the budget (a dense latent of a big corpus): its acts
+    tallied by float16 value (one bincount of their bits per spill part) give exact statistics, and
+    cut its descending act order into ranges that each fit; each act range is read and sorted like
+    a held range, so memory is one act range's and the rows are DuckDB's ORDER BY's."""
+    latent = r.lo
+    tally = np.zeros(1 << 16, np.int64)
+    for p in paths:
+        t = pq.read_table(p, columns=["latent_id", "act"])
+        tally += np.bincount(t["act"].to_numpy()[t["latent_id"].to_numpy() == latent].view(np.uint16), minlength=1 << 16)
+        del t
+    bits = np.flatnonzero(tally)[::-1]  # the latent's distinct acts (positive float16: bits order as values), descending
+    con.register("tally", pa.table({"latent_id": np.full(len(bits), latent, np.int32),
+                                    "act": bits.astype(np.uint16).view(np.float16).astype(np.float32), "times": tally[bits]}))
+    stats = _latent_stats(con, r, "tally", TALLY_TERMS)
+    con.unregister("tally")
+    cuts = budget_cuts(tally[bits], (cfg.task_memory_mb << 20) // BYTES_PER_SORTED_PAIR)
+    cum = np.concatenate([[0], np.cumsum(tally[bits])])
+    hits: list[tuple[np.ndarray, np.ndarray]] = []
+
+    def stream() -> Iterator[pa.RecordBatch]:
+        for c0, c1 in zip(cuts[:-1], cuts[1:]):  # act ranges in descending order
+            top, bottom = np.uint16(bits[c0]), np.uint16(bits[c1 - 1])
+            held = InMemoryPairs.load(paths, int(cum[c1] - cum[c0]), lambda lid, act, top=top, bottom=bottom: (
+                lid == latent) & (act.view(np.uint16) <= top) & (act.view(np.uint16) >= bottom))
+            if candidates is not None:
+                hits.append(held.window_hits(candidates.seq, candidates.start, candidates.stop))
+            yield from held.sorted_batches(latent)
+
+    def all_hits():  # a (latent, candidate) found in several act ranges is the same hit: repeats are harmless
+        return None if candidates is None else tuple(np.concatenate(x) for x in zip(*hits))
+    return stats, stream(), all_hits
+
+
+def budget_cuts(counts: np.ndarray, cap: int) -> list[int]:
+    """Cut points 0 = c_0 < c_1 < ... = len(counts) such that each chunk counts[c_i:c_i+1] sums
+    to at most `cap`, or is a single entry (one act value of one latent can't be split: its pairs
+    are then held together); greedy, one step per chunk, not per entry."""
+    cum = np.concatenate([[0], np.cumsum(counts)])
+    cuts = [0]
+    while cuts[-1] < len(counts):
+        i = cuts[-1]
+        cuts.append(max(i + 1, int(np.searchsorted(cum, cum[i] + cap, side="right")) - 1))
+    return cuts
+
+
+def _index_and_examples(r: LatentRange, stats, reader, window_hits, candidates, writer, by_latent, cfg, lap):
+    """Stream a range's sorted pairs to by_latent, counting histograms and keeping the rows at the
+    ranks the examples and quantiles need; returns (stats table, example columns in (latent,
+    kind, rank) order)."""
+    lo, hi = r.lo, r.hi
+    n_lat = hi - lo
+    n, sum_act, sum_sq, max_act = stats
     hist = np.zeros((n_lat, cfg.hist_bins), np.int64)
-    lap("stats")
     # 2. the ranks whose rows we need from the sorted stream, one row of columns per active latent:
     # the quantiles' two order statistics, top_n, the quantile picks (missing ones: rank 0, ignored).
     active = np.flatnonzero(n)
-    # random examples first: their window hits read the pairs in token order, which the sort consumes
-    r_lat, r_rank, r_seq, r_pos = random_examples(con, held, candidates, active + lo, cfg)
-    lap("random")
     na = n[active]
     first = (np.cumsum(n) - n)[active]  # index of each active latent's first pair in the sorted stream
     q_hi, q_lo, gamma = quantile_ranks(na, cfg)  # [active, Q+1]; desc ranks of the two order statistics
@@ -337,9 +431,6 @@ def _reduce_range(con, held, lo, hi, candidates, writer, by_latent, cfg, lap):
     ends = first + na
 
     # 3. the sorted stream -> by_latent, keeping the needed rows (a batch overlaps a range of latents' rows).
-    if held is not None:
-        con.unregister("pairs")  # frees the float32 acts DuckDB read
-    reader = held.sorted_batches(lo) if held is not None else _duckdb_sorted(con)
     offset = 0
     for batch in reader:
         act = batch.column("act")
@@ -359,13 +450,15 @@ def _reduce_range(con, held, lo, hi, candidates, writer, by_latent, cfg, lap):
         i1 = max(i0, r1 - int(r1 > r0 and ends[r1 - 1] > end))
         idx = need[i0:i1] - offset
         got_seq[i0:i1], got_pos[i0:i1], got_act[i0:i1] = b_seq[idx], b_pos[idx], b_act[idx]
-        for r in {r0, r1 - 1} - set(range(i0, i1)) if r1 > r0 else ():
-            row = need[r]
+        for row_i in {r0, r1 - 1} - set(range(i0, i1)) if r1 > r0 else ():
+            row = need[row_i]
             inside = (row >= offset) & (row < end)
-            got_seq[r][inside], got_pos[r][inside] = b_seq[row[inside] - offset], b_pos[row[inside] - offset]
-            got_act[r][inside] = b_act[row[inside] - offset]
+            got_seq[row_i][inside], got_pos[row_i][inside] = b_seq[row[inside] - offset], b_pos[row[inside] - offset]
+            got_act[row_i][inside] = b_act[row[inside] - offset]
         offset = end
     lap("sort")
+    r_lat, r_rank, r_seq, r_pos = random_picks(candidates, active + lo, window_hits(), cfg)
+    lap("random")
 
     # quantiles exactly as np.quantile(acts, linspace(0, 1, Q + 1)) ('linear') computes them
     a_val, b_val = got_act[:, cols["q_hi"]], got_act[:, cols["q_lo"]]
@@ -401,13 +494,13 @@ SORTED_BATCH_ROWS = 1 << 20  # rows of the sorted stream per record batch
 BYTES_PER_SORTED_PAIR = 32
 
 
-def held_ranges(paths: list[str], lo: int, hi: int, cfg: PostprocessConfig) -> list[tuple[int, int, int]] | None:
-    """The bucket's latents cut into ascending ranges [r_lo, r_hi) whose pairs each fit
-    `task_memory_mb` (n_pairs * BYTES_PER_SORTED_PAIR), as (r_lo, r_hi, n_pairs); None where the
-    bucket is DuckDB's: float32 acts, bucket_size > 2^16, or one latent alone over the budget.
-    A bucket that fits is one range, known from the parts' metadata; a larger one costs a read of
-    its latent_id column (per-latent counts: one bincount per part) and one read per range later,
-    so a bucket 4x the budget is read ~5 times from local disk instead of sorted out of core."""
+def held_ranges(paths: list[str], lo: int, hi: int, cfg: PostprocessConfig) -> list[LatentRange] | None:
+    """The bucket's latents cut into ascending ranges whose pairs each fit `task_memory_mb`
+    (n_pairs * BYTES_PER_SORTED_PAIR), a latent alone over it as a hot range of its own; None
+    where the bucket is DuckDB's (float32 acts, bucket_size > 2^16). A bucket that fits is one
+    range, known from the parts' metadata; a larger one costs a read of its latent_id column
+    (per-latent counts: one bincount per part) and one read per range later, so a bucket 4x the
+    budget is read ~5 times from local disk instead of sorted out of core."""
     if not paths or hi - lo > 1 << 16:
         return None
     files = [pq.ParquetFile(p) for p in paths]
@@ -416,46 +509,39 @@ def held_ranges(paths: list[str], lo: int, hi: int, cfg: PostprocessConfig) -> l
     cap = (cfg.task_memory_mb << 20) // BYTES_PER_SORTED_PAIR  # pairs per range
     n_pairs = sum(f.metadata.num_rows for f in files)
     if n_pairs <= cap:
-        return [(lo, hi, n_pairs)]
+        return [LatentRange(lo, hi, n_pairs)]
     count = np.zeros(hi - lo, np.int64)
     for f in files:
         count += np.bincount(f.read(columns=["latent_id"])["latent_id"].to_numpy() - lo, minlength=hi - lo)
-    if count.max() > cap:
-        return None
-    cum = np.concatenate([[0], np.cumsum(count)])
-    ranges, r_lo = [], 0
-    while r_lo < hi - lo:  # one step per range (a few), not per latent
-        r_hi = int(np.searchsorted(cum, cum[r_lo] + cap, side="right")) - 1
-        ranges.append((lo + r_lo, lo + r_hi, int(cum[r_hi] - cum[r_lo])))
-        r_lo = r_hi
-    return ranges
+    cuts = budget_cuts(count, cap)
+    sums = np.add.reduceat(count, cuts[:-1])
+    return [LatentRange(lo + c0, lo + c1, int(n), hot=bool(n > cap)) for c0, c1, n in zip(cuts[:-1], cuts[1:], sums)]
 
 
 class InMemoryPairs:
-    """The pairs of latents [lo, hi) of a bucket held in numpy, in token order (held_ranges says
-    when: they fit `task_memory_mb`, acts are float16, bucket_size <= 2^16): read once (14 bytes a
-    pair: latent_id, act, and where = seq_id << POS_BITS | pos) and used by the statistics, the
-    sort and the random examples' window hits."""
+    """Pairs of a bucket held in numpy, in token order (held_ranges says when: they fit
+    `task_memory_mb`, acts are float16, bucket_size <= 2^16): read once (14 bytes a pair:
+    latent_id, act, and where = seq_id << POS_BITS | pos) and used by the statistics, the sort
+    and the random examples' window hits."""
 
     def __init__(self, latent_id: np.ndarray, act: np.ndarray, where: np.ndarray):
         self.latent_id, self.act, self.where = latent_id, act, where
 
     @classmethod
-    def load(cls, paths: list[str], lo: int, hi: int, n_pairs: int, whole: bool) -> InMemoryPairs:
-        """The n_pairs pairs of latents [lo, hi) from the spill parts (`whole`: all their rows)."""
+    def load(cls, paths: list[str], n_pairs: int, keep=None) -> InMemoryPairs:
+        """The n_pairs pairs of the spill parts where keep(latent_id, act) (None: all their rows)."""
         latent_id, act, where = np.empty(n_pairs, np.int32), np.empty(n_pairs, np.float16), np.empty(n_pairs, np.int64)
         at = 0
         for p in paths:  # one spill part at a time into the preallocated arrays: no concatenated copy
             t = pq.read_table(p)
-            lid = t["latent_id"].to_numpy()
-            keep = slice(None) if whole else np.flatnonzero((lid >= lo) & (lid < hi))
-            end = at + (t.num_rows if whole else len(keep))
-            latent_id[at:end] = lid[keep]
-            act[at:end] = t["act"].to_numpy()[keep]
-            np.left_shift(t["seq_id"].to_numpy()[keep], POS_BITS, out=where[at:end])
-            where[at:end] |= t["pos"].to_numpy()[keep]
+            lid, a = t["latent_id"].to_numpy(), t["act"].to_numpy()
+            rows = slice(None) if keep is None else np.flatnonzero(keep(lid, a))
+            end = at + (t.num_rows if keep is None else len(rows))
+            latent_id[at:end], act[at:end] = lid[rows], a[rows]
+            np.left_shift(t["seq_id"].to_numpy()[rows], POS_BITS, out=where[at:end])
+            where[at:end] |= t["pos"].to_numpy()[rows]
             at = end
-            del t, lid
+            del t, lid, a
         assert at == n_pairs, (at, n_pairs)
         # spill parts keep the latents parts' row order, usually token order (a token's several
         # latents in this bucket share a key: ties are fine, the sort breaks them by latent)
@@ -525,8 +611,17 @@ def _stats_table(lo, hi, n, max_act, sum_act, sum_sq, quantiles, hist) -> pa.Tab
                      "quantiles": quant.cast(pa.list_(pa.float32())), "histogram": histogram.cast(pa.list_(pa.int64()))})
 
 
-def random_candidates(store: RunStore, bucket: int, committed: np.ndarray, cfg: PostprocessConfig):
-    """The bucket's candidate random windows (seq, pos, start, stop, hash), or None (module doc)."""
+class RandomCandidates(NamedTuple):
+    """A bucket's candidate random windows [start, stop) of context seq, from token pos, by hash."""
+    seq: np.ndarray
+    pos: np.ndarray
+    start: np.ndarray
+    stop: np.ndarray
+    hash: np.ndarray
+
+
+def random_candidates(store: RunStore, bucket: int, committed: np.ndarray, cfg: PostprocessConfig) -> RandomCandidates | None:
+    """The bucket's candidate random windows, or None (module doc)."""
     if not len(committed) or cfg.n_random <= 0:
         return None
     salt = mix64(np.uint64(cfg.seed) ^ np.uint64(bucket))
@@ -548,26 +643,17 @@ def random_candidates(store: RunStore, bucket: int, committed: np.ndarray, cfg: 
     start = window_start(pos, ln, cfg.window)
     _, uniq = np.unique((seq << POS_BITS) | start, return_index=True)  # distinct windows; smallest hash kept
     uniq = np.sort(uniq)
-    return seq[uniq], pos[uniq], start[uniq], np.minimum(start[uniq] + cfg.window, ln[uniq]), h[uniq]
+    return RandomCandidates(seq[uniq], pos[uniq], start[uniq], np.minimum(start[uniq] + cfg.window, ln[uniq]), h[uniq])
 
 
-def random_examples(con, held: InMemoryPairs | None, candidates, latents: np.ndarray, cfg: PostprocessConfig):
+def random_picks(candidates, latents: np.ndarray, hits, cfg: PostprocessConfig):
     """(latent, rank, seq_id, pos) of random windows where the latent is active nowhere (module
-    doc): each latent's choice depends only on the candidates and its own pairs, so a bucket
-    reduced in latent ranges gets the same rows as in one piece."""
-    empty = (np.zeros(0, np.int64), np.zeros(0, np.int32), np.zeros(0, np.int64), np.zeros(0, np.int64))
+    doc), given the candidates and the window hits (latent, candidate) of the latents' pairs: each
+    latent's choice depends only on them, so a bucket reduced in ranges gets the same rows."""
     if candidates is None or not len(latents):
-        return empty
-    seq, pos, start, stop, h = candidates
-    if held is not None:
-        hit_lat, hit_cand = held.window_hits(seq, start, stop)
-    else:
-        cands = pa.table({"cand": np.arange(len(seq)), "seq_id": seq, "lo": start, "hi": stop})
-        con.register("cands", cands)
-        hits = con.execute("""SELECT DISTINCT p.latent_id, c.cand FROM pairs p JOIN cands c
-                              ON p.seq_id = c.seq_id AND p.pos >= c.lo AND p.pos < c.hi""").fetchnumpy()
-        con.unregister("cands")
-        hit_lat, hit_cand = hits["latent_id"].astype(np.int64), hits["cand"]
+        return np.zeros(0, np.int64), np.zeros(0, np.int32), np.zeros(0, np.int64), np.zeros(0, np.int64)
+    seq, pos, h = candidates.seq, candidates.pos, candidates.hash
+    hit_lat, hit_cand = hits
     lat_index = np.searchsorted(latents, hit_lat)
     out = ([], [], [], [])
     for c0 in range(0, len(latents), 4096):  # chunks of latents bound the [latents, candidates] matrix
