@@ -14,7 +14,8 @@ Prints, side by side from one run:
   map + stats and beside the whole postprocess() wall time (issue 23: target <= 1.5x);
 - peak RSS and time of the largest task (the hottest bucket's reduce, in a fresh process) at 1x
   and at 4x the corpus (4x: the hot bucket's input replicated with new seq_ids and contexts), at
-  each DuckDB memory_limit in --rss-memory-mb (the default, 512, first).
+  each task_memory_mb in --rss-memory-mb (the default, 512, first: the in-memory ranges' budget and
+  DuckDB's memory_limit). Also DuckDB writing the by_latent index alone, the floor of the index stage.
 """
 from __future__ import annotations
 
@@ -100,6 +101,25 @@ def duckdb_stats(root: Path, threads: int, source: str = "spill") -> float:
     return time.perf_counter() - t0
 
 
+def duckdb_index(root: Path, threads: int, bucket_size: int) -> float:
+    """DuckDB writing the by_latent index alone, the same rows in the same order and files
+    (partitioned by bucket, sorted by latent, act desc, seq_id, pos), straight from the latents
+    parts: what an engine needs for the index without the statistics or examples."""
+    import duckdb
+
+    out = root / "duckdb-by_latent"
+    con = duckdb.connect(config={"threads": threads, "temp_directory": str(root / "duckdb-tmp")})
+    t0 = time.perf_counter()
+    con.execute(f"""COPY (SELECT latent_id // {bucket_size} AS bucket, latent_id, seq_id, pos, act
+                          FROM (SELECT seq_id, pos, unnest(latent_ids) AS latent_id, unnest(acts) AS act
+                                FROM read_parquet('{root}/bench/latents/*/*/*.parquet')) WHERE act > 0
+                          ORDER BY latent_id, act DESC, seq_id, pos)
+                    TO '{out}' (FORMAT parquet, PARTITION_BY (bucket), COMPRESSION zstd)""")
+    seconds = time.perf_counter() - t0
+    shutil.rmtree(out, ignore_errors=True)
+    return seconds
+
+
 TASK = """
 import json, sys
 from pipeline.config import PostprocessConfig, SinkConfig
@@ -157,7 +177,7 @@ def main() -> None:
     ap.add_argument("--bucket-size", type=int, default=1 << 16)
     ap.add_argument("--cpus", type=int, default=2)
     ap.add_argument("--rss-memory-mb", default="512,1024",
-                    help="DuckDB memory_limit(s) for the RSS measurement, comma-separated (the default is 512)")
+                    help="task_memory_mb value(s) for the RSS measurement, comma-separated (the default is 512)")
     ap.add_argument("--workdir", default=None, help="where the synthetic run goes (default: a temp folder)")
     ap.add_argument("--out", default=None, help="also write the report here")
     args = ap.parse_args()
@@ -178,7 +198,7 @@ def main() -> None:
         import ray
 
         ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
-        cfg = PostprocessConfig(run_id="bench", bucket_size=args.bucket_size, num_cpus=1)  # default memory_limit
+        cfg = PostprocessConfig(run_id="bench", bucket_size=args.bucket_size, num_cpus=1)  # default task_memory_mb
         t0 = time.perf_counter()
         summary = postprocess(store, cfg)
         wall = time.perf_counter() - t0
@@ -200,6 +220,10 @@ def main() -> None:
             f"({map_wall:.1f}s + {stats_wall:.1f}s) / {t_raw:.1f}s = {(map_wall + stats_wall) / t_raw:.2f}")
         say(f"  the whole post-processing (map + stats + index + examples, postprocess() wall) / it = "
             f"{wall:.1f}s / {t_raw:.1f}s = {wall / t_raw:.2f} (target <= 1.5)")
+        t_index = duckdb_index(tmp, args.cpus, args.bucket_size)
+        say(f"DuckDB writing the by_latent index alone (COPY ... ORDER BY latent_id, act DESC, seq_id, pos, "
+            f"PARTITION_BY bucket), from the latents parts: {t_index:.1f}s = {t_index / t_raw:.2f}x its own aggregate; "
+            f"our whole post-processing / it = {wall / t_index:.2f}")
 
         hot = max(range(-(-args.latents // args.bucket_size)),
                   key=lambda b: store.read_json(bucket_marker_key(HOOK, b))["pairs"])
@@ -210,7 +234,7 @@ def main() -> None:
         r4 = {mb: task_rss(store, hot, caps[mb], args.latents, shard_size) for mb in limits}
         for mb in limits:
             a, b = r1[mb], r4[mb]
-            say(f"largest task (bucket {hot}'s reduce, fresh process, DuckDB memory_limit {mb} MB): "
+            say(f"largest task (bucket {hot}'s reduce, fresh process, task_memory_mb {mb}): "
                 f"{a['pairs']:,} pairs -> {a['maxrss_mb']:.0f} MB peak RSS in {a['seconds']:.0f}s; 4x: {b['pairs']:,} "
                 f"pairs -> {b['maxrss_mb']:.0f} MB in {b['seconds']:.0f}s; ratio {b['maxrss_mb'] / a['maxrss_mb']:.2f} "
                 "(target <= 1.2)")

@@ -280,9 +280,9 @@ def _reduce(store, hook, bucket, lo, hi, spill_keys, committed, shard_size, cfg,
             if ranges is None:
                 source = _duckdb_source(con, r, candidates, cfg)
             elif r.hot:
-                source = _hot_latent_source(con, paths, r, candidates, cfg)
+                source = _hot_latent_source(con, paths, r, candidates, cfg, lap)
             else:
-                source = _held_source(con, paths, r, candidates, len(ranges) == 1, cfg)
+                source = _held_source(con, paths, r, candidates, len(ranges) == 1, cfg, lap)
             lap("stats")
             part_stats, part_examples = _index_and_examples(r, *source, candidates, writer, by_latent, cfg, lap)
             stats.append(part_stats)
@@ -333,11 +333,12 @@ def _latent_stats(con, r: LatentRange, table: str, terms: dict = PAIR_TERMS) -> 
 # A source gives a range's statistics, its pairs as a sorted stream of record batches, and its
 # random examples' window hits (called once the stream is consumed): the same from all three.
 
-def _held_source(con, paths, r: LatentRange, candidates, whole: bool, cfg: PostprocessConfig):
+def _held_source(con, paths, r: LatentRange, candidates, whole: bool, cfg: PostprocessConfig, lap):
     """A range that fits the budget: read into numpy once; DuckDB aggregates a float32 copy of its
     acts (DuckDB reads no Arrow float16; exact), hits are binary searches, the sort one key sort."""
     lid_ok = None if whole else (lambda lid, act: (lid >= r.lo) & (lid < r.hi))
     held = InMemoryPairs.load(paths, r.n_pairs, lid_ok)
+    lap("fetch")
     con.register("pairs", held.for_duckdb())
     stats = _latent_stats(con, r, "pairs")
     con.unregister("pairs")  # frees the float32 acts
@@ -358,7 +359,7 @@ def _duckdb_source(con, r: LatentRange, candidates, cfg: PostprocessConfig):
     return _latent_stats(con, r, "pairs"), _duckdb_sorted(con), lambda: hits
 
 
-def _hot_latent_source(con, paths, r: LatentRange, candidates, cfg: PostprocessConfig):
+def _hot_latent_source(con, paths, r: LatentRange, candidates, cfg: PostprocessConfig, lap):
     """One latent whose pairs alone are over the budget (a dense latent of a big corpus): its acts
     tallied by float16 value (one bincount of their bits per spill part) give exact statistics, and
     cut its descending act order into ranges that each fit; each act range is read and sorted like
@@ -369,6 +370,7 @@ def _hot_latent_source(con, paths, r: LatentRange, candidates, cfg: PostprocessC
         t = pq.read_table(p, columns=["latent_id", "act"])
         tally += np.bincount(t["act"].to_numpy()[t["latent_id"].to_numpy() == latent].view(np.uint16), minlength=1 << 16)
         del t
+    lap("fetch")
     bits = np.flatnonzero(tally)[::-1]  # the latent's distinct acts (positive float16: bits order as values), descending
     con.register("tally", pa.table({"latent_id": np.full(len(bits), latent, np.int32),
                                     "act": bits.astype(np.uint16).view(np.float16).astype(np.float32), "times": tally[bits]}))
