@@ -208,6 +208,8 @@ def main() -> None:
         say(f"postprocess(): {pairs:,} active pairs in {wall:.1f}s = {pairs / wall / 1e3:,.0f}k pairs/s "
             f"({pairs / wall / BEFORE_PAIRS_PER_S:.1f}x the 206k pairs/s before; target >= 10x)")
         say("  task seconds (summed over tasks): " + ", ".join(f"{k} {v:.1f}" for k, v in sec.items()))
+        say(f"  driver peak RSS (postprocess() only, before the DuckDB queries below): "
+            f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
 
         t_duck = duckdb_stats(tmp, args.cpus)
         stats_wall = sec.get("stats", 0.0) / args.cpus  # tasks ran on args.cpus CPUs in parallel
@@ -238,7 +240,6 @@ def main() -> None:
                 f"{a['pairs']:,} pairs -> {a['maxrss_mb']:.0f} MB peak RSS in {a['seconds']:.0f}s; 4x: {b['pairs']:,} "
                 f"pairs -> {b['maxrss_mb']:.0f} MB in {b['seconds']:.0f}s; ratio {b['maxrss_mb'] / a['maxrss_mb']:.2f} "
                 "(target <= 1.2)")
-        say(f"driver peak RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     if args.out:
