@@ -81,7 +81,8 @@ class Vocab:
     """Token id -> display string, each id decoded once."""
 
     def __init__(self, tokenizer):
-        self.tokenizer, self.cache, self.spans = tokenizer, {}, np.full(0, None, object)
+        self.tokenizer, self.cache = tokenizer, {}
+        self.spans, self.ready = np.full(0, None, object), np.zeros(0, bool)
 
     def __call__(self, i: int) -> str:
         s = self.cache.get(i)
@@ -97,10 +98,14 @@ class Vocab:
         of a window), each id's built once and kept in a dense array indexed by id."""
         top = int(ids.max(initial=-1)) + 1
         if top > len(self.spans):
-            self.spans = np.concatenate([self.spans, np.full(max(top, 2 * len(self.spans)) - len(self.spans), None, object)])
-        uniq = np.unique(ids)
-        for i in uniq[np.equal(self.spans[uniq], None)].tolist():
-            self.spans[i] = f'<span class="tok" title="0.000">{esc(self(i))}</span>'
+            grow = max(top, 2 * len(self.spans)) - len(self.spans)
+            self.spans = np.concatenate([self.spans, np.full(grow, None, object)])
+            self.ready = np.concatenate([self.ready, np.zeros(grow, bool)])
+        if not self.ready[ids].all():  # a bool gather: the site's ids are usually all built already
+            uniq = np.unique(ids)
+            for i in uniq[~self.ready[uniq]].tolist():
+                self.spans[i] = f'<span class="tok" title="0.000">{esc(self(i))}</span>'
+            self.ready[uniq] = True
         return self.spans[ids]
 
 
@@ -376,6 +381,8 @@ def build_hook(store: RunStore, out: Path, hook: str, max_latents: int, vocab: V
     rows: dict[int, list] = {}
     buckets = pages // bucket_size
     examples = page_examples(store, hook, pages, buckets)
+    for ex in examples.values():  # every token of the site's windows: its quiet span built once, here
+        vocab.quiet_spans(ex["token_ids"].combine_chunks().values.to_numpy())
     for b in np.unique(buckets).tolist():
         ids = pages[buckets == b]
         stats = stats_rows(store, hook, ids)

@@ -93,8 +93,7 @@ def expand_ranges(ranges: list[list[int]]) -> np.ndarray:
 
 def spill_settings(cfg: PostprocessConfig) -> dict:
     """What a spill part depends on: a change re-scatters."""
-    return {"version": SPILL_VERSION, "bucket_size": cfg.bucket_size, "hist_bins": cfg.hist_bins,
-            "hist_log2_min": cfg.hist_log2_min, "hist_log2_max": cfg.hist_log2_max}
+    return {"version": SPILL_VERSION, "bucket_size": cfg.bucket_size}  # v3: the histogram is the reduce's
 
 
 def hist_edges(cfg: PostprocessConfig) -> np.ndarray:

@@ -11,8 +11,8 @@ A map / shuffle / reduce over COMMITTED shards only, as Ray tasks (the engine: p
    count and the spill settings). A scattered shard is never read again.
 2. bucket, one task per touched (hookpoint, bucket): the task lists its own spill folder (its
    contributors), skips itself if `_post/hookpoint=H/bucket=B.json` already records exactly those
-   shards and settings, else runs DuckDB over the spill parts with a memory limit (out of core),
-   writing `by_latent/.../bucket=B/part-0.parquet`, `examples/.../bucket=B/part-0.parquet`, the
+   shards and settings, else reduces its spill parts within `task_memory_mb` (in latent ranges
+   held in numpy; DuckDB out of core only for float32 acts), writing `by_latent/.../bucket=B/part-0.parquet`, `examples/.../bucket=B/part-0.parquet`, the
    bucket's statistics (`_post/stats/...`) and last the bucket marker.
 
 The driver holds the committed shard ids, one bool per bucket and a bounded window of task refs;
@@ -147,7 +147,7 @@ def spilled_shards(store: RunStore, hook: str, bucket: int, committed: np.ndarra
 
 def process_bucket(store: RunStore, hook: str, bucket: int, shards: list[int] | None, n_latents: int,
                    committed, shard_size: int, cfg: PostprocessConfig) -> dict:
-    """Rebuild one bucket with DuckDB (post_engine.reduce_bucket) unless its marker says it is current.
+    """Rebuild one bucket (post_engine.reduce_bucket) unless its marker says it is current.
     shards=None: the contributors are the committed shards with a spill part here (listed by this task)."""
     committed = np.asarray(committed, np.int64)
     lo, hi = bucket * cfg.bucket_size, min((bucket + 1) * cfg.bucket_size, n_latents)
