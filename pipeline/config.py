@@ -239,10 +239,10 @@ class PostprocessConfig:
     random_pool_shards: int = 4  # context shards a bucket draws its random (non-activating) windows from
     seed: int = 0
     num_cpus: float = 1.0  # per Ray task
-    # DuckDB's memory_limit inside each bucket task: sorts and aggregates beyond it spill to local disk.
-    # 512 MB: the hottest bucket's reduce peaks at ~1.2 GB RSS at 1x and at 4x the corpus. At 1024 its
-    # sort grew into the limit as the corpus grew (1.3-1.4 -> 1.67 GB); that task ran ~10% faster at 4x,
-    # the whole run no faster (bench/results/postprocess-v4.txt, -v5.txt).
+    # Each bucket task's working memory: the reduce holds latent ranges (a hot latent: act ranges) of
+    # at most this many bytes of pairs (post_engine.held_ranges), and DuckDB's memory_limit where it
+    # runs out of core (float32 acts). 512 MB: the hottest bucket's reduce peaks at ~770-790 MB RSS
+    # at 1x and 4x the corpus (bench/results/postprocess-v7.txt); more only makes bigger ranges.
     task_memory_mb: int = 512
     quiet: bool = False
     logit_effects: LogitEffectsConfig = field(default_factory=lambda: LogitEffectsConfig())
