@@ -277,11 +277,11 @@ def _reduce(store, hook, bucket, lo, hi, spill_keys, committed, shard_size, cfg,
                              compression_level=store.cfg.compression_level) as writer:
         for r in ranges or [LatentRange(lo, hi, -1)]:  # ascending latent ranges: by_latent stays sorted
             if ranges is None:
-                source = _duckdb_source(con, r, candidates, cfg)
+                source = _duckdb_source(con, r, candidates)
             elif r.hot:
                 source = _hot_latent_source(con, paths, r, candidates, cfg, lap)
             else:
-                source = _held_source(con, paths, r, candidates, len(ranges) == 1, cfg, lap)
+                source = _held_source(con, paths, r, candidates, len(ranges) == 1, lap)
             lap("stats")
             part_stats, part_examples = _index_and_examples(r, *source, candidates, writer, by_latent, cfg, lap)
             stats.append(part_stats)
@@ -332,20 +332,22 @@ def _latent_stats(con, r: LatentRange, table: str, terms: dict = PAIR_TERMS) -> 
 # A source gives a range's statistics, its pairs as a sorted stream of record batches, and its
 # random examples' window hits (called once the stream is consumed): the same from all three.
 
-def _held_source(con, paths, r: LatentRange, candidates, whole: bool, cfg: PostprocessConfig, lap):
+def _held_source(con, paths, r: LatentRange, candidates, whole: bool, lap):
     """A range that fits the budget: read into numpy once; DuckDB aggregates a float32 copy of its
     acts (DuckDB reads no Arrow float16; exact), hits are binary searches, the sort one key sort."""
-    lid_ok = None if whole else (lambda lid, act: (lid >= r.lo) & (lid < r.hi))
-    held = InMemoryPairs.load(paths, r.n_pairs, lid_ok)
+    in_range = None if whole else (lambda lid, act: (lid >= r.lo) & (lid < r.hi))
+    held = InMemoryPairs.load(paths, r.n_pairs, in_range)
     lap("fetch")
     con.register("pairs", held.for_duckdb())
     stats = _latent_stats(con, r, "pairs")
     con.unregister("pairs")  # frees the float32 acts
-    hits = held.window_hits(candidates.seq, candidates.start, candidates.stop) if candidates is not None else None  # before the sort consumes held
+    hits = None  # found before the sort consumes the held arrays
+    if candidates is not None:
+        hits = held.window_hits(candidates.seq, candidates.start, candidates.stop)
     return stats, held.sorted_batches(r.lo), lambda: hits
 
 
-def _duckdb_source(con, r: LatentRange, candidates, cfg: PostprocessConfig):
+def _duckdb_source(con, r: LatentRange, candidates):
     """The whole bucket by DuckDB over its spill parts (float32 acts, bucket_size > 2^16): out of core."""
     hits = None
     if candidates is not None:
@@ -394,7 +396,7 @@ def _hot_latent_source(con, paths, r: LatentRange, candidates, cfg: PostprocessC
 
 
 def budget_cuts(counts: np.ndarray, cap: int) -> list[int]:
-    """Cut points 0 = c_0 < c_1 < ... = len(counts) such that each chunk counts[c_i:c_i+1] sums
+    """Cut points 0 = c_0 < c_1 < ... = len(counts) such that each chunk counts[c_i:c_(i+1)] sums
     to at most `cap`, or is a single entry (one act value of one latent can't be split: its pairs
     are then held together); greedy, one step per chunk, not per entry."""
     cum = np.concatenate([[0], np.cumsum(counts)])
