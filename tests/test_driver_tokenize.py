@@ -281,7 +281,7 @@ def process_alive(pid: int) -> bool:
     # A killed child of the raylet may linger as a zombie until reaped: that is not alive.
     try:
         return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):  # reaped between the kill(0) and the read (ESRCH on read)
         return False
 
 
