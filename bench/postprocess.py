@@ -127,17 +127,16 @@ from pipeline.outputs.postprocess import process_bucket
 from pipeline.outputs.sink import RunStore
 a = json.loads(sys.argv[1])
 store = RunStore(SinkConfig(root=a["root"]), "bench")
-m = process_bucket(store, a["hook"], a["bucket"], None, a["n_latents"], store.committed_shards(), a["shard_size"],
-                   PostprocessConfig(**a["cfg"]))
+m = process_bucket(store, a["hook"], a["bucket"], None, a["n_latents"], store.committed_shards(), PostprocessConfig(**a["cfg"]))
 hwm = next(line for line in open("/proc/self/status") if line.startswith("VmHWM"))  # ru_maxrss survives exec
 print(json.dumps({"pairs": m["pairs"], "maxrss_mb": int(hwm.split()[1]) / 1024}))
 """
 
 
-def task_rss(store: RunStore, bucket: int, cfg: PostprocessConfig, n_latents: int, shard_size: int) -> dict:
+def task_rss(store: RunStore, bucket: int, cfg: PostprocessConfig, n_latents: int) -> dict:
     """Re-run one bucket's reduce in a fresh process; its peak RSS."""
     store.fs.rm(store.path(bucket_marker_key(HOOK, bucket)))
-    args = {"root": store.cfg.root, "hook": HOOK, "bucket": bucket, "n_latents": n_latents, "shard_size": shard_size,
+    args = {"root": store.cfg.root, "hook": HOOK, "bucket": bucket, "n_latents": n_latents,
             "cfg": {k: v for k, v in cfg.__dict__.items() if k not in ("sink", "hookpoints", "logit_effects")}}
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     t0 = time.perf_counter()
@@ -231,9 +230,9 @@ def main() -> None:
                   key=lambda b: store.read_json(bucket_marker_key(HOOK, b))["pairs"])
         limits = [int(mb) for mb in args.rss_memory_mb.split(",")]
         caps = {mb: dataclasses.replace(cfg, task_memory_mb=mb) for mb in limits}
-        r1 = {mb: task_rss(store, hot, caps[mb], args.latents, shard_size) for mb in limits}
+        r1 = {mb: task_rss(store, hot, caps[mb], args.latents) for mb in limits}
         replicate_bucket(store, hot, 4, shard_size)
-        r4 = {mb: task_rss(store, hot, caps[mb], args.latents, shard_size) for mb in limits}
+        r4 = {mb: task_rss(store, hot, caps[mb], args.latents) for mb in limits}
         for mb in limits:
             a, b = r1[mb], r4[mb]
             say(f"largest task (bucket {hot}'s reduce, fresh process, task_memory_mb {mb}): "

@@ -282,7 +282,7 @@ def test_in_memory_sort_gives_duckdbs_rows(tmp_path, monkeypatch):
         monkeypatch.setattr(post_engine, "BYTES_PER_SORTED_PAIR", per_pair)
         monkeypatch.setattr(post_engine, "SORTED_BATCH_ROWS", rows)
         monkeypatch.setattr(post_engine, "held_ranges", (lambda *a: None) if by_duckdb else planned)
-        process_bucket(store, HOOK, 1, [0, 1, 2], N_LATENTS, [0, 1, 2], SHARD_SIZE, CFG)
+        process_bucket(store, HOOK, 1, [0, 1, 2], N_LATENTS, [0, 1, 2], CFG)
         store.fs.rm(store.path(bucket_marker_key(HOOK, 1)))
         outs.append([pq.read_table(store.path(k)) for k in (by_latent_key(HOOK, 1), examples_key(HOOK, 1),
                                                              bucket_stats_key(HOOK, 1))])

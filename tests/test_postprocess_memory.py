@@ -56,7 +56,7 @@ except MemoryError:
 fields = PostprocessConfig.__dataclass_fields__
 cfg = PostprocessConfig(**{k: v for k, v in a["cfg"].items() if k in fields})
 store = RunStore(SinkConfig(root=a["root"]), "mem")
-m = process_bucket(store, a["hook"], 0, a["shards"], a["n_latents"], a["shards"], a["shard_size"], cfg)
+m = process_bucket(store, a["hook"], 0, a["shards"], a["n_latents"], a["shards"], cfg)
 hwm = next(line for line in open("/proc/self/status") if line.startswith("VmHWM"))
 print(json.dumps({"pairs": m["pairs"], "peak_rss_mb": int(hwm.split()[1]) / 1024}))
 """
@@ -89,12 +89,12 @@ def make_run(root: Path) -> RunStore:
 def test_bucket_reduce_fits_a_memory_limit_the_old_code_exceeded(tmp_path):
     store = make_run(tmp_path)
     settings = dict(bucket_size=N_LATENTS, top_n=5, n_quantiles=4, per_quantile=2, n_random=3, window=16, num_cpus=1,
-                    task_memory_mb=256)  # DuckDB's limit, well under the process limit
+                    task_memory_mb=256)  # the reduce's budget, well under the process limit
     cfg = PostprocessConfig(**{k: v for k, v in settings.items() if k in PostprocessConfig.__dataclass_fields__})
     for shard in range(N_SHARDS):  # the map: bounded by one shard, run here without a limit
         scatter_shard(store, HOOK, shard, cfg.bucket_size)
     args = {"root": str(tmp_path), "hook": HOOK, "shards": list(range(N_SHARDS)), "n_latents": N_LATENTS,
-            "shard_size": SHARD_CTX, "budget_mb": BUDGET_MB,
+            "budget_mb": BUDGET_MB,
             "cfg": {k: v for k, v in cfg.__dict__.items() if k not in ("sink", "hookpoints", "logit_effects")}}
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
     out = subprocess.run([sys.executable, "-c", TASK, json.dumps(args)], capture_output=True, text=True, env=env,

@@ -1,4 +1,4 @@
-"""The post-processing engine: a vectorised map per shard and a DuckDB reduce per latent bucket.
+"""The post-processing engine: a vectorised map per shard and a bounded reduce per latent bucket.
 
 map (one committed shard): arrow -> numpy, drop zero activations, compute each pair's bucket,
     split by bucket with one stable radix argsort (offsets from a bincount), write one spill part
@@ -6,9 +6,10 @@ map (one committed shard): arrow -> numpy, drop zero activations, compute each p
 reduce (one latent bucket), in ascending latent ranges whose pairs each fit `task_memory_mb`
     (held_ranges; a bucket that fits is one range): each range is read into numpy
     (InMemoryPairs) and everything below runs over those arrays, so memory is one range's,
-    whatever the corpus size. Where one latent alone is over the budget (a Zipf-hot latent with
-    1e8 pairs), or acts are float32, the bucket is DuckDB's, over its spill parts with
-    `memory_limit` and a `temp_directory`: sorts and aggregates go out of core and cost disk.
+    whatever the corpus size. A latent alone over the budget (a Zipf-hot latent with 1e8 pairs)
+    is its own range, read in act ranges (_hot_latent_source). Where acts are float32 or
+    bucket_size > 2^16, the bucket is DuckDB's, over its spill parts with `memory_limit` and a
+    `temp_directory`: sorts and aggregates go out of core and cost disk.
     1. one DuckDB GROUP BY latent: counts, exact sums (activations are float16, so act * 2^24 is an
        integer and the sums are int128: order-independent and deterministic; a float32 run's acts
        are rounded to 2^-24 for the sums only), max;
@@ -228,12 +229,12 @@ def quantile_picks(latent_ids: np.ndarray, n: np.ndarray, cfg: PostprocessConfig
 
 
 def reduce_bucket(store: RunStore, hook: str, bucket: int, lo: int, hi: int, spill_keys: list[str],
-                  committed: np.ndarray, shard_size: int, cfg: PostprocessConfig,
+                  committed: np.ndarray, cfg: PostprocessConfig,
                   by_latent_key: str, examples_key: str) -> tuple[int, pa.Table, dict]:
     """Write by_latent and examples for latents [lo, hi) from the given spill parts; return (pairs, stats, seconds per stage)."""
     scratch = tempfile.mkdtemp(prefix=f"sae-post-{bucket}-")
     try:
-        return _reduce(store, hook, bucket, lo, hi, spill_keys, committed, shard_size, cfg,
+        return _reduce(store, hook, bucket, lo, hi, spill_keys, committed, cfg,
                        by_latent_key, examples_key, scratch)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -249,7 +250,7 @@ def _spill_paths(store: RunStore, keys: list[str], scratch: str) -> list[str]:
     return local
 
 
-def _reduce(store, hook, bucket, lo, hi, spill_keys, committed, shard_size, cfg, by_latent_key, examples_key, scratch):
+def _reduce(store, hook, bucket, lo, hi, spill_keys, committed, cfg, by_latent_key, examples_key, scratch):
     clock = [time.perf_counter()]
     timings: dict[str, float] = {}
 

@@ -12,8 +12,8 @@ A map / shuffle / reduce over COMMITTED shards only, as Ray tasks (the engine: p
 2. bucket, one task per touched (hookpoint, bucket): the task lists its own spill folder (its
    contributors), skips itself if `_post/hookpoint=H/bucket=B.json` already records exactly those
    shards and settings, else reduces its spill parts within `task_memory_mb` (in latent ranges
-   held in numpy; DuckDB out of core only for float32 acts), writing `by_latent/.../bucket=B/part-0.parquet`, `examples/.../bucket=B/part-0.parquet`, the
-   bucket's statistics (`_post/stats/...`) and last the bucket marker.
+   held in numpy; DuckDB out of core only for float32 acts), writing
+   `by_latent/.../bucket=B/part-0.parquet`, `examples/.../bucket=B/part-0.parquet`, the bucket's statistics (`_post/stats/...`) and last the bucket marker.
 
 The driver holds the committed shard ids, one bool per bucket and a bounded window of task refs;
 it never reads a per-shard marker itself. `_post/hookpoint=H/stats.json` records the shards and
@@ -146,7 +146,7 @@ def spilled_shards(store: RunStore, hook: str, bucket: int, committed: np.ndarra
 
 
 def process_bucket(store: RunStore, hook: str, bucket: int, shards: list[int] | None, n_latents: int,
-                   committed, shard_size: int, cfg: PostprocessConfig) -> dict:
+                   committed, cfg: PostprocessConfig) -> dict:
     """Rebuild one bucket (post_engine.reduce_bucket) unless its marker says it is current.
     shards=None: the contributors are the committed shards with a spill part here (listed by this task)."""
     committed = np.asarray(committed, np.int64)
@@ -157,7 +157,7 @@ def process_bucket(store: RunStore, hook: str, bucket: int, shards: list[int] | 
     if done and done["shards"] == to_ranges(shards) and done["settings"] == bucket_settings(cfg):
         return {**done, "skipped": True}
     keys = [spill_key(hook, bucket, s) for s in shards]
-    pairs, stats, timings = reduce_bucket(store, hook, bucket, lo, hi, keys, committed, shard_size, cfg,
+    pairs, stats, timings = reduce_bucket(store, hook, bucket, lo, hi, keys, committed, cfg,
                                  by_latent_key(hook, bucket), examples_key(hook, bucket))
     store.write_table(bucket_stats_key(hook, bucket), stats)
     marker = {"hookpoint": hook, "bucket": bucket, "latents": [lo, hi], "pairs": pairs,
@@ -264,7 +264,6 @@ def postprocess(store: RunStore, cfg: PostprocessConfig) -> dict:
     markers are read by the tasks, and each bucket task lists its own contributors."""
     manifest = store.read_json(MANIFEST_KEY)
     hooks = cfg.hookpoints or dictionary_ids(manifest)
-    shard_size = int(manifest["shard_size"])
     committed = np.asarray(store.committed_shards(), np.int64)
     scatter_fn = _remote(_scatter_task, cfg.num_cpus)
     bucket_fn = _remote(_bucket_task, cfg.num_cpus)
@@ -309,7 +308,7 @@ def postprocess(store: RunStore, cfg: PostprocessConfig) -> dict:
             import ray
 
             committed_ref = ray.put(committed)
-            todo = ((store.cfg, store.run_id, hook, int(b), None, n_latents, committed_ref, shard_size, cfg)
+            todo = ((store.cfg, store.run_id, hook, int(b), None, n_latents, committed_ref, cfg)
                     for b in sorted(np.flatnonzero(dirty).tolist(), key=lambda b: -weight[b]))  # the tail is short
             for m in _bounded(bucket_fn, todo, in_flight):
                 summary["pairs"] += 0 if m["skipped"] else m["pairs"]
